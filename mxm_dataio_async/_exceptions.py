@@ -1,0 +1,123 @@
+"""The one exception tree of mxm-dataio-async.
+
+```
+DataIOError
+├── AdapterNotFound      (also KeyError)     unknown source name
+├── CapabilityError      (also TypeError)    adapter lacks fetch / send / stream
+├── CacheMiss            (also LookupError)  only_if_cached and nothing stored
+├── TransientError                           raised by adapters: "try again", optional retry_after
+├── FetchError                               final failure of one request (request, attempts, cause)
+├── IntegrityError                           stored bytes do not match their checksum
+└── StoreError                               the store cannot be opened, read or written
+    └── StoreClosedError                     the store (or session) is not open
+```
+
+Dependency exceptions (aiohttp, sqlite3/aiosqlite, OSError from payload files) are translated at
+the boundary that calls the dependency and chained with ``raise ... from exc``; they never escape
+raw through the public API.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mxm_dataio_async._models import Request
+
+__all__ = [
+    "AdapterNotFound",
+    "CacheMiss",
+    "CapabilityError",
+    "DataIOError",
+    "FetchError",
+    "IntegrityError",
+    "StoreClosedError",
+    "StoreError",
+    "TransientError",
+]
+
+
+class DataIOError(Exception):
+    """Root of every error raised by mxm-dataio-async."""
+
+
+class AdapterNotFound(DataIOError, KeyError):
+    """No adapter is registered under the requested source name."""
+
+    def __init__(self, name: str, registered: list[str]) -> None:
+        self.name = name
+        self.registered = registered
+        names = ", ".join(registered) if registered else "(none)"
+        super().__init__(f"unknown source {name!r}; registered: {names}")
+
+    def __str__(self) -> str:  # KeyError would repr() the message otherwise
+        return str(self.args[0])
+
+
+class CapabilityError(DataIOError, TypeError):
+    """The adapter registered for a source does not implement the requested capability."""
+
+
+class CacheMiss(DataIOError, LookupError):
+    """``only_if_cached`` was requested and the store holds no usable response."""
+
+    def __init__(self, message: str, *, request: Request | None = None) -> None:
+        super().__init__(message)
+        self.request = request
+
+
+class TransientError(DataIOError):
+    """Raised by an adapter for a failure worth retrying (timeouts, 429, 5xx, resets).
+
+    ``retry_after`` (seconds) is the upstream's own hint, e.g. from a ``Retry-After`` header; the
+    retry loop never waits less than it, and the source's limiter pauses the whole source until then.
+    ``transport_status`` is the upstream status code when there was one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        transport_status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        if retry_after is not None and retry_after < 0:
+            retry_after = 0.0
+        self.retry_after = retry_after
+        self.transport_status = transport_status
+
+
+class FetchError(DataIOError):
+    """A request failed for good: the adapter raised, or every retry was spent.
+
+    ``request`` is the request that failed, ``attempts`` how many attempts reached the adapter, and
+    ``__cause__`` the last underlying error. ``transport_status`` is the upstream status when known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        request: Request | None = None,
+        attempts: int = 0,
+        transport_status: int | None = None,
+        response_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.request = request
+        self.attempts = attempts
+        self.transport_status = transport_status
+        self.response_id = response_id
+
+
+class IntegrityError(DataIOError):
+    """Stored payload bytes do not match their recorded sha256 (or are missing)."""
+
+
+class StoreError(DataIOError):
+    """The store could not be opened, read or written (permissions, disk full, not SQLite...)."""
+
+
+class StoreClosedError(StoreError):
+    """An operation was attempted on a store or session that is not open."""

@@ -1,0 +1,107 @@
+"""Canonical request identity.
+
+A request's identity is the sha256 of a canonical JSON document: sorted keys, no whitespace, ASCII
+only (so lone surrogates and any unicode encode the same way everywhere), NaN/Infinity rejected.
+Only JSON's own types are accepted: ``dict`` with ``str`` keys, ``list``/``tuple`` (both are JSON
+arrays), ``str``, ``int``, ``float``, ``bool`` and ``None``. Anything else is refused with a message
+naming the offending path, because a silently coerced value (``{1: ...}`` becoming ``{"1": ...}``, a
+set in arbitrary order) would give two different requests the same identity, or one request two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["MAX_DEPTH", "JSONValue", "canonical_json", "check_json", "request_hash"]
+
+JSONValue = None | bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"]
+
+#: Deepest nesting accepted in params and body (a guard against runaway recursion).
+MAX_DEPTH = 200
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def check_json(value: object, where: str = "value") -> JSONValue:
+    """Validate ``value`` as canonical-JSON input and return it as plain JSON types.
+
+    Tuples become lists and mappings become plain dicts, so what a request stores is exactly what
+    its identity hashed. Raises ``TypeError`` for non-JSON types or non-string keys and
+    ``ValueError`` for NaN/Infinity or nesting deeper than :data:`MAX_DEPTH`.
+    """
+    return _check(value, where, 0)
+
+
+def _check(value: object, where: str, depth: int) -> JSONValue:
+    if depth > MAX_DEPTH:
+        raise ValueError(f"{where}: nested deeper than {MAX_DEPTH} levels")
+    # Exact type checks first: the common case costs one lookup.
+    cls = type(value)
+    if cls is str or cls is bool or value is None:
+        return value  # type: ignore[return-value]
+    if cls is int:
+        return value  # type: ignore[return-value]
+    if cls is float:
+        if not math.isfinite(value):  # type: ignore[arg-type]
+            raise ValueError(f"{where}: {value!r} is not valid JSON (NaN and Infinity are refused)")
+        return value  # type: ignore[return-value]
+    if isinstance(value, Mapping):
+        out: dict[str, JSONValue] = {}
+        for key, item in value.items():
+            if type(key) is not str:
+                raise TypeError(
+                    f"{where}: key {key!r} is a {type(key).__name__}; JSON object keys must be "
+                    "str (convert it explicitly, e.g. str(key))"
+                )
+            out[key] = _check(item, f"{where}[{key!r}]", depth + 1)
+        return out
+    if isinstance(value, list | tuple):
+        return [_check(item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value)]
+    if isinstance(value, set | frozenset):
+        raise TypeError(
+            f"{where}: sets have no order and are not JSON; pass a sorted list instead"
+        )
+    if isinstance(value, bool | int | float | str):
+        # Subclasses (IntEnum, StrEnum, numpy-free float subclasses): normalise to the base type.
+        base: type = next(t for t in (bool, int, float, str) if isinstance(value, t))
+        return _check(base(value), where, depth)
+    raise TypeError(
+        f"{where}: {type(value).__name__} is not JSON-serialisable; use str, int, float, bool, "
+        "None, list or dict with str keys"
+    )
+
+
+def canonical_json(value: JSONValue) -> str:
+    """Serialise already-checked JSON to its canonical text (sorted keys, compact, ASCII)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False)
+
+
+def request_hash(
+    *,
+    source: str,
+    kind: str,
+    method: str,
+    endpoint: str | None,
+    params: JSONValue,
+    body: JSONValue,
+    as_of_bucket: str | None,
+    cache_tag: str | None,
+) -> str:
+    """The sha256 hex digest identifying a request (inputs must already be checked)."""
+    doc: dict[str, Any] = {
+        "as_of_bucket": as_of_bucket,
+        "body": body,
+        "cache_tag": cache_tag,
+        "endpoint": endpoint,
+        "kind": kind,
+        "method": method,
+        "params": params,
+        "source": source,
+        "v": 1,
+    }
+    return hashlib.sha256(canonical_json(doc).encode("ascii")).hexdigest()

@@ -1,0 +1,219 @@
+"""The recorded model: Session -> Request -> Response, plus what adapters return."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any, Final
+
+from mxm_dataio_async._identity import JSONValue
+
+__all__ = [
+    "USE_SESSION_DEFAULT",
+    "AdapterResult",
+    "CacheMode",
+    "Request",
+    "Response",
+    "ResponseStatus",
+    "Session",
+    "SessionStatus",
+    "UseSessionDefault",
+    "new_id",
+    "utcnow",
+]
+
+
+def new_id() -> str:
+    """A fresh uuid4, as text."""
+    return str(uuid.uuid4())
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class UseSessionDefault:
+    """Sentinel type: "take the session's value" (distinct from ``None``, which means "none")."""
+
+    _instance: UseSessionDefault | None = None
+
+    def __new__(cls) -> UseSessionDefault:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "USE_SESSION_DEFAULT"
+
+    def __reduce__(self) -> str:
+        return "USE_SESSION_DEFAULT"
+
+
+USE_SESSION_DEFAULT: Final = UseSessionDefault()
+
+
+class CacheMode(StrEnum):
+    """How a fetch uses the store (see the README's table)."""
+
+    DEFAULT = "default"
+    """Serve a stored OK response if fresh (no TTL: fresh forever); otherwise fetch and store."""
+    ONLY_IF_CACHED = "only_if_cached"
+    """Never call the adapter: the newest stored OK response regardless of TTL, else CacheMiss."""
+    BYPASS = "bypass"
+    """Always fetch and store the new response."""
+    REVALIDATE = "revalidate"
+    """Conditional fetch (ETag / Last-Modified) when the adapter supports it; 304 reuses bytes."""
+    NEVER = "never"
+    """Fetch and persist nothing (ephemeral)."""
+
+
+class ResponseStatus(StrEnum):
+    """What a recorded response is."""
+
+    OK = "ok"
+    """A successful fetch; usable by the cache."""
+    ERROR = "error"
+    """A failed attempt or a final error (its ``error`` says what happened)."""
+    ACK = "ack"
+    """The acknowledgement of a ``send()``; never served from cache."""
+    STREAM_MESSAGE = "stream_message"
+    """One message of a ``stream()``, numbered by ``sequence``."""
+
+
+class SessionStatus(StrEnum):
+    """Final state of a session row."""
+
+    OPEN = "open"
+    OK = "ok"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """One logical run against one source, as persisted."""
+
+    id: str
+    source: str
+    as_of: str | None
+    started_at: datetime
+    ended_at: datetime | None = None
+    status: SessionStatus = SessionStatus.OPEN
+    cache_mode: CacheMode = CacheMode.DEFAULT
+    requests: int = 0
+    responses: int = 0
+    cache_hits: int = 0
+    errors: int = 0
+    bytes_fetched: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Request:
+    """One operation against a source. Build it with ``AsyncSession.request``.
+
+    ``hash`` is the canonical identity (sha256 hex) over source, kind, method, endpoint, params,
+    body, as_of_bucket and cache_tag. Headers, ``ttl_seconds`` and ``cache_mode`` are not part of
+    it. Equality is by ``id``.
+    """
+
+    id: str
+    session_id: str
+    source: str
+    kind: str
+    method: str
+    endpoint: str | None
+    params: dict[str, JSONValue]
+    body: JSONValue
+    headers: Mapping[str, str]
+    as_of_bucket: str | None
+    cache_tag: str | None
+    ttl_seconds: float | None
+    cache_mode: CacheMode
+    hash: str
+    created_at: datetime
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Request) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __repr__(self) -> str:
+        return (
+            f"Request(kind={self.kind!r}, source={self.source!r}, method={self.method!r}, "
+            f"endpoint={self.endpoint!r}, hash={self.hash[:12]}…)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """A recorded response and its provenance.
+
+    ``checksum`` is the sha256 hex digest of the exact payload bytes (``AsyncSession.read`` returns
+    them, verified). ``from_cache`` says whether this call was served from the store; ``attempts``
+    how many adapter attempts produced it; ``attempt`` is this row's own attempt number.
+    """
+
+    id: str
+    request_id: str
+    request_hash: str
+    session_id: str
+    status: ResponseStatus
+    checksum: str | None
+    size_bytes: int
+    fetched_at: datetime
+    cache_mode: CacheMode
+    ttl_seconds: float | None
+    as_of_bucket: str | None
+    cache_tag: str | None
+    from_cache: bool = False
+    attempts: int = 1
+    attempt: int = 1
+    sequence: int | None = None
+    transport_status: int | None = None
+    content_type: str | None = None
+    encoding: str | None = None
+    url: str | None = None
+    elapsed_ms: float | None = None
+    headers: Mapping[str, str] | None = None
+    adapter_meta: Mapping[str, Any] | None = None
+    error: str | None = None
+    revalidated_from: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is ResponseStatus.OK
+
+    def expires_at(self) -> datetime | None:
+        """When this response stops being fresh under its own TTL (``None``: never)."""
+        if self.ttl_seconds is None:
+            return None
+        return self.fetched_at + timedelta(seconds=self.ttl_seconds)
+
+
+Body = bytes | AsyncIterable[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterResult:
+    """What an adapter returns for one call.
+
+    ``data`` is the payload: ``bytes``, or an async iterable of byte chunks for large bodies (the
+    store hashes and spills them to disk as they arrive, so they never sit in memory whole; an error
+    raised while iterating counts as a failed attempt). ``not_modified`` marks the answer to a
+    conditional request (``Revalidator.revalidate``): the stored payload is still current.
+    """
+
+    data: Body
+    content_type: str | None = None
+    encoding: str | None = None
+    transport_status: int | None = None
+    url: str | None = None
+    elapsed_ms: float | None = None
+    headers: Mapping[str, str] | None = None
+    adapter_meta: Mapping[str, Any] | None = field(default=None)
+    not_modified: bool = False
