@@ -206,6 +206,9 @@ class AdapterResult:
     store hashes and spills them to disk as they arrive, so they never sit in memory whole; an error
     raised while iterating counts as a failed attempt). ``not_modified`` marks the answer to a
     conditional request (``Revalidator.revalidate``): the stored payload is still current.
+    ``error`` marks a final upstream refusal (e.g. HTTP 404): the session records it as an error
+    response, payload included, and raises ``FetchError``; raise ``TransientError`` instead for
+    failures worth retrying.
     """
 
     data: Body
@@ -217,3 +220,4 @@ class AdapterResult:
     headers: Mapping[str, str] | None = None
     adapter_meta: Mapping[str, Any] | None = field(default=None)
     not_modified: bool = False
+    error: str | None = None

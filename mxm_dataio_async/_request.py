@@ -1,0 +1,134 @@
+"""Building a Request: validation and identity, no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from mxm_dataio_async._identity import JSONValue, check_json, request_hash
+from mxm_dataio_async._models import CacheMode, Request, new_id, utcnow
+from mxm_dataio_async._redact import Redaction
+
+__all__ = ["build_request", "check_cache_mode", "check_ttl"]
+
+_DEFAULT_REDACTION = Redaction()
+
+
+def check_ttl(ttl: float | None, where: str = "ttl") -> float | None:
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+        raise TypeError(f"{where} must be a number of seconds or None, not {type(ttl).__name__}")
+    if not ttl >= 0:  # also refuses NaN
+        raise ValueError(f"{where} must be >= 0 seconds (or None for no expiry), got {ttl!r}")
+    return float(ttl)
+
+
+def check_cache_mode(mode: CacheMode | str) -> CacheMode:
+    try:
+        return CacheMode(mode)
+    except ValueError:
+        allowed = ", ".join(m.value for m in CacheMode)
+        raise ValueError(f"unknown cache_mode {mode!r}; use one of: {allowed}") from None
+
+
+def _check_label(value: Any, where: str, *, optional: bool) -> str | None:
+    if value is None:
+        if optional:
+            return None
+        raise TypeError(f"{where} is required")
+    if not isinstance(value, str):
+        raise TypeError(f"{where} must be a str, not {type(value).__name__}")
+    if "\x00" in value:
+        raise ValueError(f"{where} must not contain NUL characters")
+    if not optional and not value:
+        raise ValueError(f"{where} must not be empty")
+    return value
+
+
+def _check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise TypeError(f"headers must be a mapping of str to str, not {type(headers).__name__}")
+    out: dict[str, str] = {}
+    for k, v in headers.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(f"headers must map str to str; got {k!r}: {v!r}")
+        out[k] = v
+    return out
+
+
+def build_request(
+    *,
+    session_id: str,
+    source: str,
+    kind: str,
+    endpoint: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    method: str = "GET",
+    body: Any = None,
+    headers: Mapping[str, str] | None = None,
+    as_of_bucket: str | None = None,
+    cache_tag: str | None = None,
+    ttl: float | None = None,
+    cache_mode: CacheMode | str = CacheMode.DEFAULT,
+    redaction: Redaction = _DEFAULT_REDACTION,
+) -> Request:
+    """Validate inputs and compute identity. Raises ``TypeError``/``ValueError`` on bad input.
+
+    Secret query parameters (per ``redaction``) and credentials in the endpoint URL are left out of
+    the identity, so rotating an API key does not invalidate the cache.
+    """
+    kind_ = _check_label(kind, "kind", optional=False)
+    assert kind_ is not None
+    endpoint_ = _check_label(endpoint, "endpoint", optional=True)
+    bucket = _check_label(as_of_bucket, "as_of_bucket", optional=True)
+    tag = _check_label(cache_tag, "cache_tag", optional=True)
+    if not isinstance(method, str) or not method or not method.isascii() or not method.isalpha():
+        raise ValueError(f"method must be an HTTP-style verb such as 'GET', got {method!r}")
+    method_ = method.upper()
+    if params is None:
+        params_: dict[str, JSONValue] = {}
+    elif not isinstance(params, Mapping):
+        raise TypeError(f"params must be a mapping with str keys, not {type(params).__name__}")
+    else:
+        checked = check_json(params, "params")
+        assert isinstance(checked, dict)
+        params_ = checked
+    body_ = check_json(body, "body")
+    ttl_ = check_ttl(ttl)
+    mode = check_cache_mode(cache_mode)
+    identity_params: dict[str, JSONValue] = params_
+    if any(redaction.is_secret_param(k) for k in params_):
+        identity_params = {k: v for k, v in params_.items() if not redaction.is_secret_param(k)}
+    identity_endpoint = endpoint_
+    if endpoint_ is not None and "@" in endpoint_ and "://" in endpoint_:
+        identity_endpoint = redaction.url(endpoint_)
+    digest = request_hash(
+        source=source,
+        kind=kind_,
+        method=method_,
+        endpoint=identity_endpoint,
+        params=identity_params,
+        body=body_,
+        as_of_bucket=bucket,
+        cache_tag=tag,
+    )
+    return Request(
+        id=new_id(),
+        session_id=session_id,
+        source=source,
+        kind=kind_,
+        method=method_,
+        endpoint=endpoint_,
+        params=params_,
+        body=body_,
+        headers=_check_headers(headers),
+        as_of_bucket=bucket,
+        cache_tag=tag,
+        ttl_seconds=ttl_,
+        cache_mode=mode,
+        hash=digest,
+        created_at=utcnow(),
+    )
