@@ -1,0 +1,1 @@
+"""mxm-dataio-async: asyncio-native ingestion, caching and audit."""

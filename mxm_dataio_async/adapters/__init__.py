@@ -1,0 +1,1 @@
+"""Adapters: the protocols, and the built-in implementations."""
