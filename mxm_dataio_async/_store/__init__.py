@@ -1,0 +1,6 @@
+"""Persistence: SQLite metadata (one writer, group commit) and tiered, content-addressed payloads."""
+
+from mxm_dataio_async._store._payloads import StagedPayload
+from mxm_dataio_async._store._store import DB_NAME, DEFAULT_INLINE_THRESHOLD, Store
+
+__all__ = ["DB_NAME", "DEFAULT_INLINE_THRESHOLD", "StagedPayload", "Store"]

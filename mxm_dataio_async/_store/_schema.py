@@ -1,0 +1,114 @@
+"""The on-disk schema of ``<root>/dataio.sqlite`` and its migrations.
+
+The schema version lives in ``PRAGMA user_version``. Each release that changes the schema appends a
+step to ``MIGRATIONS`` (from version N to N+1); opening a store runs the missing steps in one
+transaction, and a store written by a newer release is refused rather than misread.
+
+Design notes:
+- ``requests``, ``responses`` and ``sessions`` are public names: people inspect them with the sqlite3
+  shell, so ids, checksums and timestamps are text (ISO 8601 UTC, fixed width, so text order is time
+  order). Request hashes are 32-byte BLOBs (``hex(request_hash)`` in the shell): the hot lookup
+  index stays half the size of a hex one.
+- Indexes are only those the hot paths need: every index costs on each insert.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
+
+_V1 = """
+CREATE TABLE sessions (
+    id            TEXT PRIMARY KEY,
+    source        TEXT NOT NULL,
+    as_of         TEXT,
+    started_at    TEXT NOT NULL,
+    ended_at      TEXT,
+    status        TEXT NOT NULL,
+    cache_mode    TEXT NOT NULL,
+    requests      INTEGER NOT NULL DEFAULT 0,
+    responses     INTEGER NOT NULL DEFAULT 0,
+    cache_hits    INTEGER NOT NULL DEFAULT 0,
+    errors        INTEGER NOT NULL DEFAULT 0,
+    bytes_fetched INTEGER NOT NULL DEFAULT 0,
+    error         TEXT
+);
+
+CREATE TABLE requests (
+    id            TEXT PRIMARY KEY,
+    session_id    TEXT NOT NULL,
+    hash          BLOB NOT NULL,
+    source        TEXT NOT NULL,
+    kind          TEXT NOT NULL,
+    method        TEXT NOT NULL,
+    endpoint      TEXT,
+    params        TEXT NOT NULL,
+    body          TEXT,
+    headers       TEXT,
+    as_of_bucket  TEXT,
+    cache_tag     TEXT,
+    cache_mode    TEXT NOT NULL,
+    ttl_seconds   REAL,
+    created_at    TEXT NOT NULL,
+    served_from   TEXT
+);
+CREATE INDEX ix_requests_session ON requests (session_id);
+
+CREATE TABLE responses (
+    id               TEXT PRIMARY KEY,
+    request_id       TEXT NOT NULL,
+    request_hash     BLOB NOT NULL,
+    session_id       TEXT NOT NULL,
+    source           TEXT NOT NULL,
+    kind             TEXT NOT NULL,
+    status           TEXT NOT NULL,
+    checksum         TEXT,
+    size_bytes       INTEGER NOT NULL,
+    fetched_at       TEXT NOT NULL,
+    cache_mode       TEXT NOT NULL,
+    ttl_seconds      REAL,
+    as_of_bucket     TEXT,
+    cache_tag        TEXT,
+    attempts         INTEGER NOT NULL,
+    attempt          INTEGER NOT NULL,
+    sequence         INTEGER,
+    transport_status INTEGER,
+    content_type     TEXT,
+    encoding         TEXT,
+    url              TEXT,
+    elapsed_ms       REAL,
+    headers          TEXT,
+    adapter_meta     TEXT,
+    error            TEXT,
+    revalidated_from TEXT
+);
+-- The cache's hot lookup: newest OK response for a request hash.
+CREATE INDEX ix_responses_usable ON responses (request_hash, fetched_at) WHERE status = 'ok';
+CREATE INDEX ix_responses_session ON responses (session_id);
+
+-- Content-addressed payloads: inline bytes (small) or a file under payloads/ (large).
+CREATE TABLE payloads (
+    sha256     BLOB PRIMARY KEY,
+    size_bytes INTEGER NOT NULL,
+    tier       TEXT NOT NULL CHECK (tier IN ('inline', 'file')),
+    data       BLOB,
+    created_at TEXT NOT NULL
+);
+"""
+
+
+def _to_v1(conn: sqlite3.Connection) -> None:
+    # Statement by statement: executescript() would COMMIT the caller's migration transaction.
+    for statement in _V1.split(";"):
+        sql = "\n".join(
+            line for line in statement.splitlines() if not line.strip().startswith("--")
+        ).strip()
+        if sql:
+            conn.execute(sql)
+
+
+#: MIGRATIONS[n] upgrades a database at user_version n to n + 1.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _to_v1}
+SCHEMA_VERSION = max(MIGRATIONS) + 1

@@ -1,0 +1,543 @@
+"""Store: ``<root>/dataio.sqlite`` (metadata + inline payloads) and ``<root>/payloads/`` (large)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Self
+
+import aiosqlite
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from mxm_dataio_async._exceptions import IntegrityError, StoreClosedError, StoreError
+from mxm_dataio_async._identity import canonical_json
+from mxm_dataio_async._models import (
+    Body,
+    CacheMode,
+    Request,
+    Response,
+    ResponseStatus,
+    Session,
+    SessionStatus,
+    utcnow,
+)
+from mxm_dataio_async._store._payloads import PayloadFiles, StagedPayload, verify
+from mxm_dataio_async._store._schema import MIGRATIONS, SCHEMA_VERSION
+from mxm_dataio_async._store._writer import (
+    RESPONSE_COLUMNS,
+    SESSION_COLUMNS,
+    Row,
+    Writer,
+    sqlite_error,
+)
+
+__all__ = ["DB_NAME", "Store"]
+
+DB_NAME: Final = "dataio.sqlite"
+DEFAULT_INLINE_THRESHOLD: Final = 64 * 1024
+
+_UNOPENED, _OPEN, _CLOSED = "unopened", "open", "closed"
+
+
+def _ts(dt: datetime) -> str:
+    # Fixed width (microseconds always present) so text order is time order in SQL.
+    return dt.isoformat(timespec="microseconds")
+
+
+def _dt(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _configure(conn: sqlite3.Connection, busy_timeout_ms: int) -> None:
+    # WAL: readers never block the writer and vice versa; the setting persists in the file.
+    conn.execute("PRAGMA journal_mode=WAL")
+    # Wait (inside SQLite) for another process's write lock instead of failing at once.
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    # NORMAL in WAL mode: a commit survives a process crash; only an OS crash may lose the last few.
+    conn.execute("PRAGMA synchronous=NORMAL")
+
+
+def _prepare_db(db_path: Path, busy_timeout_ms: int) -> None:
+    """Open once synchronously: set WAL, migrate the schema. Runs in a worker thread."""
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        _configure(conn, busy_timeout_ms)
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{db_path} has schema version {version}, newer than this release supports "
+                f"({SCHEMA_VERSION}); upgrade mxm-dataio-async"
+            )
+        if version < SCHEMA_VERSION:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                # Re-read under the write lock: another process may have migrated meanwhile.
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                while version < SCHEMA_VERSION:
+                    MIGRATIONS[version](conn)
+                    version += 1
+                conn.execute(f"PRAGMA user_version={version}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+    finally:
+        conn.close()
+
+
+class Store:
+    """An append-only record of sessions, requests, responses and their exact payload bytes.
+
+    ```python
+    async with Store("./data") as store:
+        async for resp in store.iter_responses(source="example"):
+            body = await store.read(resp)
+    ```
+
+    ``inline_threshold``: payloads up to this many bytes live inside SQLite (atomic with their
+    rows); larger ones are content-addressed files under ``<root>/payloads/``.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        inline_threshold: int = DEFAULT_INLINE_THRESHOLD,
+        busy_timeout: float = 10.0,
+    ) -> None:
+        if isinstance(inline_threshold, bool) or not isinstance(inline_threshold, int):
+            raise TypeError("inline_threshold must be an int (bytes)")
+        if inline_threshold < 0:
+            raise ValueError("inline_threshold must be >= 0 bytes")
+        if not busy_timeout >= 0:
+            raise ValueError("busy_timeout must be >= 0 seconds")
+        self.root = Path(root)
+        self.db_path = self.root / DB_NAME
+        self.inline_threshold = inline_threshold
+        self._busy_timeout_ms = int(busy_timeout * 1000)
+        self._files = PayloadFiles(self.root, inline_threshold)
+        self._state = _UNOPENED
+        self._stack: AsyncExitStack | None = None
+        self._writer: Writer | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._users = 0
+        self.temp_files_removed = 0
+
+    def __repr__(self) -> str:
+        return f"<Store root={str(self.root)!r} state={self._state}>"
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._state == _OPEN
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        """Open the store (create it if needed). A closed store cannot be reopened."""
+        if self._state == _OPEN:
+            return
+        if self._state == _CLOSED:
+            raise StoreClosedError("this Store was closed; create a new Store to reopen the root")
+        stack = AsyncExitStack()
+        try:
+            await self._open(stack)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await stack.aclose()
+            raise
+        self._stack = stack
+        self._state = _OPEN
+
+    async def _open(self, stack: AsyncExitStack) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create store root {self.root}: {exc.strerror or exc}") from exc
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StoreError(f"store root {self.root} is not writable")
+        self.temp_files_removed = await anyio.to_thread.run_sync(self._files.prepare)
+        try:
+            await anyio.to_thread.run_sync(_prepare_db, self.db_path, self._busy_timeout_ms)
+            wconn = await aiosqlite.connect(self.db_path, isolation_level=None)
+            stack.push_async_callback(_shielded_close, wconn)
+            rconn = await aiosqlite.connect(self.db_path, isolation_level=None)
+            stack.push_async_callback(_shielded_close, rconn)
+            for conn in (wconn, rconn):
+                await conn.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
+                await conn.execute("PRAGMA synchronous=NORMAL")
+            # The reader never writes; query_only turns a bug into an error instead of a lock.
+            await rconn.execute("PRAGMA query_only=1")
+        except sqlite3.Error as exc:
+            raise sqlite_error(f"open {self.db_path}", exc) from exc
+        self._reader = rconn
+        writer = Writer(wconn)
+        # The writer task lives in a task group entered here and exited by aclose(): open and
+        # close must happen in the same task, in LIFO order with other scopes (anyio's rule).
+        tg = await stack.enter_async_context(anyio.create_task_group())
+        tg.start_soon(writer.run)
+        self._writer = writer
+
+    async def aclose(self) -> None:
+        """Commit what is queued, then close. Safe to call twice."""
+        if self._state != _OPEN:
+            self._state = _CLOSED
+            return
+        self._state = _CLOSED
+        stack, self._stack = self._stack, None
+        if self._writer is not None:
+            self._writer.drain_and_stop()
+        if stack is not None:
+            # Exiting the task group waits for the writer to commit what is queued.
+            await stack.aclose()
+        self._writer = None
+        self._reader = None
+
+    def _require_open(self) -> tuple[Writer, aiosqlite.Connection]:
+        if self._state != _OPEN or self._writer is None or self._reader is None:
+            state = "was closed" if self._state == _CLOSED else "is not open yet"
+            raise StoreClosedError(f"the store at {self.root} {state}; use `async with Store(...)`")
+        return self._writer, self._reader
+
+    # -- writing (used by AsyncSession) ---------------------------------------------------------
+
+    async def stage(self, data: Body) -> StagedPayload:
+        """Hash a payload and write it to the file tier if large (its row is written by record)."""
+        self._require_open()
+        return await self._files.stage(data)
+
+    async def save_session(self, session: Session) -> None:
+        writer, _ = self._require_open()
+        await writer.write([("session", _session_row(session))])
+
+    async def record(
+        self,
+        request: Request,
+        responses: Sequence[Response],
+        payloads: Sequence[StagedPayload] = (),
+        *,
+        served_from: str | None = None,
+        wait: bool = True,
+    ) -> None:
+        """Persist a request row (once), its payloads and responses in one transaction."""
+        writer, _ = self._require_open()
+        now = _ts(utcnow())
+        rows: list[Row] = [
+            ("payload", (p.digest, p.size, p.tier, p.data, now)) for p in payloads
+        ]
+        rows.append(("request", _request_row(request, served_from)))
+        rows.extend(("response", _response_row(request, r)) for r in responses)
+        fut = writer.submit(rows, wait=wait)
+        if fut is not None:
+            await fut
+
+    # -- reading --------------------------------------------------------------------------------
+
+    async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        _, reader = self._require_open()
+        try:
+            async with reader.execute(sql, params) as cur:
+                return list(await cur.fetchall())
+        except sqlite3.Error as exc:
+            raise sqlite_error("read from the store", exc) from exc
+
+    async def latest_response(
+        self, request_hash: str, *, statuses: Sequence[ResponseStatus] = (ResponseStatus.OK,)
+    ) -> Response | None:
+        """The newest response with one of ``statuses`` for a request hash (the cache lookup)."""
+        if tuple(statuses) == (ResponseStatus.OK,):
+            sql = (
+                f"SELECT {RESPONSE_COLUMNS} FROM responses INDEXED BY ix_responses_usable "
+                "WHERE request_hash = ? AND status = 'ok' ORDER BY fetched_at DESC LIMIT 1"
+            )
+            params: list[Any] = [bytes.fromhex(request_hash)]
+        else:
+            marks = ", ".join("?" for _ in statuses)
+            sql = (
+                f"SELECT {RESPONSE_COLUMNS} FROM responses WHERE request_hash = ? "
+                f"AND status IN ({marks}) ORDER BY fetched_at DESC LIMIT 1"
+            )
+            params = [bytes.fromhex(request_hash), *(s.value for s in statuses)]
+        rows = await self._fetchall(sql, params)
+        return _response_from_row(rows[0]) if rows else None
+
+    async def get_response(self, response_id: str) -> Response | None:
+        rows = await self._fetchall(
+            f"SELECT {RESPONSE_COLUMNS} FROM responses WHERE id = ?", (response_id,)
+        )
+        return _response_from_row(rows[0]) if rows else None
+
+    async def get_session(self, session_id: str) -> Session | None:
+        rows = await self._fetchall(
+            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?", (session_id,)
+        )
+        return _session_from_row(rows[0]) if rows else None
+
+    async def list_sessions(
+        self, *, source: str | None = None, limit: int | None = None
+    ) -> list[Session]:
+        """Sessions, newest first."""
+        sql = f"SELECT {SESSION_COLUMNS} FROM sessions"
+        params: list[Any] = []
+        if source is not None:
+            sql += " WHERE source = ?"
+            params.append(source)
+        sql += " ORDER BY started_at DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        return [_session_from_row(r) for r in await self._fetchall(sql, params)]
+
+    async def iter_responses(
+        self,
+        *,
+        source: str | None = None,
+        kind: str | None = None,
+        session_id: str | None = None,
+        status: ResponseStatus | str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        page_size: int = 500,
+    ) -> AsyncIterator[Response]:
+        """Responses in the order they were recorded, filtered; fetched page by page.
+
+        ``since`` is inclusive and ``until`` exclusive (timezone-aware datetimes).
+        """
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, value in (("source", source), ("kind", kind), ("session_id", session_id)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if status is not None:
+            clauses.append("status = ?")
+            params.append(ResponseStatus(status).value)
+        for op, value, name in ((">=", since, "since"), ("<", until, "until")):
+            if value is not None:
+                if value.tzinfo is None:
+                    raise ValueError(f"{name} must be timezone-aware (e.g. datetime.now(UTC))")
+                clauses.append(f"fetched_at {op} ?")
+                params.append(_ts(value.astimezone(utcnow().tzinfo)))
+        where = " AND ".join(clauses) if clauses else "1"
+        last = 0
+        while True:
+            rows = await self._fetchall(
+                f"SELECT rowid, {RESPONSE_COLUMNS} FROM responses WHERE rowid > ? AND {where} "
+                "ORDER BY rowid LIMIT ?",
+                [last, *params, page_size],
+            )
+            for row in rows:
+                yield _response_from_row(row[1:])
+            if len(rows) < page_size:
+                return
+            last = rows[-1][0]
+
+    async def read(self, response: Response | str) -> bytes:
+        """The exact payload bytes of a response (or a checksum), verified against the sha256."""
+        checksum = response if isinstance(response, str) else response.checksum
+        if checksum is None:
+            raise IntegrityError("this response has no payload (it recorded an error without one)")
+        try:
+            digest = bytes.fromhex(checksum)
+        except ValueError:
+            raise ValueError(f"not a sha256 checksum: {checksum!r}") from None
+        rows = await self._fetchall(
+            "SELECT size_bytes, tier, data FROM payloads WHERE sha256 = ?", (digest,)
+        )
+        if not rows:
+            raise IntegrityError(f"payload {checksum} is not in the store")
+        size, tier, data = rows[0]
+        if tier == "inline":
+            verify(data if data is not None else b"", digest, size, where=str(self.db_path))
+            return bytes(data) if data is not None else b""
+        return await self._files.read(digest, size)
+
+    async def iter_payload(
+        self, response: Response | str, *, chunk_size: int = 256 * 1024
+    ) -> AsyncIterator[bytes]:
+        """Stream a payload in chunks (large file-tier payloads never load whole)."""
+        checksum = response if isinstance(response, str) else response.checksum
+        if checksum is None:
+            raise IntegrityError("this response has no payload")
+        digest = bytes.fromhex(checksum)
+        rows = await self._fetchall(
+            "SELECT size_bytes, tier FROM payloads WHERE sha256 = ?", (digest,)
+        )
+        if not rows:
+            raise IntegrityError(f"payload {checksum} is not in the store")
+        size, tier = rows[0]
+        if tier == "inline":
+            data = await self.read(checksum)
+            for i in range(0, len(data), chunk_size):
+                yield data[i : i + chunk_size]
+            return
+        async for chunk in self._files.iter_file(digest, size, chunk_size):
+            yield chunk
+
+    async def export_payload(self, response: Response | str, path: str | os.PathLike[str]) -> Path:
+        """Write a payload's exact bytes to ``path`` as a plain file (verified while copying)."""
+        out = Path(path)
+        temp = out.with_name(out.name + ".part")
+        try:
+            async with await anyio.open_file(temp, "wb") as f:
+                async for chunk in self.iter_payload(response):
+                    await f.write(chunk)
+            os.replace(temp, out)
+        except OSError as exc:
+            raise StoreError(f"cannot export payload to {out}: {exc.strerror or exc}") from exc
+        finally:
+            if temp.exists():
+                temp.unlink()
+        return out
+
+
+async def _shielded_close(conn: aiosqlite.Connection) -> None:
+    with anyio.CancelScope(shield=True):
+        await conn.close()
+
+
+# -- row mapping ---------------------------------------------------------------------------------
+
+
+def _session_row(s: Session) -> tuple[Any, ...]:
+    return (
+        s.id,
+        s.source,
+        s.as_of,
+        _ts(s.started_at),
+        _ts(s.ended_at) if s.ended_at else None,
+        s.status.value,
+        s.cache_mode.value,
+        s.requests,
+        s.responses,
+        s.cache_hits,
+        s.errors,
+        s.bytes_fetched,
+        s.error,
+    )
+
+
+def _session_from_row(r: Sequence[Any]) -> Session:
+    started = _dt(r[3])
+    assert started is not None
+    return Session(
+        id=r[0],
+        source=r[1],
+        as_of=r[2],
+        started_at=started,
+        ended_at=_dt(r[4]),
+        status=SessionStatus(r[5]),
+        cache_mode=CacheMode(r[6]),
+        requests=r[7],
+        responses=r[8],
+        cache_hits=r[9],
+        errors=r[10],
+        bytes_fetched=r[11],
+        error=r[12],
+    )
+
+
+def _request_row(q: Request, served_from: str | None) -> tuple[Any, ...]:
+    return (
+        q.id,
+        q.session_id,
+        bytes.fromhex(q.hash),
+        q.source,
+        q.kind,
+        q.method,
+        q.endpoint,
+        canonical_json(q.params),
+        None if q.body is None else canonical_json(q.body),
+        _json(dict(q.headers)) if q.headers else None,
+        q.as_of_bucket,
+        q.cache_tag,
+        q.cache_mode.value,
+        q.ttl_seconds,
+        _ts(q.created_at),
+        served_from,
+    )
+
+
+def _response_row(q: Request, r: Response) -> tuple[Any, ...]:
+    return (
+        r.id,
+        r.request_id,
+        bytes.fromhex(r.request_hash),
+        r.session_id,
+        q.source,
+        q.kind,
+        r.status.value,
+        r.checksum,
+        r.size_bytes,
+        _ts(r.fetched_at),
+        r.cache_mode.value,
+        r.ttl_seconds,
+        r.as_of_bucket,
+        r.cache_tag,
+        r.attempts,
+        r.attempt,
+        r.sequence,
+        r.transport_status,
+        r.content_type,
+        r.encoding,
+        r.url,
+        r.elapsed_ms,
+        _json(dict(r.headers)) if r.headers is not None else None,
+        _json(dict(r.adapter_meta)) if r.adapter_meta is not None else None,
+        r.error,
+        r.revalidated_from,
+    )
+
+
+def _response_from_row(r: Sequence[Any]) -> Response:
+    fetched = _dt(r[9])
+    assert fetched is not None
+    return Response(
+        id=r[0],
+        request_id=r[1],
+        request_hash=bytes(r[2]).hex(),
+        session_id=r[3],
+        status=ResponseStatus(r[6]),
+        checksum=r[7],
+        size_bytes=r[8],
+        fetched_at=fetched,
+        cache_mode=CacheMode(r[10]),
+        ttl_seconds=r[11],
+        as_of_bucket=r[12],
+        cache_tag=r[13],
+        attempts=r[14],
+        attempt=r[15],
+        sequence=r[16],
+        transport_status=r[17],
+        content_type=r[18],
+        encoding=r[19],
+        url=r[20],
+        elapsed_ms=r[21],
+        headers=json.loads(r[22]) if r[22] is not None else None,
+        adapter_meta=json.loads(r[23]) if r[23] is not None else None,
+        error=r[24],
+        revalidated_from=r[25],
+    )

