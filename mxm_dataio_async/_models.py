@@ -183,6 +183,9 @@ class Response:
     adapter_meta: Mapping[str, Any] | None = None
     error: str | None = None
     revalidated_from: str | None = None
+    payload: bytes | None = field(default=None, repr=False, compare=False)
+    """The bytes of an ephemeral (``cache_mode="never"``) response, which the store never saw;
+    ``None`` for recorded responses (read those with ``AsyncSession.read``)."""
 
     @property
     def ok(self) -> bool:

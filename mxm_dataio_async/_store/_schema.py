@@ -52,7 +52,8 @@ CREATE TABLE requests (
     cache_mode    TEXT NOT NULL,
     ttl_seconds   REAL,
     created_at    TEXT NOT NULL,
-    served_from   TEXT
+    served_from   TEXT,
+    sent_checksum TEXT
 );
 CREATE INDEX ix_requests_session ON requests (session_id);
 

@@ -240,15 +240,21 @@ class Store:
         payloads: Sequence[StagedPayload] = (),
         *,
         served_from: str | None = None,
+        sent: StagedPayload | None = None,
         wait: bool = True,
     ) -> None:
-        """Persist a request row (once), its payloads and responses in one transaction."""
+        """Persist a request row (once), its payloads and responses in one transaction.
+
+        ``served_from`` names the stored response a cache hit returned; ``sent`` is the payload a
+        ``send()`` uploaded (also one of ``payloads``). With ``wait=False`` the rows commit with
+        the next batch without the caller waiting (audit rows whose loss on a crash is harmless).
+        """
         writer, _ = self._require_open()
         now = _ts(utcnow())
         rows: list[Row] = [
             ("payload", (p.digest, p.size, p.tier, p.data, now)) for p in payloads
         ]
-        rows.append(("request", _request_row(request, served_from)))
+        rows.append(("request", _request_row(request, served_from, sent)))
         rows.extend(("response", _response_row(request, r)) for r in responses)
         fut = writer.submit(rows, wait=wait)
         if fut is not None:
@@ -460,7 +466,9 @@ def _session_from_row(r: Sequence[Any]) -> Session:
     )
 
 
-def _request_row(q: Request, served_from: str | None) -> tuple[Any, ...]:
+def _request_row(
+    q: Request, served_from: str | None, sent: StagedPayload | None
+) -> tuple[Any, ...]:
     return (
         q.id,
         q.session_id,
@@ -478,6 +486,7 @@ def _request_row(q: Request, served_from: str | None) -> tuple[Any, ...]:
         q.ttl_seconds,
         _ts(q.created_at),
         served_from,
+        sent.checksum if sent is not None else None,
     )
 
 

@@ -30,7 +30,7 @@ SESSION_COLUMNS: Final = (
 )
 REQUEST_COLUMNS: Final = (
     "id, session_id, hash, source, kind, method, endpoint, params, body, headers, as_of_bucket, "
-    "cache_tag, cache_mode, ttl_seconds, created_at, served_from"
+    "cache_tag, cache_mode, ttl_seconds, created_at, served_from, sent_checksum"
 )
 RESPONSE_COLUMNS: Final = (
     "id, request_id, request_hash, session_id, source, kind, status, checksum, size_bytes, "

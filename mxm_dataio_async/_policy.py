@@ -1,0 +1,66 @@
+"""The cache decision: a pure function of the mode, the stored response, the TTL and the time.
+
+No I/O and no loop, so every rule is unit-testable in isolation (hishel's ``_core/_spec.py`` is the
+model). The session does the lookups and acts on the returned :class:`Decision`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from mxm_dataio_async._models import CacheMode, Response
+
+__all__ = ["Action", "Decision", "decide", "is_fresh", "needs_lookup", "persists"]
+
+
+class Action(StrEnum):
+    SERVE = "serve"  # return the stored response; no adapter call, no rate budget
+    FETCH = "fetch"  # call the adapter
+    REVALIDATE = "revalidate"  # conditional call with the stored response's validators
+    MISS = "miss"  # only_if_cached and nothing stored: CacheMiss
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    cached: Response | None
+    reason: str
+
+
+def needs_lookup(mode: CacheMode) -> bool:
+    """Whether the mode looks at stored responses at all (bypass and never do not)."""
+    return mode is not CacheMode.BYPASS and mode is not CacheMode.NEVER
+
+
+def persists(mode: CacheMode) -> bool:
+    return mode is not CacheMode.NEVER
+
+
+def is_fresh(cached: Response, ttl: float | None, now: datetime) -> bool:
+    """Fresh under ``ttl`` seconds (the request's TTL); ``None`` means fresh forever."""
+    if ttl is None:
+        return True
+    return (now - cached.fetched_at).total_seconds() <= ttl
+
+
+def decide(mode: CacheMode, cached: Response | None, *, ttl: float | None, now: datetime) -> Decision:
+    """What to do for one fetch. ``cached`` is the newest stored OK response, if any."""
+    if mode is CacheMode.DEFAULT:
+        if cached is None:
+            return Decision(Action.FETCH, None, "not stored")
+        if is_fresh(cached, ttl, now):
+            return Decision(Action.SERVE, cached, "stored and fresh")
+        return Decision(Action.FETCH, cached, "stored but older than the TTL")
+    if mode is CacheMode.ONLY_IF_CACHED:
+        if cached is None:
+            return Decision(Action.MISS, None, "only_if_cached and not stored")
+        return Decision(Action.SERVE, cached, "only_if_cached: stored (TTL ignored)")
+    if mode is CacheMode.REVALIDATE:
+        if cached is None:
+            return Decision(Action.FETCH, None, "nothing stored to revalidate")
+        return Decision(Action.REVALIDATE, cached, "revalidate the stored response")
+    if mode is CacheMode.BYPASS:
+        return Decision(Action.FETCH, None, "bypass")
+    return Decision(Action.FETCH, None, "never: ephemeral fetch")
