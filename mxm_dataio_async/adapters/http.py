@@ -1,0 +1,695 @@
+"""HttpAdapter: fetch, send and server-sent events over aiohttp.
+
+Every aiohttp (and socket) exception is classified in one function, :func:`_translate`: what a
+retry may fix becomes ``TransientError``, the rest ``FetchError``; none escapes raw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import aiohttp
+import anyio
+from multidict import CIMultiDictProxy
+
+from mxm_dataio_async._exceptions import DataIOError, FetchError, TransientError
+from mxm_dataio_async._identity import JSONValue
+from mxm_dataio_async._models import AdapterResult, Request, Response
+from mxm_dataio_async._redact import REDACTED, Redaction
+from mxm_dataio_async.adapters._sse import SSEDecoder, SSEError
+
+__all__ = ["DEFAULT_STREAM_THRESHOLD", "HttpAdapter", "parse_retry_after"]
+
+DEFAULT_STREAM_THRESHOLD: Final = 1 << 20  # 1 MiB
+_DEFAULT_CHUNK_SIZE: Final = 1 << 18  # 256 KiB, aiohttp's own read buffer size
+_SMALL_ERROR_BODY: Final = 1 << 16  # read (and so reuse the connection) below this, else drop it
+
+# What aiohttp and the socket layer raise; anything else is a bug and propagates as is.
+_CLIENT_ERRORS: Final = (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError)
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value: delta-seconds or an HTTP-date.
+
+    A date in the past gives ``0.0``; anything unparsable gives ``None`` (the hint is ignored).
+
+    >>> parse_retry_after("120")
+    120.0
+    """
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(int(value))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # an HTTP-date is always GMT
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def _is_transient_status(status: int) -> bool:
+    return status == 429 or (500 <= status <= 599 and status != 501)
+
+
+def _status_text(resp: aiohttp.ClientResponse) -> str:
+    return f"HTTP {resp.status} {resp.reason}" if resp.reason else f"HTTP {resp.status}"
+
+
+def _translate(exc: BaseException, where: str) -> DataIOError:
+    """The one place aiohttp / socket exceptions become ours (cf. httpx's map_httpcore_exceptions).
+
+    Messages name the (already redacted) URL themselves: aiohttp's own texts for response and URL
+    errors embed the raw URL, which may carry credentials.
+    """
+    if isinstance(exc, DataIOError):
+        return exc
+    if isinstance(exc, aiohttp.ClientSSLError | aiohttp.ServerFingerprintMismatch):
+        return FetchError(f"TLS failure for {where}: {type(exc).__name__}: {exc}")
+    if isinstance(exc, asyncio.TimeoutError):
+        return TransientError(f"timed out waiting for {where} ({type(exc).__name__})")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        # Includes a body shorter than its Content-Length and a chunked body cut off mid-way.
+        return TransientError(f"incomplete or corrupt response body from {where}: {exc}")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return TransientError(f"cannot connect to {where}: {exc}")
+    if isinstance(exc, aiohttp.ClientConnectionError | OSError):
+        return TransientError(f"connection to {where} lost: {type(exc).__name__}: {exc}")
+    if isinstance(exc, aiohttp.TooManyRedirects):
+        return FetchError(f"too many redirects fetching {where}")
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return FetchError(f"bad response from {where}: HTTP {exc.status} {exc.message}")
+    if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
+        return FetchError(f"invalid URL {where}")
+    if isinstance(exc, ValueError):
+        return FetchError(f"invalid request for {where}: {exc}")
+    return FetchError(f"HTTP client error for {where}: {type(exc).__name__}")
+
+
+def _query_value(key: str, value: JSONValue) -> str:
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return str(value)
+    raise FetchError(
+        f"query parameter {key!r} holds a {type(value).__name__}; a query string carries only "
+        "scalars and lists of scalars (send structured data as the JSON body)"
+    )
+
+
+def _query(params: Mapping[str, JSONValue]) -> list[tuple[str, str]]:
+    pairs: list[tuple[str, str]] = []
+    for key, value in params.items():
+        if value is None:
+            continue
+        if isinstance(value, list):
+            pairs.extend((key, _query_value(key, item)) for item in value if item is not None)
+        else:
+            pairs.append((key, _query_value(key, value)))
+    return pairs
+
+
+def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
+    """Case-insensitive lookup in a plain mapping (stored response headers)."""
+    if not headers:
+        return None
+    value = headers.get(name)
+    if value is not None:
+        return value
+    lname = name.lower()
+    for key, value in headers.items():
+        if key.lower() == lname:
+            return value
+    return None
+
+
+def _merge_headers(*layers: Mapping[str, str] | None) -> dict[str, str]:
+    """Later layers override earlier ones, matching names case-insensitively."""
+    out: dict[str, str] = {}
+    lower: dict[str, str] = {}
+    for layer in layers:
+        if not layer:
+            continue
+        for key, value in layer.items():
+            previous = lower.get(key.lower())
+            if previous is not None:
+                del out[previous]
+            lower[key.lower()] = key
+            out[key] = value
+    return out
+
+
+def _make_redaction(
+    redact: Redaction | Iterable[str] | None, redact_params: Iterable[str]
+) -> Redaction:
+    params = [redact_params] if isinstance(redact_params, str) else list(redact_params)
+    if redact is None:
+        return Redaction.extend(params=params) if params else Redaction()
+    if isinstance(redact, Redaction):
+        return redact.merge(
+            Redaction(headers=frozenset(), params=frozenset(p.lower() for p in params))
+        )
+    names = [redact] if isinstance(redact, str) else list(redact)
+    return Redaction.extend(headers=names, params=params)
+
+
+def _make_timeout(timeout: float | aiohttp.ClientTimeout) -> aiohttp.ClientTimeout:
+    if isinstance(timeout, aiohttp.ClientTimeout):
+        return timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise ValueError(
+            f"timeout must be a positive number of seconds or a ClientTimeout, not {timeout!r}"
+        )
+    # Per network wait, like httpx: no total, so a large body takes as long as it needs while a
+    # stalled connection still fails.
+    return aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+
+
+class _BodyStream:
+    """A response body as an async iterator of chunks; it owns the aiohttp response.
+
+    The response is released at the end of the body and closed by ``aclose()`` or any error, so a
+    consumer that stops early (or never starts) frees the connection either way. A class rather
+    than an async generator because a generator never started cannot run its ``finally``.
+    """
+
+    __slots__ = ("_chunk_size", "_max_body", "_prefix", "_received", "_resp", "_where")
+
+    def __init__(
+        self,
+        resp: aiohttp.ClientResponse,
+        *,
+        prefix: Iterable[bytes] = (),
+        received: int = 0,
+        chunk_size: int,
+        max_body: int | None,
+        where: str,
+    ) -> None:
+        self._resp: aiohttp.ClientResponse | None = resp
+        self._prefix = deque(prefix)
+        self._received = received
+        self._chunk_size = chunk_size
+        self._max_body = max_body
+        self._where = where
+
+    def __aiter__(self) -> _BodyStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._prefix:
+            return self._prefix.popleft()
+        resp = self._resp
+        if resp is None:
+            raise StopAsyncIteration
+        try:
+            chunk = await resp.content.read(self._chunk_size)
+        except BaseException as exc:
+            self._close()
+            if isinstance(exc, _CLIENT_ERRORS):
+                raise _translate(exc, self._where) from exc
+            raise
+        if not chunk:
+            self._resp = None
+            resp.release()
+            raise StopAsyncIteration
+        self._received += len(chunk)
+        if self._max_body is not None and self._received > self._max_body:
+            self._close()
+            raise FetchError(f"response body from {self._where} exceeds max_body={self._max_body}")
+        return chunk
+
+    async def aclose(self) -> None:
+        """Stop early: drop the connection (its unread rest is useless)."""
+        self._close()
+
+    def _close(self) -> None:
+        self._prefix.clear()
+        resp, self._resp = self._resp, None
+        if resp is not None:
+            resp.close()
+
+    @property
+    def released(self) -> bool:
+        """Whether the response has been let go (consumed, closed or failed)."""
+        return self._resp is None
+
+
+class HttpAdapter:
+    """Fetcher, Sender, Revalidator and Streamer (server-sent events) over one aiohttp session.
+
+    ``base_url``: relative endpoints are joined to it by plain concatenation with exactly one
+    ``/`` between (``"http://h/api"`` + ``"v1/x"`` or ``"/v1/x"`` -> ``"http://h/api/v1/x"``; the
+    base path is kept, unlike ``urljoin``); an endpoint with a scheme (``http://``/``https://``) is
+    used as is; no endpoint means ``base_url`` itself.
+
+    Query string from ``request.params``, in their order: lists become repeated keys, ``True`` /
+    ``False`` become ``"true"`` / ``"false"``, numbers ``str()``, ``None`` (also inside lists) is
+    left out; nested objects are refused. They extend any query already in the endpoint.
+    ``request.body`` (when not ``None``) is sent as compact UTF-8 JSON with
+    ``Content-Type: application/json`` unless the request sets one. ``request.headers`` override
+    the adapter's ``headers``. Cookies are never kept between requests (send a ``Cookie`` header).
+
+    Outcomes: 2xx is a normal result. 429 and 5xx except 501, connection errors, timeouts and a
+    body cut short (shorter than its Content-Length, a reset mid-body) raise ``TransientError``
+    (``retry_after`` from ``Retry-After``). Other statuses (4xx, 501, an unfollowed 3xx) are final:
+    the result carries the body and ``error="HTTP 404 Not Found"``, which the session records and
+    turns into ``FetchError``.
+
+    Stored bytes are the *decoded* body: aiohttp undoes ``Content-Encoding`` (gzip, deflate, br),
+    and ``adapter_meta["content_encoding"]`` records the header that was on the wire (or
+    ``None``). Bodies of at most ``stream_threshold`` bytes come back as ``bytes``; larger ones,
+    or ones whose decoded size is not known up front and turns out larger, as an async iterator of
+    chunks that owns the connection (iterate it to the end or ``aclose()`` it). ``max_body``
+    (bytes, decoded) turns a larger body into ``FetchError``.
+
+    ``timeout``: a number bounds each network wait (connecting, every read), with no total limit;
+    pass an ``aiohttp.ClientTimeout`` for anything else. Secrets (``redact`` header names or a
+    ``Redaction``, ``redact_params`` query names, URL credentials) are replaced in every URL,
+    header and message the adapter returns; ``redaction`` tells the session the same names.
+
+    Server-sent events (``stream()``): see :meth:`stream`. ``max_reconnects``, ``reconnect_delay``
+    (seconds, until the server sends ``retry:``) and ``sleep`` (an injection point for tests)
+    govern reconnection.
+
+    >>> adapter = HttpAdapter("https://api.example.com", headers={"Authorization": "Bearer ..."})
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | aiohttp.ClientTimeout = 30.0,
+        redact: Redaction | Iterable[str] | None = None,
+        redact_params: Iterable[str] = (),
+        max_body: int | None = None,
+        connector_limit: int = 100,
+        stream_threshold: int = DEFAULT_STREAM_THRESHOLD,
+        chunk_size: int = _DEFAULT_CHUNK_SIZE,
+        max_reconnects: int = 5,
+        reconnect_delay: float = 1.0,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        if base_url is not None:
+            if not base_url.startswith(("http://", "https://")):
+                raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+            if "?" in base_url or "#" in base_url:
+                raise ValueError("base_url must not carry a query or fragment; use request params")
+            base_url = base_url.rstrip("/")
+        for name, value in (
+            ("max_body", max_body),
+            ("connector_limit", connector_limit),
+            ("stream_threshold", stream_threshold),
+            ("chunk_size", chunk_size),
+            ("max_reconnects", max_reconnects),
+        ):
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 0
+            ):
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be at least 1")
+        if not reconnect_delay >= 0:
+            raise ValueError(f"reconnect_delay must be >= 0 seconds, got {reconnect_delay!r}")
+        self.base_url = base_url
+        self.headers: dict[str, str] = dict(headers or {})
+        self.timeout = _make_timeout(timeout)
+        self.redaction: Redaction = _make_redaction(redact, redact_params)
+        self.max_body = max_body
+        self.stream_threshold = stream_threshold
+        self.chunk_size = chunk_size
+        self.max_reconnects = max_reconnects
+        self.reconnect_delay = float(reconnect_delay)
+        self._connector_limit = connector_limit
+        self._sleep = sleep
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("open" if self._session else "unopened")
+        return f"HttpAdapter(base_url={self.redaction.url(self.base_url)!r}, {state})"
+
+    async def __aenter__(self) -> HttpAdapter:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def _client(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        session = self._session
+        if session is not None and self._loop is loop:
+            return session
+        if self._closed:
+            raise DataIOError("this HttpAdapter is closed; create a new one")
+        if session is not None:
+            raise DataIOError(
+                "this HttpAdapter was first used in another event loop; an aiohttp session "
+                "belongs to one loop, so create one adapter per loop (and aclose() it there)"
+            )
+        # Created here, not in __init__: aiohttp binds the session to the running loop.
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self._connector_limit),
+            timeout=self.timeout,
+            auto_decompress=True,
+            cookie_jar=aiohttp.DummyCookieJar(),  # no hidden state between recorded requests
+            read_bufsize=self.chunk_size,
+        )
+        self._loop = loop
+        return self._session
+
+    async def aclose(self) -> None:
+        """Close the connection pool. Safe to call twice; the adapter cannot be used afterwards."""
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None and not session.closed:
+            with anyio.CancelScope(shield=True):
+                await session.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- request mapping -------------------------------------------------------------------------
+
+    def url_for(self, request: Request) -> str:
+        """The URL ``request`` goes to, before its query parameters are added."""
+        endpoint = request.endpoint
+        if endpoint and endpoint.startswith(("http://", "https://")):
+            return endpoint
+        if self.base_url is None:
+            raise FetchError(
+                f"endpoint {endpoint!r} is not an absolute http(s) URL and this HttpAdapter "
+                "has no base_url",
+                request=request,
+            )
+        if not endpoint:
+            return self.base_url
+        return f"{self.base_url}/{endpoint.lstrip('/')}"
+
+    async def _open(
+        self,
+        request: Request,
+        *,
+        payload: bytes | None,
+        extra_headers: Mapping[str, str] | None = None,
+        client_timeout: aiohttp.ClientTimeout | None = None,
+    ) -> tuple[aiohttp.ClientResponse, str]:
+        url = self.url_for(request)
+        where = self.redaction.url(url) or "<no url>"
+        headers = _merge_headers(self.headers, request.headers, extra_headers)
+        data = payload
+        if data is None and request.body is not None:
+            data = json.dumps(request.body, separators=(",", ":"), ensure_ascii=False).encode()
+            if _header(headers, "content-type") is None:
+                headers["Content-Type"] = "application/json"
+        params = _query(request.params) if request.params else None
+        try:
+            resp = await self._client().request(
+                request.method,
+                url,
+                params=params,
+                headers=headers,
+                data=data,
+                timeout=client_timeout if client_timeout is not None else self.timeout,
+            )
+        except _CLIENT_ERRORS as exc:
+            raise _translate(exc, where) from exc
+        return resp, where
+
+    # -- capabilities ----------------------------------------------------------------------------
+
+    async def fetch(self, request: Request) -> AdapterResult:
+        """Perform ``request`` (method, URL, params, JSON body, headers) and classify the answer."""
+        return await self._exchange(request, payload=None)
+
+    async def send(self, request: Request, payload: bytes) -> AdapterResult:
+        """Send ``payload`` as the body, byte for byte, with ``request.method``; returns the ack."""
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
+        return await self._exchange(request, payload=bytes(payload))
+
+    async def revalidate(self, request: Request, cached: Response) -> AdapterResult:
+        """Conditional fetch: ``If-None-Match`` / ``If-Modified-Since`` from the stored headers.
+
+        A 304 gives ``AdapterResult(data=b"", not_modified=True, transport_status=304, ...)``;
+        anything else is handled as by :meth:`fetch`, which is also what happens when the stored
+        response has neither an ETag nor a Last-Modified.
+        """
+        conditional: dict[str, str] = {}
+        etag = _header(cached.headers, "ETag")
+        if etag:
+            conditional["If-None-Match"] = etag
+        last_modified = _header(cached.headers, "Last-Modified")
+        if last_modified:
+            conditional["If-Modified-Since"] = last_modified
+        return await self._exchange(
+            request, payload=None, extra_headers=conditional, conditional=bool(conditional)
+        )
+
+    async def _exchange(
+        self,
+        request: Request,
+        *,
+        payload: bytes | None,
+        extra_headers: Mapping[str, str] | None = None,
+        conditional: bool = False,
+    ) -> AdapterResult:
+        started = time.perf_counter()
+        resp, where = await self._open(request, payload=payload, extra_headers=extra_headers)
+        try:
+            status = resp.status
+            if _is_transient_status(status):
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                await self._discard(resp)
+                raise TransientError(
+                    f"{_status_text(resp)} from {where}",
+                    retry_after=retry_after,
+                    transport_status=status,
+                )
+            if status == 304 and conditional:
+                resp.release()
+                return self._result(resp, b"", started, not_modified=True)
+            data = await self._body(resp, where)
+        except BaseException:
+            resp.close()
+            raise
+        error = None if 200 <= status <= 299 else _status_text(resp)
+        return self._result(resp, data, started, error=error)
+
+    async def _discard(self, resp: aiohttp.ClientResponse) -> None:
+        """Drop an error response; read a small body first so its connection can be reused."""
+        length = resp.content_length
+        if length is not None and length <= _SMALL_ERROR_BODY:
+            try:
+                await resp.read()
+            except _CLIENT_ERRORS:
+                resp.close()
+                return
+        resp.release()
+
+    async def _body(self, resp: aiohttp.ClientResponse, where: str) -> bytes | _BodyStream:
+        max_body = self.max_body
+        threshold = self.stream_threshold
+        length = resp.content_length
+        encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+        if length is not None and encoding == "identity":
+            # The decoded size is known: refuse, stream or read in one go.
+            if max_body is not None and length > max_body:
+                raise FetchError(
+                    f"response body from {where} is {length} bytes, above max_body={max_body}"
+                )
+            if length > threshold:
+                return _BodyStream(resp, chunk_size=self.chunk_size, max_body=max_body, where=where)
+            try:
+                return await resp.read()
+            except _CLIENT_ERRORS as exc:
+                raise _translate(exc, where) from exc
+        # Decoded size unknown (chunked or compressed): buffer up to the threshold, then decide.
+        chunks: list[bytes] = []
+        received = 0
+        try:
+            while True:
+                chunk = await resp.content.read(self.chunk_size)
+                if not chunk:
+                    resp.release()
+                    return b"".join(chunks)
+                received += len(chunk)
+                if max_body is not None and received > max_body:
+                    raise FetchError(f"response body from {where} exceeds max_body={max_body}")
+                chunks.append(chunk)
+                if received > threshold:
+                    return _BodyStream(
+                        resp,
+                        prefix=chunks,
+                        received=received,
+                        chunk_size=self.chunk_size,
+                        max_body=max_body,
+                        where=where,
+                    )
+        except _CLIENT_ERRORS as exc:
+            raise _translate(exc, where) from exc
+
+    def _result(
+        self,
+        resp: aiohttp.ClientResponse,
+        data: bytes | _BodyStream,
+        started: float,
+        *,
+        not_modified: bool = False,
+        error: str | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> AdapterResult:
+        raw = resp.headers
+        adapter_meta: dict[str, Any] = {"content_encoding": raw.get("Content-Encoding")}
+        if meta:
+            adapter_meta.update(meta)
+        return AdapterResult(
+            data=data,
+            content_type=resp.content_type if "Content-Type" in raw else None,
+            encoding=resp.charset,
+            transport_status=resp.status,
+            url=self.redaction.url(str(resp.url)),
+            elapsed_ms=(time.perf_counter() - started) * 1000.0,
+            headers=self._response_headers(raw),
+            adapter_meta=adapter_meta,
+            not_modified=not_modified,
+            error=error,
+        )
+
+    def _response_headers(self, raw: CIMultiDictProxy[str]) -> dict[str, str]:
+        """A plain dict: repeated headers joined with ", ", secrets replaced."""
+        out: dict[str, str] = {}
+        first: dict[str, str] = {}
+        secret = self.redaction.headers
+        for key, value in raw.items():
+            lkey = key.lower()
+            if lkey in secret:
+                value = REDACTED
+            name = first.get(lkey)
+            if name is None:
+                first[lkey] = key
+                out[key] = value
+            elif value != REDACTED or out[name] != REDACTED:
+                out[name] = f"{out[name]}, {value}"
+        return out
+
+    # -- server-sent events ----------------------------------------------------------------------
+
+    async def stream(self, request: Request) -> AsyncIterator[AdapterResult]:
+        """Server-sent events from ``request``: one ``AdapterResult`` per event.
+
+        Each result holds the event's data as UTF-8 bytes, ``content_type="text/event-stream"``
+        and ``adapter_meta={"event": <type, "message" by default>, "id": <last event id or None>}``.
+
+        Reconnection follows the EventSource model: when the connection drops or the server
+        closes it, or a (re)connect fails transiently (connection error, timeout, 429, 5xx except
+        501), the adapter waits (the server's ``retry:`` hint, else ``reconnect_delay``, at least
+        any ``Retry-After``) and reconnects with ``Last-Event-ID``. After ``max_reconnects``
+        consecutive attempts without receiving an event it raises ``TransientError``.
+
+        The stream ends cleanly when the server answers a (re)connect with **204 No Content**:
+        so a finite stream is served by closing the connection after the last event and answering
+        the reconnect (which carries ``Last-Event-ID``) with 204. Any other status, or a 200 that
+        is not ``text/event-stream``, raises ``FetchError``.
+        """
+        last_id = _header(request.headers, "Last-Event-ID") or ""
+        delay = self.reconnect_delay
+        failures = 0
+        accept = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+        # No total time limit for a stream; reads still time out per self.timeout.sock_read.
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=self.timeout.connect,
+            sock_connect=self.timeout.sock_connect,
+            sock_read=self.timeout.sock_read,
+        )
+        while True:
+            extra = dict(accept)
+            if last_id:
+                extra["Last-Event-ID"] = last_id
+            try:
+                resp, where = await self._open(
+                    request, payload=None, extra_headers=extra, client_timeout=timeout
+                )
+                try:
+                    status = resp.status
+                    if status == 204:
+                        resp.release()
+                        return
+                    if _is_transient_status(status):
+                        raise TransientError(
+                            f"{_status_text(resp)} from event stream {where}",
+                            retry_after=parse_retry_after(resp.headers.get("Retry-After")),
+                            transport_status=status,
+                        )
+                    if status != 200:
+                        raise FetchError(
+                            f"event stream {where} answered {_status_text(resp)}",
+                            transport_status=status,
+                        )
+                    if resp.content_type != "text/event-stream":
+                        raise FetchError(
+                            f"event stream {where} answered with Content-Type "
+                            f"{resp.content_type!r}, not 'text/event-stream'",
+                            transport_status=status,
+                        )
+                    url = self.redaction.url(str(resp.url))
+                    decoder = SSEDecoder(last_event_id=last_id, max_size=self.max_body)
+                    while True:
+                        try:
+                            chunk = await resp.content.readany()
+                        except _CLIENT_ERRORS as exc:
+                            raise _translate(exc, where) from exc
+                        if not chunk:
+                            break
+                        try:
+                            events = decoder.feed(chunk)
+                        except SSEError as exc:
+                            raise FetchError(f"event stream {where}: {exc}") from exc
+                        if decoder.retry is not None:
+                            delay = decoder.retry / 1000.0
+                        for event in events:
+                            last_id = event.id
+                            failures = 0
+                            yield AdapterResult(
+                                data=event.data.encode("utf-8"),
+                                content_type="text/event-stream",
+                                encoding="utf-8",
+                                transport_status=status,
+                                url=url,
+                                adapter_meta={"event": event.event, "id": event.id or None},
+                            )
+                        last_id = decoder.last_event_id
+                    decoder.end()
+                    raise TransientError(f"event stream {where} closed by the server")
+                finally:
+                    resp.close()
+            except TransientError as exc:
+                failures += 1
+                if failures > self.max_reconnects:
+                    raise TransientError(
+                        f"{exc} (gave up after {self.max_reconnects} reconnects without an event)",
+                        retry_after=exc.retry_after,
+                        transport_status=exc.transport_status,
+                    ) from exc
+                wait = max(delay, exc.retry_after or 0.0)
+            await self._sleep(wait)
