@@ -1,0 +1,298 @@
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import anyio
+import pytest
+
+from mxm_dataio_async._exceptions import IntegrityError, StoreClosedError, StoreError
+from mxm_dataio_async._models import (
+    CacheMode,
+    Request,
+    Response,
+    ResponseStatus,
+    Session,
+    new_id,
+    utcnow,
+)
+from mxm_dataio_async._request import build_request
+from mxm_dataio_async._store import DB_NAME, Store
+from mxm_dataio_async._store._schema import SCHEMA_VERSION
+
+pytestmark = pytest.mark.anyio
+
+
+def _session(source: str = "src") -> Session:
+    return Session(id=new_id(), source=source, as_of=None, started_at=utcnow())
+
+
+def _response(req: Request, checksum: str, size: int, **kw: object) -> Response:
+    fields: dict[str, object] = {
+        "id": new_id(), "request_id": req.id, "request_hash": req.hash,
+        "session_id": req.session_id, "status": ResponseStatus.OK, "checksum": checksum,
+        "size_bytes": size, "fetched_at": utcnow(), "cache_mode": CacheMode.DEFAULT,
+        "ttl_seconds": None, "as_of_bucket": None, "cache_tag": None,
+    }
+    fields.update(kw)
+    return Response(**fields)  # type: ignore[arg-type]
+
+
+async def _put(store: Store, req: Request, data: bytes, **kw: object) -> Response:
+    staged = await store.stage(data)
+    resp = _response(req, staged.checksum, staged.size, **kw)
+    await store.record(req, [resp], [staged])
+    return resp
+
+
+async def test_creates_schema_with_wal_and_version(tmp_path: Path) -> None:
+    async with Store(tmp_path / "s"):
+        pass
+    conn = sqlite3.connect(tmp_path / "s" / DB_NAME)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"sessions", "requests", "responses", "payloads"} <= tables
+    plan = conn.execute(
+        "EXPLAIN QUERY PLAN SELECT id FROM responses WHERE request_hash = ? AND status = 'ok' "
+        "ORDER BY fetched_at DESC LIMIT 1", (b"x" * 32,)
+    ).fetchall()
+    assert "ix_responses_usable" in str(plan)
+
+
+async def test_inline_and_file_tiers_roundtrip_and_dedupe(tmp_path: Path) -> None:
+    async with Store(tmp_path, inline_threshold=1024) as store:
+        s = _session()
+        await store.save_session(s)
+        req = build_request(session_id=s.id, source="src", kind="k")
+        small = await _put(store, req, b"small")
+        big_bytes = os.urandom(5000)
+        big = await _put(store, req, big_bytes)
+        again = await _put(store, req, big_bytes)  # same content: stored once
+        assert await store.read(small) == b"small"
+        assert await store.read(big) == big_bytes
+        assert await store.read(again) == big_bytes
+        files = [p for p in (tmp_path / "payloads").rglob("*") if p.is_file()]
+        assert [f.name for f in files] == [big.checksum]
+        chunks = [c async for c in store.iter_payload(big, chunk_size=1000)]
+        assert b"".join(chunks) == big_bytes and len(chunks) == 5
+        out = await store.export_payload(big, tmp_path / "exported.bin")
+        assert out.read_bytes() == big_bytes
+    conn = sqlite3.connect(tmp_path / DB_NAME)
+    tiers = dict(conn.execute("SELECT tier, count(*) FROM payloads GROUP BY tier").fetchall())
+    assert tiers == {"inline": 1, "file": 1}
+
+
+async def test_streamed_payload_spills_to_file(tmp_path: Path) -> None:
+    chunks = [os.urandom(1000) for _ in range(10)]
+    closed = []
+
+    async def gen():  # type: ignore[no-untyped-def]
+        try:
+            for c in chunks:
+                yield c
+        finally:
+            closed.append(True)
+
+    async with Store(tmp_path, inline_threshold=2500) as store:
+        staged = await store.stage(gen())
+        assert staged.tier == "file" and staged.size == 10_000 and staged.data is None
+        assert (tmp_path / "payloads" / staged.checksum[:2] / staged.checksum[2:4] / staged.checksum).read_bytes() == b"".join(chunks)
+        assert closed == [True]
+        small = await store.stage(gen())
+        assert small.tier == "file"
+        async def tiny():  # type: ignore[no-untyped-def]
+            yield b"ab"
+            yield b"cd"
+        t = await store.stage(tiny())
+        assert t.tier == "inline" and t.data == b"abcd"
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+async def test_failed_stream_leaves_no_temp_file(tmp_path: Path) -> None:
+    async def broken():  # type: ignore[no-untyped-def]
+        yield os.urandom(5000)
+        raise ConnectionResetError("peer went away")
+
+    async with Store(tmp_path, inline_threshold=100) as store:
+        with pytest.raises(ConnectionResetError):
+            await store.stage(broken())
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert [p for p in (tmp_path / "payloads").rglob("*") if p.is_file()] == []
+
+
+async def test_corrupt_payloads_raise_integrity_error(tmp_path: Path) -> None:
+    async with Store(tmp_path, inline_threshold=100) as store:
+        s = _session()
+        await store.save_session(s)
+        req = build_request(session_id=s.id, source="src", kind="k")
+        inline = await _put(store, req, b"inline bytes")
+        big = await _put(store, req, b"x" * 1000)
+    conn = sqlite3.connect(tmp_path / DB_NAME)
+    conn.execute("UPDATE payloads SET data = ? WHERE tier = 'inline'", (b"tampered!!!!",))
+    conn.commit()
+    conn.close()
+    path = next(p for p in (tmp_path / "payloads").rglob("*") if p.is_file())
+    path.write_bytes(b"y" * 1000)
+    async with Store(tmp_path, inline_threshold=100) as store:
+        with pytest.raises(IntegrityError, match="corrupt"):
+            await store.read(inline)
+        with pytest.raises(IntegrityError, match="corrupt"):
+            await store.read(big)
+        with pytest.raises(IntegrityError):
+            _ = [c async for c in store.iter_payload(big)]
+        path.unlink()
+        with pytest.raises(IntegrityError, match="missing"):
+            await store.read(big)
+        with pytest.raises(IntegrityError, match="not in the store"):
+            await store.read("ab" * 32)
+
+
+async def test_lookup_and_iteration(tmp_path: Path) -> None:
+    async with Store(tmp_path) as store:
+        s1, s2 = _session("a"), _session("b")
+        await store.save_session(s1)
+        await store.save_session(s2)
+        r1 = build_request(session_id=s1.id, source="a", kind="quote")
+        r2 = build_request(session_id=s2.id, source="b", kind="bars")
+        old = await _put(store, r1, b"old", fetched_at=utcnow() - timedelta(hours=2))
+        new = await _put(store, r1, b"new")
+        await _put(store, r1, b"err", status=ResponseStatus.ERROR)
+        await _put(store, r2, b"other")
+        latest = await store.latest_response(r1.hash)
+        assert latest is not None and latest.id == new.id
+        assert latest.fetched_at == new.fetched_at and latest.checksum == new.checksum
+        errs = await store.latest_response(r1.hash, statuses=[ResponseStatus.ERROR])
+        assert errs is not None and errs.status is ResponseStatus.ERROR
+        assert await store.latest_response("00" * 32) is None
+        got = await store.get_response(old.id)
+        assert got == old
+        assert await store.get_response("nope") is None
+        assert [x.id async for x in store.iter_responses(source="a", status="ok")] == [old.id, new.id]
+        assert len([x async for x in store.iter_responses(kind="bars")]) == 1
+        assert len([x async for x in store.iter_responses(session_id=s1.id)]) == 3
+        recent = [x.id async for x in store.iter_responses(since=utcnow() - timedelta(hours=1), source="a")]
+        assert old.id not in recent and new.id in recent
+        early = [x.id async for x in store.iter_responses(until=utcnow() - timedelta(hours=1))]
+        assert early == [old.id]
+        paged = [x.id async for x in store.iter_responses(page_size=1)]
+        assert len(paged) == 4
+        with pytest.raises(ValueError, match="timezone-aware"):
+            _ = [x async for x in store.iter_responses(since=datetime(2020, 1, 1))]
+        sessions = await store.list_sessions()
+        assert {x.id for x in sessions} == {s1.id, s2.id}
+        assert [x.id for x in await store.list_sessions(source="b")] == [s2.id]
+        assert (await store.get_session(s1.id)) == s1
+
+
+async def test_group_commit_batches_concurrent_writes(tmp_path: Path) -> None:
+    async with Store(tmp_path) as store:
+        s = _session()
+        await store.save_session(s)
+        req = build_request(session_id=s.id, source="src", kind="k")
+        async with anyio.create_task_group() as tg:
+            for i in range(300):
+                tg.start_soon(_put, store, req, str(i).encode())
+        writer = store._writer
+        assert writer is not None
+        assert writer.jobs == 301
+        assert writer.batches < 100  # many rows per transaction
+        assert len([x async for x in store.iter_responses()]) == 300
+
+
+async def test_lifecycle_errors(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    with pytest.raises(StoreClosedError, match="not open yet"):
+        await store.read("00" * 32)
+    async with store:
+        assert store.is_open
+    with pytest.raises(StoreClosedError, match="was closed"):
+        await store.list_sessions()
+    await store.aclose()  # twice is fine
+    with pytest.raises(StoreClosedError, match="create a new Store"):
+        await store.open()
+
+
+async def test_not_writable_root(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        # root ignores permission bits; a path under a regular file cannot be created by anyone.
+        (tmp_path / "file").write_text("x")
+        bad = tmp_path / "file" / "store"
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        bad = ro / "store"
+    with pytest.raises(StoreError, match="cannot create store root"):
+        async with Store(bad):
+            pass
+
+
+async def test_not_sqlite_file(tmp_path: Path) -> None:
+    (tmp_path / DB_NAME).write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match="not an SQLite database"):
+        async with Store(tmp_path):
+            pass
+
+
+async def test_newer_schema_refused(tmp_path: Path) -> None:
+    async with Store(tmp_path):
+        pass
+    conn = sqlite3.connect(tmp_path / DB_NAME)
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="newer than this release"):
+        async with Store(tmp_path):
+            pass
+
+
+async def test_temp_leftovers_of_dead_processes_removed(tmp_path: Path) -> None:
+    async with Store(tmp_path):
+        pass
+    dead = tmp_path / "tmp" / "999999999-abc.part"
+    dead.write_bytes(b"partial")
+    async with Store(tmp_path) as store:
+        assert store.temp_files_removed == 1
+    assert not dead.exists()
+
+
+async def test_reopen_from_new_process(tmp_path: Path) -> None:
+    async with Store(tmp_path, inline_threshold=10) as store:
+        s = _session()
+        await store.save_session(s)
+        req = build_request(session_id=s.id, source="src", kind="k", params={"p": 1})
+        a = await _put(store, req, b"payload-in-a-file")
+        b = await _put(store, req, b"inline")
+    script = textwrap.dedent(
+        f"""
+        import anyio
+        from mxm_dataio_async._store import Store
+
+        async def main():
+            async with Store({str(tmp_path)!r}) as store:
+                latest = await store.latest_response({req.hash!r})
+                print(latest.id)
+                print((await store.read({a.checksum!r})).decode())
+                print((await store.read({b.checksum!r})).decode())
+                print(len(await store.list_sessions()))
+
+        anyio.run(main)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [b.id, "payload-in-a-file", "inline", "1"]
+
+
+async def test_bad_constructor_args(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="inline_threshold"):
+        Store(tmp_path, inline_threshold=-1)
+    with pytest.raises(TypeError, match="inline_threshold"):
+        Store(tmp_path, inline_threshold=1.5)  # type: ignore[arg-type]
+    assert "state=unopened" in repr(Store(tmp_path))
+    assert datetime.now(UTC).tzinfo is UTC
