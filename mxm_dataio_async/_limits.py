@@ -1,0 +1,350 @@
+"""Per-source admission control: concurrency, cooldown and rate, in that order.
+
+Design decisions:
+
+- The rate is a GCRA (the virtual-scheduling form of a token bucket). A theoretical arrival time
+  (TAT) advances by the emission interval per grant and is computed from the schedule, never from
+  the moment a sleeper actually woke up, so sleep overshoot does not accumulate: 1,000 requests/s
+  sustained stays at 1,000/s.
+- Waiters form one FIFO queue. Only its head looks at the clock (sleeps until its conformance time);
+  the others park on an event until they are promoted. A waiter's slot on the schedule is computed
+  from when it *arrived*, so a backlog catches up after a late wake-up instead of losing budget.
+- Budget is spent only at the instant of a grant, synchronously, right before ``slot()`` enters its
+  body. A waiter cancelled while parked or sleeping therefore never holds a token or a concurrency
+  slot, and later waiters are not pushed back by it: cancellation cannot leak anything.
+- The no-wait fast path allocates nothing and creates no task: a few comparisons, one clock read
+  (none at all for a limiter without a rate that was never cooled down).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final
+
+import anyio
+
+__all__ = ["LimiterStatistics", "RateLimit", "SourceLimiter"]
+
+_NEG_INF: Final = float("-inf")
+
+
+def _finite_number(name: str, value: object) -> float:
+    # bool is an int subclass; RateLimit(True) is a mistake, not "one request".
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """Allow ``rate`` requests per ``per`` seconds, with up to ``burst`` at once after idle.
+
+    ``RateLimit(10)`` is 10 requests/s spaced 0.1 s apart; ``RateLimit(100, per=60, burst=5)`` lets
+    5 go at once, then one every 0.6 s.
+    """
+
+    rate: float
+    per: float = 1.0
+    burst: int = 1
+
+    def __post_init__(self) -> None:
+        rate = _finite_number("rate", self.rate)
+        if rate <= 0:
+            raise ValueError(f"rate must be > 0 requests per {self.per!r}s, got {self.rate!r}")
+        per = _finite_number("per", self.per)
+        if per <= 0:
+            raise ValueError(f"per must be > 0 seconds, got {self.per!r}")
+        if isinstance(self.burst, bool) or not isinstance(self.burst, int):
+            raise TypeError(
+                f"burst must be an int, got {type(self.burst).__name__}: {self.burst!r}"
+            )
+        if self.burst < 1:
+            raise ValueError(f"burst must be >= 1, got {self.burst!r}")
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two grants at the sustained rate (the emission interval)."""
+        return self.per / self.rate
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterStatistics:
+    """A snapshot of a :class:`SourceLimiter`."""
+
+    waiting: int
+    """Callers currently waiting for a slot."""
+    in_flight: int
+    """Slots currently held."""
+    tokens: float
+    """Rate tokens available now (at most ``burst``); ``inf`` without a rate limit."""
+    total_acquired: int
+    """Slots granted so far."""
+    total_waits: int
+    """Grants that had to wait (for concurrency, a cooldown or the rate)."""
+    cooldown_remaining: float
+    """Seconds until the current cooldown ends (0 if none)."""
+
+
+class _Waiter:
+    __slots__ = ("arrival", "done", "event")
+
+    def __init__(self, arrival: float) -> None:
+        self.arrival = arrival
+        self.done = False
+        self.event: anyio.Event | None = None
+
+    async def park(self) -> None:
+        # A fresh event per wait: wake-ups are hints, the caller re-checks its conditions, and a
+        # set() on an old event (e.g. while this waiter was sleeping) must not be remembered.
+        event = self.event = anyio.Event()
+        await event.wait()
+
+
+class _Slot:
+    """The reusable context manager behind ``SourceLimiter.slot()``: it holds no per-use state."""
+
+    __slots__ = ("_limiter",)
+
+    def __init__(self, limiter: SourceLimiter) -> None:
+        self._limiter = limiter
+
+    async def __aenter__(self) -> None:
+        lim = self._limiter
+        # Fast path: nobody queued (FIFO), a free concurrency slot, no cooldown, a rate token.
+        if not lim._waiting and (lim._max is None or lim._in_flight < lim._max):
+            interval = lim._interval
+            if interval is None and lim._cooldown_until == _NEG_INF:
+                lim._in_flight += 1
+                lim._total_acquired += 1
+                return
+            now = lim._clock()
+            if now >= lim._cooldown_until:
+                if interval is None:
+                    lim._in_flight += 1
+                    lim._total_acquired += 1
+                    return
+                tat = lim._tat
+                if now >= tat - lim._tau:
+                    lim._tat = (tat if tat > now else now) + interval
+                    lim._in_flight += 1
+                    lim._total_acquired += 1
+                    return
+        await lim._acquire_slow()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._limiter._release()
+
+
+class SourceLimiter:
+    """Admission control for one source: max concurrency, then cooldown, then rate.
+
+    Wrap each real upstream attempt (never a cache hit) in ``slot()``::
+
+        limiter = SourceLimiter(RateLimit(10, burst=2), max_concurrency=8)
+        async with limiter.slot():
+            result = await adapter.fetch(request)
+
+    Waiters are served first come, first served. ``cooldown(s)`` pauses the whole source (e.g. after
+    a 429 with Retry-After). ``clock`` and ``sleep`` are injectable for deterministic tests.
+    Cancelling a waiter is always safe: it gives back everything it was waiting for.
+    """
+
+    __slots__ = (
+        "_capacity_at",
+        "_clock",
+        "_cooldown_until",
+        "_in_flight",
+        "_interval",
+        "_max",
+        "_queue",
+        "_rate_limit",
+        "_sleep",
+        "_slot",
+        "_tat",
+        "_tau",
+        "_total_acquired",
+        "_total_waits",
+        "_waiting",
+    )
+
+    def __init__(
+        self,
+        rate_limit: RateLimit | None = None,
+        max_concurrency: int | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
+        if rate_limit is not None and not isinstance(rate_limit, RateLimit):
+            raise TypeError(
+                f"rate_limit must be a RateLimit or None, got {type(rate_limit).__name__}"
+            )
+        if max_concurrency is not None:
+            if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
+                raise TypeError(
+                    "max_concurrency must be an int or None, got "
+                    f"{type(max_concurrency).__name__}: {max_concurrency!r}"
+                )
+            if max_concurrency < 1:
+                raise ValueError(
+                    f"max_concurrency must be >= 1 (or None for unlimited), got {max_concurrency}"
+                )
+        self._rate_limit = rate_limit
+        self._interval: float | None = None if rate_limit is None else rate_limit.interval
+        # GCRA burst tolerance: how far ahead of the schedule a grant may be.
+        self._tau = 0.0 if rate_limit is None else (rate_limit.burst - 1) * rate_limit.interval
+        self._tat = _NEG_INF
+        self._max = max_concurrency
+        self._in_flight = 0
+        self._waiting = 0
+        self._queue: deque[_Waiter] = deque()
+        self._cooldown_until = _NEG_INF
+        # When a full limiter last got a free slot: a waiter that was blocked on concurrency only
+        # becomes eligible for the rate then, so it must not claim rate budget from before.
+        self._capacity_at = _NEG_INF
+        self._total_acquired = 0
+        self._total_waits = 0
+        self._clock = clock
+        self._sleep = sleep
+        self._slot = _Slot(self)
+
+    @property
+    def rate_limit(self) -> RateLimit | None:
+        """The configured rate limit (``None``: unlimited)."""
+        return self._rate_limit
+
+    @property
+    def max_concurrency(self) -> int | None:
+        """The configured concurrency cap (``None``: unlimited)."""
+        return self._max
+
+    def slot(self) -> AbstractAsyncContextManager[None]:
+        """An async context manager holding one slot for one real upstream attempt."""
+        return self._slot
+
+    def cooldown(self, seconds: float) -> None:
+        """Grant no new slot for ``seconds`` from now; extends, never shortens, a current cooldown.
+
+        Slots already held are unaffected. Callers waiting now respect the new cooldown.
+        """
+        delay = _finite_number("seconds", seconds)
+        if delay < 0:
+            raise ValueError(f"cooldown seconds must be >= 0, got {seconds!r}")
+        until = self._clock() + delay
+        if until > self._cooldown_until:
+            self._cooldown_until = until
+
+    def statistics(self) -> LimiterStatistics:
+        """A snapshot of the limiter's counters."""
+        now = self._clock()
+        return LimiterStatistics(
+            waiting=self._waiting,
+            in_flight=self._in_flight,
+            tokens=self._tokens(now),
+            total_acquired=self._total_acquired,
+            total_waits=self._total_waits,
+            cooldown_remaining=max(0.0, self._cooldown_until - now),
+        )
+
+    def __repr__(self) -> str:
+        rl = self._rate_limit
+        rate = "None" if rl is None else f"{rl.rate:g}/{float(rl.per)}s burst={rl.burst}"
+        now = self._clock()
+        cooldown = self._cooldown_until - now
+        extra = f" cooldown={cooldown:.2f}s" if cooldown > 0 else ""
+        return (
+            f"<SourceLimiter rate={rate} max_concurrency={self._max} in_flight={self._in_flight}"
+            f" waiting={self._waiting} tokens={self._tokens(now):.2f}{extra}>"
+        )
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _tokens(self, now: float) -> float:
+        rl = self._rate_limit
+        if rl is None or self._interval is None:
+            return math.inf
+        # Each emission interval the TAT lies ahead of now is one token already spent.
+        ahead = self._tat - now
+        if ahead <= 0:
+            return float(rl.burst)
+        return max(0.0, rl.burst - ahead / self._interval)
+
+    def _head(self) -> _Waiter | None:
+        # Cancelled waiters are only marked done (O(1)); drop them lazily from the front.
+        queue = self._queue
+        while queue:
+            waiter = queue[0]
+            if not waiter.done:
+                return waiter
+            queue.popleft()
+        return None
+
+    def _wake_head(self) -> None:
+        if self._max is not None and self._in_flight >= self._max:
+            return  # the next _release() wakes it; waking it now would only make it park again
+        head = self._head()
+        if head is not None and head.event is not None:
+            head.event.set()
+
+    def _release(self) -> None:
+        self._in_flight -= 1
+        if self._waiting and self._max is not None:
+            if self._in_flight + 1 == self._max:
+                self._capacity_at = self._clock()
+            self._wake_head()
+
+    async def _acquire_slow(self) -> None:
+        waiter = _Waiter(self._clock())
+        self._queue.append(waiter)
+        self._waiting += 1
+        slept_until: float | None = None
+        try:
+            while True:
+                if self._head() is not waiter or (
+                    self._max is not None and self._in_flight >= self._max
+                ):
+                    await waiter.park()
+                    continue
+                # The earliest instant this waiter conforms: not before it arrived (or got a free
+                # slot), not before the cooldown ends, not before the GCRA schedule allows.
+                at = max(
+                    waiter.arrival,
+                    self._capacity_at,
+                    self._tat - self._tau,
+                    self._cooldown_until,
+                )
+                # Having slept until exactly this instant counts as reaching it, even if the clock
+                # reads a hair earlier (timer granularity): no second, tiny sleep.
+                if at != slept_until:
+                    now = self._clock()
+                    if now < at:
+                        await self._sleep(at - now)
+                        slept_until = at
+                        continue
+                # Grant. Schedule arithmetic uses `at`, not the wake-up time: no drift.
+                if self._interval is not None:
+                    self._tat = max(self._tat, at) + self._interval
+                self._in_flight += 1
+                self._total_acquired += 1
+                self._total_waits += 1
+                return
+        finally:
+            was_head = self._head() is waiter
+            waiter.done = True
+            self._waiting -= 1
+            if was_head:
+                self._wake_head()
