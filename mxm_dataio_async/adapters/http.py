@@ -11,7 +11,7 @@ import email.utils
 import json
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -594,7 +594,7 @@ class HttpAdapter:
 
     # -- server-sent events ----------------------------------------------------------------------
 
-    async def stream(self, request: Request) -> AsyncIterator[AdapterResult]:
+    async def stream(self, request: Request) -> AsyncGenerator[AdapterResult, None]:
         """Server-sent events from ``request``: one ``AdapterResult`` per event.
 
         Each result holds the event's data as UTF-8 bytes, ``content_type="text/event-stream"``
