@@ -7,7 +7,7 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
@@ -341,12 +341,16 @@ class Store:
         if status is not None:
             clauses.append("status = ?")
             params.append(ResponseStatus(status).value)
-        for op, value, name in ((">=", since, "since"), ("<", until, "until")):
-            if value is not None:
-                if value.tzinfo is None:
+        bounds: tuple[tuple[str, datetime | None, str], ...] = (
+            (">=", since, "since"),
+            ("<", until, "until"),
+        )
+        for op, moment, name in bounds:
+            if moment is not None:
+                if moment.tzinfo is None:
                     raise ValueError(f"{name} must be timezone-aware (e.g. datetime.now(UTC))")
                 clauses.append(f"fetched_at {op} ?")
-                params.append(_ts(value.astimezone(utcnow().tzinfo)))
+                params.append(_ts(moment.astimezone(UTC)))
         where = " AND ".join(clauses) if clauses else "1"
         last = 0
         while True:

@@ -1,0 +1,3 @@
+from mxm_dataio_async._cli import main
+
+main()
