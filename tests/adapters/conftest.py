@@ -92,13 +92,17 @@ def _make_app(server: LocalServer) -> web.Application:
         return web.Response(status=code, body=f"status {code}".encode(), headers=headers)
 
     async def flaky(request: web.Request) -> web.Response:
-        # /flaky/{key}?fail=N: the first N requests for key answer 503, then 200.
+        # /flaky/{key}?fail=N&code=503&retry_after=S: the first N requests for key fail, then 200.
         await record(request)
         key = request.match_info["key"]
         fail = int(request.query.get("fail", "1"))
         n = server.bump(f"flaky:{key}")
         if n <= fail:
-            return web.Response(status=503, text="try later")
+            headers = {}
+            if "retry_after" in request.query:
+                headers["Retry-After"] = request.query["retry_after"]
+            code = int(request.query.get("code", "503"))
+            return web.Response(status=code, text="try later", headers=headers)
         return web.Response(text=f"ok after {n - 1} failures")
 
     async def slow(request: web.Request) -> web.Response:
