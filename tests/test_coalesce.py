@@ -1,0 +1,279 @@
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from mxm_dataio_async._coalesce import Coalescer
+from mxm_dataio_async._exceptions import DataIOError
+
+pytestmark = pytest.mark.anyio
+
+
+async def until(predicate: Callable[[], bool], *, limit: int = 10_000) -> None:
+    """Yield to the scheduler until ``predicate()`` holds (deterministic: no wall-clock time)."""
+    for _ in range(limit):
+        if predicate():
+            return
+        await anyio.lowlevel.checkpoint()
+    raise AssertionError("condition not reached")
+
+
+class Producer:
+    """A factory that blocks until released, then returns (or raises) and records what happened."""
+
+    def __init__(self, result: object = "result", error: Exception | None = None) -> None:
+        self.result = result
+        self.error = error
+        self.release = anyio.Event()
+        self.calls = 0
+        self.cancelled = 0
+        self.finished = 0
+
+    async def __call__(self) -> object:
+        self.calls += 1
+        try:
+            await self.release.wait()
+        except anyio.get_cancelled_exc_class():
+            self.cancelled += 1
+            raise
+        finally:
+            self.finished += 1
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+async def test_concurrent_callers_share_one_producer() -> None:
+    producer = Producer()
+    results: list[object] = []
+    async with anyio.create_task_group() as session:
+        co: Coalescer[str, object] = Coalescer(session)
+
+        async def caller() -> None:
+            results.append(await co.run("k", producer))
+
+        async with anyio.create_task_group() as callers:
+            for _ in range(100):
+                callers.start_soon(caller)
+            await until(lambda: co.waiters("k") == 100)
+            assert co.in_flight() == 1
+            producer.release.set()
+    assert producer.calls == 1
+    assert results == ["result"] * 100
+    assert co.in_flight() == 0
+    assert co.waiters("k") == 0
+
+
+async def test_different_keys_run_separately() -> None:
+    a, b = Producer("a"), Producer("b")
+    results: dict[str, object] = {}
+    async with anyio.create_task_group() as session:
+        co: Coalescer[str, object] = Coalescer(session)
+
+        async def caller(key: str, factory: Producer) -> None:
+            results[key] = await co.run(key, factory)
+
+        async with anyio.create_task_group() as callers:
+            callers.start_soon(caller, "a", a)
+            callers.start_soon(caller, "b", b)
+            await until(lambda: a.calls == 1 and b.calls == 1)
+            assert co.in_flight() == 2
+            b.release.set()
+            await until(lambda: "b" in results)
+            assert co.in_flight() == 1
+            a.release.set()
+    assert results == {"a": "a", "b": "b"}
+    assert co.in_flight() == 0
+
+
+async def test_none_is_a_valid_result() -> None:
+    async def factory() -> object:
+        return None
+
+    async with anyio.create_task_group() as session:
+        co: Coalescer[int, object] = Coalescer(session)
+        assert await co.run(1, factory) is None
+
+
+async def test_leader_cancelled_while_followers_wait() -> None:
+    producer = Producer()
+    results: list[object] = []
+    leader_scope = anyio.CancelScope()
+    async with anyio.create_task_group() as session:
+        co: Coalescer[str, object] = Coalescer(session)
+
+        async def leader() -> None:
+            with leader_scope:
+                await co.run("k", producer)
+
+        async def follower() -> None:
+            results.append(await co.run("k", producer))
+
+        async with anyio.create_task_group() as callers:
+            callers.start_soon(leader)
+            await until(lambda: co.waiters("k") == 1)
+            callers.start_soon(follower)
+            callers.start_soon(follower)
+            await until(lambda: co.waiters("k") == 3 and producer.calls == 1)
+            leader_scope.cancel()
+            await until(lambda: co.waiters("k") == 2)
+            await anyio.lowlevel.checkpoint()
+            assert producer.cancelled == 0
+            producer.release.set()
+    assert leader_scope.cancelled_caught
+    assert results == ["result", "result"]
+    assert (producer.calls, producer.cancelled) == (1, 0)
+    assert co.in_flight() == 0
+
+
+async def test_sole_caller_cancelled_at_once() -> None:
+    abandoned = Producer()
+    async with anyio.create_task_group() as session:
+        co: Coalescer[str, object] = Coalescer(session)
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await co.run("k", abandoned)  # spawns the producer, then is cancelled at once
+        assert scope.cancelled_caught
+        # The key was dropped with its last waiter: the next caller does not join a dying producer.
+        assert co.in_flight() == 0
+        fresh = Producer("fresh")
+        fresh.release.set()
+        assert await co.run("k", fresh) == "fresh"
+        await until(lambda: abandoned.finished == abandoned.calls)
+    # The abandoned producer either never ran the factory or was cancelled inside it.
+    assert abandoned.calls == abandoned.cancelled
+
+
+async def test_all_waiters_cancelled_cancels_the_producer() -> None:
+    producer = Producer()
+    scopes = [anyio.CancelScope() for _ in range(3)]
+    async with anyio.create_task_group() as session:
+        co: Coalescer[str, object] = Coalescer(session)
+
+        async def caller(scope: anyio.CancelScope) -> None:
+            with scope:
+                await co.run("k", producer)
+
+        async with anyio.create_task_group() as callers:
+            for scope in scopes:
+                callers.start_soon(caller, scope)
+            await until(lambda: co.waiters("k") == 3 and producer.calls == 1)
+            scopes[0].cancel()
+            scopes[1].cancel()
+            await until(lambda: co.waiters("k") == 1)
+            await anyio.lowlevel.checkpoint()
+            assert producer.cancelled == 0  # one caller still waits
+            scopes[2].cancel()
+        assert co.in_flight() == 0  # dropped with the last waiter, before the producer ends
+        await until(lambda: producer.finished == 1)
+        assert producer.cancelled == 1
+        # The next call starts a new producer.
+        fresh = Producer("again")
+        fresh.release.set()
+        assert await co.run("k", fresh) == "again"
+    assert co.in_flight() == 0
+
+
+async def test_failure_is_delivered_to_every_waiter_and_not_remembered() -> None:
+    boom = ValueError("upstream exploded")
+    producer = Producer(error=boom)
+    caught: list[BaseException] = []
+    tb_lengths: list[int] = []
+    async with anyio.create_task_group() as session:
+        co: Coalescer[str, object] = Coalescer(session)
+
+        async def caller() -> None:
+            try:
+                await co.run("k", producer)
+            except ValueError as exc:
+                caught.append(exc)
+                tb_lengths.append(len(traceback.extract_tb(exc.__traceback__)))
+
+        async with anyio.create_task_group() as callers:
+            for _ in range(50):
+                callers.start_soon(caller)
+            await until(lambda: co.waiters("k") == 50)
+            producer.release.set()
+        assert co.in_flight() == 0
+        assert len(caught) == 50
+        assert all(exc is boom for exc in caught)
+        # Each waiter raises from the producer's traceback: it does not grow with the waiters.
+        assert len(set(tb_lengths)) == 1
+        # Not remembered: the next call runs the factory again.
+        retry = Producer("recovered")
+        retry.release.set()
+        assert await co.run("k", retry) == "recovered"
+        assert (producer.calls, retry.calls) == (1, 1)
+    # The failure never reached the session's task group (it would have raised here).
+
+
+async def test_session_closing_gives_waiters_a_clear_error() -> None:
+    producer = Producer()
+    outcomes: list[BaseException] = []
+
+    async def caller(co: Coalescer[str, object]) -> None:
+        try:
+            await co.run("k", producer)
+        except DataIOError as exc:
+            outcomes.append(exc)
+
+    async with anyio.create_task_group() as callers, anyio.create_task_group() as session:
+        co: Coalescer[str, object] = Coalescer(session)
+        for _ in range(3):
+            callers.start_soon(caller, co)
+        await until(lambda: co.waiters("k") == 3 and producer.calls == 1)
+        session.cancel_scope.cancel()  # the session is closing
+    assert producer.cancelled == 1
+    assert len(outcomes) == 3
+    assert all(str(e) == "in-flight request cancelled: the session is closing" for e in outcomes)
+    assert co.in_flight() == 0
+
+
+async def test_waiter_inside_the_closing_session_sees_its_own_cancellation() -> None:
+    producer = Producer()
+    seen: list[str] = []
+
+    async def caller(co: Coalescer[str, object]) -> None:
+        try:
+            await co.run("k", producer)
+        except anyio.get_cancelled_exc_class():
+            seen.append("cancelled")
+            raise
+        except DataIOError:
+            seen.append("DataIOError")
+
+    async with anyio.create_task_group() as session:
+        co: Coalescer[str, object] = Coalescer(session)
+        session.start_soon(caller, co)
+        await until(lambda: co.waiters("k") == 1 and producer.calls == 1)
+        session.cancel_scope.cancel()
+    assert seen == ["cancelled"]
+    assert co.in_flight() == 0
+
+
+async def test_run_after_the_session_closed() -> None:
+    async with anyio.create_task_group() as session:
+        co: Coalescer[str, object] = Coalescer(session)
+    producer = Producer()
+    with pytest.raises(DataIOError, match="session is closed"):
+        await co.run("k", producer)
+    assert producer.calls == 0
+    assert co.in_flight() == 0
+
+
+async def test_sequential_calls_each_run_the_factory() -> None:
+    calls = 0
+
+    async def factory() -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    async with anyio.create_task_group() as session:
+        co: Coalescer[str, int] = Coalescer(session)
+        assert [await co.run("k", factory) for _ in range(3)] == [1, 2, 3]
+    assert co.in_flight() == 0
