@@ -18,6 +18,7 @@ from typing import Any, Final
 import aiohttp
 import anyio
 from multidict import CIMultiDictProxy
+from yarl import URL
 
 from mxm_dataio_async._exceptions import DataIOError, FetchError, TransientError
 from mxm_dataio_async._identity import JSONValue
@@ -67,7 +68,23 @@ def _status_text(resp: aiohttp.ClientResponse) -> str:
     return f"HTTP {resp.status} {resp.reason}" if resp.reason else f"HTTP {resp.status}"
 
 
-def _translate(exc: BaseException, where: str) -> DataIOError:
+class _Where:
+    """The redacted URL for error messages, computed only when a message needs it."""
+
+    __slots__ = ("_redaction", "_text", "_url")
+
+    def __init__(self, url: str, redaction: Redaction) -> None:
+        self._url = url
+        self._redaction = redaction
+        self._text: str | None = None
+
+    def __str__(self) -> str:
+        if self._text is None:
+            self._text = self._redaction.url(self._url) or "<no url>"
+        return self._text
+
+
+def _translate(exc: BaseException, where: _Where) -> DataIOError:
     """The one place aiohttp / socket exceptions become ours (cf. httpx's map_httpcore_exceptions).
 
     Messages name the (already redacted) URL themselves: aiohttp's own texts for response and URL
@@ -198,7 +215,7 @@ class _BodyStream:
         received: int = 0,
         chunk_size: int,
         max_body: int | None,
-        where: str,
+        where: _Where,
     ) -> None:
         self._resp: aiohttp.ClientResponse | None = resp
         self._prefix = deque(prefix)
@@ -412,9 +429,9 @@ class HttpAdapter:
         payload: bytes | None,
         extra_headers: Mapping[str, str] | None = None,
         client_timeout: aiohttp.ClientTimeout | None = None,
-    ) -> tuple[aiohttp.ClientResponse, str]:
+    ) -> tuple[aiohttp.ClientResponse, _Where]:
         url = self.url_for(request)
-        where = self.redaction.url(url) or "<no url>"
+        where = _Where(url, self.redaction)
         headers = _merge_headers(self.headers, request.headers, extra_headers)
         data = payload
         if data is None and request.body is not None:
@@ -506,7 +523,7 @@ class HttpAdapter:
                 return
         resp.release()
 
-    async def _body(self, resp: aiohttp.ClientResponse, where: str) -> bytes | _BodyStream:
+    async def _body(self, resp: aiohttp.ClientResponse, where: _Where) -> bytes | _BodyStream:
         max_body = self.max_body
         threshold = self.stream_threshold
         length = resp.content_length
@@ -567,13 +584,25 @@ class HttpAdapter:
             content_type=resp.content_type if "Content-Type" in raw else None,
             encoding=resp.charset,
             transport_status=resp.status,
-            url=self.redaction.url(str(resp.url)),
+            url=self._public_url(resp.url),
             elapsed_ms=(time.perf_counter() - started) * 1000.0,
             headers=self._response_headers(raw),
             adapter_meta=adapter_meta,
             not_modified=not_modified,
             error=error,
         )
+
+    def _public_url(self, url: URL) -> str:
+        """``url`` as text, redacted; the common case (no credentials or secret params) is cheap."""
+        text = str(url)
+        if url.raw_user is None:
+            query = url.raw_query_string.lower()
+            # Over-approximates "has a secret param" (escaped names take the slow path too).
+            if not query or (
+                "%" not in query and not any(name in query for name in self.redaction.params)
+            ):
+                return text
+        return self.redaction.url(text) or text
 
     def _response_headers(self, raw: CIMultiDictProxy[str]) -> dict[str, str]:
         """A plain dict: repeated headers joined with ", ", secrets replaced."""
@@ -652,7 +681,7 @@ class HttpAdapter:
                             f"{resp.content_type!r}, not 'text/event-stream'",
                             transport_status=status,
                         )
-                    url = self.redaction.url(str(resp.url))
+                    url = self._public_url(resp.url)
                     decoder = SSEDecoder(last_event_id=last_id, max_size=self.max_body)
                     while True:
                         try:

@@ -94,7 +94,9 @@ async def run(mode: str, size: int, root: str) -> dict[str, Any]:
                 async with AsyncSession(
                     "big", store=store, registry=registry, cache_mode="bypass"
                 ) as s:
-                    warm = await s.fetch(s.request("blob", endpoint="/big", params={"size": 4 * MiB}))
+                    warm = await s.fetch(
+                        s.request("blob", endpoint="/big", params={"size": 4 * MiB})
+                    )
                     assert warm.size_bytes == 4 * MiB
                     out["baseline_kib"] = peak_kib()
                     started = time.perf_counter()

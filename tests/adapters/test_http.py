@@ -639,3 +639,13 @@ async def test_error_messages_redacted() -> None:
         with pytest.raises(TransientError) as info:
             await adapter.fetch(req("/x", params={"api_key": "KSECRET"}))
     assert_clean(str(info.value), ["PWSECRET", "KSECRET"])
+
+
+@pytest.mark.parametrize(
+    "query", ["api%5Fkey=ESCSECRET", "API_KEY=ESCSECRET", "x=%20&token=ESCSECRET"]
+)
+async def test_result_url_redacts_escaped_and_cased_names(server: LocalServer, query: str) -> None:
+    async with HttpAdapter() as adapter:
+        result = await adapter.fetch(req(f"{server.url}/echo?{query}"))
+    assert result.url is not None
+    assert "ESCSECRET" not in result.url
