@@ -8,7 +8,6 @@ process able to swap *directories* under the root between check and open is out 
 
 from __future__ import annotations
 
-import asyncio
 import mimetypes
 import os
 import stat
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any, Final
 
 import aiofiles
+import anyio
+import anyio.to_thread
 from aiofiles.threadpool.binary import AsyncBufferedReader
 
 from mxm_dataio_async._exceptions import FetchError
@@ -78,7 +79,8 @@ class _FileChunks:
     async def aclose(self) -> None:
         file, self._file = self._file, None
         if file is not None:
-            await file.close()
+            with anyio.CancelScope(shield=True):  # a cancelled close would leak the descriptor
+                await file.close()
 
     @property
     def closed(self) -> bool:
@@ -156,13 +158,15 @@ class FileAdapter:
 
     async def fetch(self, request: Request) -> AdapterResult:
         """Read the file ``request.endpoint`` names (see the class docstring for the rules)."""
-        located = await asyncio.to_thread(self._locate, request.endpoint)
+        located = await anyio.to_thread.run_sync(self._locate, request.endpoint)
         data: bytes | _FileChunks
         if located.data is not None:
             data = located.data
         else:
             try:
-                file = await aiofiles.open(located.path, "rb", opener=_open_nofollow)
+                # Shielded: a cancellation landing mid-open would leave an unowned open file.
+                with anyio.CancelScope(shield=True):
+                    file = await aiofiles.open(located.path, "rb", opener=_open_nofollow)
             except OSError as exc:
                 raise FetchError(f"cannot open {located.relative!r}: {exc.strerror}") from exc
             data = _FileChunks(file, located.relative, self.chunk_size)

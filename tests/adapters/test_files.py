@@ -5,6 +5,7 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
+import anyio
 import pytest
 
 from mxm_dataio_async._exceptions import FetchError
@@ -173,3 +174,14 @@ async def test_large_symlink_escape_refused(tree: Path) -> None:
     (tree / "big-link").symlink_to(tree.parent / "big-secret.bin")
     with pytest.raises(FetchError, match="outside"):
         await FileAdapter(tree, stream_threshold=10).fetch(req("big-link"))
+
+
+async def test_cancelled_iteration_closes_the_file(tree: Path) -> None:
+    (tree / "big.bin").write_bytes(b"z" * (1 << 20))
+    result = await FileAdapter(tree, stream_threshold=10, chunk_size=1024).fetch(req("big.bin"))
+    stream = result.data
+    assert not isinstance(stream, bytes)
+    with anyio.CancelScope() as scope:
+        async for _ in stream:
+            scope.cancel()
+    assert getattr(stream, "closed", None) is True

@@ -649,3 +649,28 @@ async def test_result_url_redacts_escaped_and_cased_names(server: LocalServer, q
         result = await adapter.fetch(req(f"{server.url}/echo?{query}"))
     assert result.url is not None
     assert "ESCSECRET" not in result.url
+
+
+# -- cancellation ------------------------------------------------------------------------------
+
+
+async def test_cancelled_fetch_frees_the_connection(server: LocalServer) -> None:
+    async with HttpAdapter(server.url, connector_limit=1) as adapter:
+        with anyio.move_on_after(0.2) as scope:
+            await adapter.fetch(req("/slow", params={"delay": 3}))
+        assert scope.cancelled_caught
+        with anyio.fail_after(5):
+            assert (await adapter.fetch(req("/echo"))).transport_status == 200
+
+
+async def test_cancelled_body_iteration_frees_the_connection(server: LocalServer) -> None:
+    async with HttpAdapter(server.url, connector_limit=1) as adapter:
+        result = await adapter.fetch(req("/big", params={"size": 64 * MiB}))
+        stream = result.data
+        assert not isinstance(stream, bytes)
+        with anyio.CancelScope() as scope:
+            async for _ in stream:
+                scope.cancel()  # delivered at the next read's checkpoint
+        assert getattr(stream, "released", None) is True
+        with anyio.fail_after(5):
+            assert (await adapter.fetch(req("/echo"))).transport_status == 200
