@@ -287,12 +287,12 @@ class HttpAdapter:
     the result carries the body and ``error="HTTP 404 Not Found"``, which the session records and
     turns into ``FetchError``.
 
-    Stored bytes are the *decoded* body: aiohttp undoes ``Content-Encoding`` (gzip, deflate, br),
-    and ``adapter_meta["content_encoding"]`` records the header that was on the wire (or
-    ``None``). Bodies of at most ``stream_threshold`` bytes come back as ``bytes``; larger ones,
-    or ones whose decoded size is not known up front and turns out larger, as an async iterator of
-    chunks that owns the connection (iterate it to the end or ``aclose()`` it). ``max_body``
-    (bytes, decoded) turns a larger body into ``FetchError``.
+    Stored bytes are the *decoded* body: aiohttp undoes ``Content-Encoding`` (gzip, deflate; br
+    with brotli installed), and ``adapter_meta["content_encoding"]`` records the header that was
+    on the wire (or ``None``). Bodies of at most ``stream_threshold`` bytes come back as
+    ``bytes``; larger ones, or ones whose decoded size is not known up front and turns out larger,
+    as an async iterator of chunks that owns the connection (iterate it to the end or ``aclose()``
+    it). ``max_body`` (bytes, decoded) turns a larger body into ``FetchError``.
 
     ``timeout``: a number bounds each network wait (connecting, every read), with no total limit;
     pass an ``aiohttp.ClientTimeout`` for anything else. Secrets (``redact`` header names or a
@@ -639,6 +639,9 @@ class HttpAdapter:
         so a finite stream is served by closing the connection after the last event and answering
         the reconnect (which carries ``Last-Event-ID``) with 204. Any other status, or a 200 that
         is not ``text/event-stream``, raises ``FetchError``.
+
+        Each result also carries the connection's status, redacted URL and headers, and
+        ``elapsed_ms`` from the (re)connect to the event. ``max_body`` bounds one event's size.
         """
         last_id = _header(request.headers, "Last-Event-ID") or ""
         delay = self.reconnect_delay
@@ -656,6 +659,7 @@ class HttpAdapter:
             if last_id:
                 extra["Last-Event-ID"] = last_id
             try:
+                started = time.perf_counter()
                 resp, where = await self._open(
                     request, payload=None, extra_headers=extra, client_timeout=timeout
                 )
@@ -682,6 +686,7 @@ class HttpAdapter:
                             transport_status=status,
                         )
                     url = self._public_url(resp.url)
+                    headers = self._response_headers(resp.headers)
                     decoder = SSEDecoder(last_event_id=last_id, max_size=self.max_body)
                     while True:
                         try:
@@ -705,6 +710,8 @@ class HttpAdapter:
                                 encoding="utf-8",
                                 transport_status=status,
                                 url=url,
+                                elapsed_ms=(time.perf_counter() - started) * 1000.0,
+                                headers=headers,
                                 adapter_meta={"event": event.event, "id": event.id or None},
                             )
                         last_id = decoder.last_event_id

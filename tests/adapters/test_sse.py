@@ -199,6 +199,9 @@ async def test_stream_reconnects_with_last_event_id_and_ends_on_204(server: Loca
     assert all(r.content_type == "text/event-stream" for r in results)
     assert all(r.transport_status == 200 for r in results)
     assert results[0].url == f"{server.url}/sse"
+    assert results[0].headers is not None
+    assert results[0].headers["Content-Type"] == "text/event-stream"
+    assert all(r.elapsed_ms is not None for r in results)
     assert last_event_ids(server) == [None, "2", "3"]
     assert sleeps.calls == [0.01, 0.01]  # the server's retry: hint (ms)
     assert server.seen[0].headers["Accept"] == "text/event-stream"
