@@ -11,7 +11,14 @@ import anyio
 try:
     import typer
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskID,
+        TextColumn,
+        TimeElapsedColumn,
+    )
     from rich.table import Table
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise SystemExit(
@@ -55,10 +62,14 @@ def demo(
     """Ingest from a loopback server into a store, then again from cache, and summarise."""
     store_root = root if str(root) else default_root()
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
     ) as progress:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def on_progress(name: str, n: int) -> None:
             if name not in tasks:
@@ -66,8 +77,11 @@ def demo(
             progress.advance(tasks[name], n)
 
         try:
-            summary = anyio.run(lambda: run_demo(store_root, count=count,
-                                                 concurrency=concurrency, on_progress=on_progress))
+            summary = anyio.run(
+                lambda: run_demo(
+                    store_root, count=count, concurrency=concurrency, on_progress=on_progress
+                )
+            )
         except DataIOError as exc:
             err_console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(1) from None
@@ -75,8 +89,15 @@ def demo(
     for col in ("pass", "requests", "fetched", "from cache", "failed", "req/s", "bytes"):
         table.add_column(col, justify="left" if col == "pass" else "right")
     for p in summary.passes:
-        table.add_row(p.name, str(p.requests), str(p.fetched), str(p.from_cache), str(p.failed),
-                      f"{p.per_second:,.0f}", f"{p.bytes:,}")
+        table.add_row(
+            p.name,
+            str(p.requests),
+            str(p.fetched),
+            str(p.from_cache),
+            str(p.failed),
+            f"{p.per_second:,.0f}",
+            f"{p.bytes:,}",
+        )
     console.print(table)
     console.print(
         f"upstream requests served: {summary.upstream_hits}; payloads verified: "

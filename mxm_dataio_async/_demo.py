@@ -67,7 +67,7 @@ async def run_demo(
     concurrency: int = 32,
     on_progress: Callable[[str, int], None] | None = None,
 ) -> DemoSummary:
-    """Serve ``count`` JSON items on 127.0.0.1, ingest them twice into ``root``, verify all bytes."""
+    """Serve ``count`` JSON items on 127.0.0.1, ingest them twice into ``root``, verify them all."""
     counter = [0]
     runner = web.AppRunner(_app(counter), access_log=None)
     await runner.setup()
@@ -84,7 +84,7 @@ async def run_demo(
                 max_concurrency=concurrency,
                 retry=RetryPolicy(max_attempts=3, base_delay=0.05),
             )
-            for name in ("first pass (fetch + record)", "second pass (from cache)"):
+            for name in ("pass 1", "pass 2"):
                 fetched = cached = failed = nbytes = 0
                 started = time.perf_counter()
                 async with AsyncSession("demo", store=store, registry=registry) as s:
@@ -100,8 +100,9 @@ async def run_demo(
                         if on_progress is not None:
                             on_progress(name, 1)
                 passes.append(
-                    DemoPass(name, count, fetched, cached, failed,
-                             time.perf_counter() - started, nbytes)
+                    DemoPass(
+                        name, count, fetched, cached, failed, time.perf_counter() - started, nbytes
+                    )
                 )
             async for resp in store.iter_responses(source="demo", status="ok"):
                 data = await store.read(resp)  # verified against its sha256

@@ -70,7 +70,8 @@ class TransientError(DataIOError):
     """Raised by an adapter for a failure worth retrying (timeouts, 429, 5xx, resets).
 
     ``retry_after`` (seconds) is the upstream's own hint, e.g. from a ``Retry-After`` header; the
-    retry loop never waits less than it, and the source's limiter pauses the whole source until then.
+    retry loop never waits less than it, and the source's limiter pauses the whole source until
+    then.
     ``transport_status`` is the upstream status code when there was one.
     """
 

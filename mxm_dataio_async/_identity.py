@@ -62,9 +62,7 @@ def _check(value: object, where: str, depth: int) -> JSONValue:
     if isinstance(value, list | tuple):
         return [_check(item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value)]
     if isinstance(value, set | frozenset):
-        raise TypeError(
-            f"{where}: sets have no order and are not JSON; pass a sorted list instead"
-        )
+        raise TypeError(f"{where}: sets have no order and are not JSON; pass a sorted list instead")
     if isinstance(value, bool | int | float | str):
         # Subclasses (IntEnum, StrEnum, numpy-free float subclasses): normalise to the base type.
         base: type = next(t for t in (bool, int, float, str) if isinstance(value, t))
@@ -77,8 +75,9 @@ def _check(value: object, where: str, depth: int) -> JSONValue:
 
 def canonical_json(value: JSONValue) -> str:
     """Serialise already-checked JSON to its canonical text (sorted keys, compact, ASCII)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False)
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
 
 
 def request_hash(

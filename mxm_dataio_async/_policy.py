@@ -45,7 +45,9 @@ def is_fresh(cached: Response, ttl: float | None, now: datetime) -> bool:
     return (now - cached.fetched_at).total_seconds() <= ttl
 
 
-def decide(mode: CacheMode, cached: Response | None, *, ttl: float | None, now: datetime) -> Decision:
+def decide(
+    mode: CacheMode, cached: Response | None, *, ttl: float | None, now: datetime
+) -> Decision:
     """What to do for one fetch. ``cached`` is the newest stored OK response, if any."""
     if mode is CacheMode.DEFAULT:
         if cached is None:

@@ -36,8 +36,8 @@ def _lower(names: Iterable[str]) -> frozenset[str]:
 class Redaction:
     """Which header and query-parameter names are secrets (matched case-insensitively).
 
-    ``Redaction(headers={"x-my-token"})`` adds to the defaults; pass ``replace=True`` to use only the
-    names given.
+    ``Redaction.extend(headers={"x-my-token"})`` adds to the defaults; ``replace=True`` uses only
+    the names given.
     """
 
     headers: frozenset[str] = field(default=DEFAULT_REDACTED_HEADERS)
@@ -71,9 +71,7 @@ class Redaction:
         """A copy of ``headers`` with secret values replaced."""
         if headers is None:
             return None
-        return {
-            k: (REDACTED if k.lower() in self.headers else v) for k, v in headers.items()
-        }
+        return {k: (REDACTED if k.lower() in self.headers else v) for k, v in headers.items()}
 
     def url(self, url: str | None) -> str | None:
         """``url`` without userinfo and with secret query parameters replaced."""

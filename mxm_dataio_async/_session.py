@@ -89,7 +89,9 @@ def _as_result(value: object, what: str) -> AdapterResult:
         return value
     if isinstance(value, bytes | bytearray | memoryview):
         return AdapterResult(data=bytes(value))
-    raise TypeError(f"adapter {what}() must return bytes or AdapterResult, got {type(value).__name__}")
+    raise TypeError(
+        f"adapter {what}() must return bytes or AdapterResult, got {type(value).__name__}"
+    )
 
 
 class AsyncSession:
@@ -101,8 +103,8 @@ class AsyncSession:
         body = await s.read(resp)
     ```
     ``cache_mode``, ``ttl`` (seconds), ``as_of_bucket`` and ``cache_tag`` are the defaults for the
-    session's requests; ``request(...)`` overrides them per request. Pass ``store=`` to share an open
-    Store, or ``root=`` to have the session open and close its own.
+    session's requests; ``request(...)`` overrides them per request. Pass ``store=`` to share an
+    open Store, or ``root=`` to have the session open and close its own.
     """
 
     def __init__(
@@ -233,7 +235,9 @@ class AsyncSession:
             if exc is not None:
                 tg.cancel_scope.cancel()
             # Leaving the task group waits for in-flight producers (or cancels them, on error).
-            await tg.__aexit__(exc_type, exc, tb)
+            # The body's own exception is not handed to the group: it propagates unchanged from
+            # __aexit__ instead of being wrapped in an ExceptionGroup.
+            await tg.__aexit__(None, None, None)
         finally:
             try:
                 await self._write_end(exc)
@@ -241,11 +245,23 @@ class AsyncSession:
                 if self._owns_store:
                     await self._store.aclose()
 
+    async def _write_end(self, exc: BaseException | None) -> None:
+        end = replace(
+            self.session,
+            ended_at=utcnow(),
+            status=SessionStatus.ERROR if exc is not None else SessionStatus.OK,
+            error=_error_text(exc) if exc is not None else None,
+        )
+        self._record = end
+        with anyio.CancelScope(shield=True):
+            await self._store.save_session(end)
+
     def _require_open(self) -> None:
         if self._state != _OPEN:
             what = "was closed" if self._state == _CLOSED else "is not open yet"
             raise StoreClosedError(
-                f"session {self._record.id} ({self.source}) {what}; use `async with AsyncSession(...)`"
+                f"session {self._record.id} ({self.source}) {what}; "
+                "use `async with AsyncSession(...)`"
             )
 
     # -- requests -------------------------------------------------------------------------------
@@ -259,15 +275,16 @@ class AsyncSession:
         method: str = "GET",
         body: Any = None,
         headers: Mapping[str, str] | None = None,
-        as_of_bucket: str | None | UseSessionDefault = USE_SESSION_DEFAULT,
-        cache_tag: str | None | UseSessionDefault = USE_SESSION_DEFAULT,
-        ttl: float | None | UseSessionDefault = USE_SESSION_DEFAULT,
+        as_of_bucket: str | UseSessionDefault | None = USE_SESSION_DEFAULT,
+        cache_tag: str | UseSessionDefault | None = USE_SESSION_DEFAULT,
+        ttl: float | UseSessionDefault | None = USE_SESSION_DEFAULT,
         cache_mode: CacheMode | str | UseSessionDefault = USE_SESSION_DEFAULT,
     ) -> Request:
         """Build a request (validated, identity computed; no I/O).
 
         ``as_of_bucket``, ``cache_tag``, ``ttl`` and ``cache_mode`` default to the session's; pass
-        ``None`` explicitly to clear one. Non-JSON params or body raise ``TypeError``/``ValueError``.
+        ``None`` explicitly to clear one. Non-JSON params or body raise ``TypeError`` or
+        ``ValueError``.
         """
         if self._state == _CLOSED:
             self._require_open()
@@ -291,7 +308,9 @@ class AsyncSession:
 
     def _check_request(self, request: Request) -> None:
         if not isinstance(request, Request):
-            raise TypeError(f"expected a Request from session.request(...), got {type(request).__name__}")
+            raise TypeError(
+                f"expected a Request from session.request(...), got {type(request).__name__}"
+            )
         if request.session_id != self._record.id:
             raise ValueError(
                 f"{request!r} was built by another session ({request.session_id}); "
@@ -306,7 +325,8 @@ class AsyncSession:
             changes["headers"] = red.headers_of(request.headers)
         if any(red.is_secret_param(k) for k in request.params):
             changes["params"] = {
-                k: ("[REDACTED]" if red.is_secret_param(k) else v) for k, v in request.params.items()
+                k: ("[REDACTED]" if red.is_secret_param(k) else v)
+                for k, v in request.params.items()
             }
         if request.endpoint and "://" in request.endpoint:
             changes["endpoint"] = red.url(request.endpoint)
@@ -418,7 +438,7 @@ class AsyncSession:
             )
         except FetchError as exc:
             if isinstance(exc.__cause__, StoreError):
-                raise exc.__cause__  # the store failed, not the upstream: say so
+                raise exc.__cause__ from None  # the store failed, not the upstream: say so
             raise
         result = fetched.result
         if result.not_modified:
@@ -466,8 +486,11 @@ class AsyncSession:
             await self._store.record(stored_request, [response], [fetched.staged])
         return response
 
-    async def _record_upstream_error(self, stored: Request, fetched: _Fetched, persist: bool) -> None:
-        """A final upstream refusal (AdapterResult.error): record it with its body, raise FetchError."""
+    async def _record_upstream_error(
+        self, stored: Request, fetched: _Fetched, persist: bool
+    ) -> None:
+        """A final upstream refusal (``AdapterResult.error``): record it with its body, then raise
+        FetchError."""
         result = fetched.result
         response_id: str | None = None
         if persist and fetched.staged is not None:
@@ -603,11 +626,16 @@ class AsyncSession:
             if isinstance(exc, DataIOError) and not isinstance(exc, TransientError):
                 raise
             raise FetchError(
-                f"send failed: {_error_text(exc)}", request=request, attempts=1,
-                transport_status=getattr(exc, "transport_status", None), response_id=failed.id,
+                f"send failed: {_error_text(exc)}",
+                request=request,
+                attempts=1,
+                transport_status=getattr(exc, "transport_status", None),
+                response_id=failed.id,
             ) from exc
-        elapsed = result.elapsed_ms if result.elapsed_ms is not None else (
-            (time.perf_counter() - started) * 1000.0
+        elapsed = (
+            result.elapsed_ms
+            if result.elapsed_ms is not None
+            else ((time.perf_counter() - started) * 1000.0)
         )
         if staged is not None:
             checksum, size = staged.checksum, staged.size
@@ -634,8 +662,11 @@ class AsyncSession:
         if result.error is not None:
             self._counts["errors"] += 1
             raise FetchError(
-                f"{request!r}: {result.error}", request=request, attempts=1,
-                transport_status=result.transport_status, response_id=ack.id,
+                f"{request!r}: {result.error}",
+                request=request,
+                attempts=1,
+                transport_status=result.transport_status,
+                response_id=ack.id,
             )
         return ack
 
@@ -711,7 +742,9 @@ class AsyncSession:
                     raise
                 raise FetchError(
                     f"stream failed after {sequence} messages: {_error_text(exc)}",
-                    request=request, attempts=1, response_id=failed.id,
+                    request=request,
+                    attempts=1,
+                    response_id=failed.id,
                     transport_status=getattr(exc, "transport_status", None),
                 ) from exc
             finally:

@@ -24,8 +24,9 @@ scalars = (
 )
 json_values = st.recursive(
     scalars,
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
 params_st = st.dictionaries(st.text(max_size=8), json_values, max_size=5)
@@ -64,7 +65,9 @@ def _typed(value: Any) -> Any:
 
 
 @given(params_st, params_st)
-def test_hash_equal_exactly_when_values_equal_with_types(a: dict[str, Any], b: dict[str, Any]) -> None:
+def test_hash_equal_exactly_when_values_equal_with_types(
+    a: dict[str, Any], b: dict[str, Any]
+) -> None:
     assert (_hash(a) == _hash(b)) == (_typed(a) == _typed(b))
 
 
@@ -113,8 +116,14 @@ def test_hash_stable_across_processes() -> None:
     assert out.stdout.strip() == here
     # A pinned value: the identity scheme must not drift between releases unnoticed.
     assert _hash({"symbol": "CSPX.L"}) == request_hash(
-        source="src", kind="k", method="GET", endpoint="/e", params={"symbol": "CSPX.L"},
-        body=None, as_of_bucket=None, cache_tag=None,
+        source="src",
+        kind="k",
+        method="GET",
+        endpoint="/e",
+        params={"symbol": "CSPX.L"},
+        body=None,
+        as_of_bucket=None,
+        cache_tag=None,
     )
 
 
@@ -181,8 +190,12 @@ def test_bad_request_fields() -> None:
 
 def test_secrets_are_not_identity() -> None:
     red = Redaction()
-    a = build_request(session_id="s", source="x", kind="k", params={"q": 1, "api_key": "AAA"}, redaction=red)
-    b = build_request(session_id="s", source="x", kind="k", params={"q": 1, "api_key": "BBB"}, redaction=red)
+    a = build_request(
+        session_id="s", source="x", kind="k", params={"q": 1, "api_key": "AAA"}, redaction=red
+    )
+    b = build_request(
+        session_id="s", source="x", kind="k", params={"q": 1, "api_key": "BBB"}, redaction=red
+    )
     c = build_request(session_id="s", source="x", kind="k", params={"q": 1}, redaction=red)
     assert a.hash == b.hash == c.hash
     assert a.params["api_key"] == "AAA"  # the adapter still gets the real value

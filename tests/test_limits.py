@@ -579,3 +579,55 @@ async def test_default_clock_and_sleep() -> None:
 async def _enter_and_leave(limiter: SourceLimiter) -> None:
     async with limiter.slot():
         await anyio.lowlevel.checkpoint()
+
+
+async def test_waiter_blocked_on_concurrency_gets_no_stale_rate_budget() -> None:
+    # While every slot was busy the rate budget was not usable; once a slot frees, the waiters
+    # must still be spaced by the emission interval (burst=1), not released back to back.
+    clock = ManualClock()
+    limiter = SourceLimiter(RateLimit(10), max_concurrency=1, clock=clock, sleep=clock.sleep)
+    release = anyio.Event()
+    granted: list[tuple[str, float]] = []
+
+    async def worker(name: str) -> None:
+        async with limiter.slot():
+            granted.append((name, clock.now))
+            if name == "holder":
+                await release.wait()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker, "holder")
+        await until(lambda: len(granted) == 1)
+        tg.start_soon(worker, "a")
+        tg.start_soon(worker, "b")
+        await until(lambda: limiter.statistics().waiting == 2)
+        clock.advance(5)
+        release.set()
+        await until(lambda: len(granted) == 2 and clock.sleeping == 1)
+        clock.advance(0.1)
+    assert granted == [("holder", 0.0), ("a", 5.0), ("b", pytest.approx(5.1))]
+
+
+async def test_cooldown_holds_back_callers_queued_for_concurrency() -> None:
+    clock = ManualClock()
+    limiter = SourceLimiter(max_concurrency=1, clock=clock, sleep=clock.sleep)
+    release = anyio.Event()
+    granted: list[tuple[str, float]] = []
+
+    async def worker(name: str) -> None:
+        async with limiter.slot():
+            granted.append((name, clock.now))
+            if name == "holder":
+                await release.wait()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker, "holder")
+        await until(lambda: len(granted) == 1)
+        tg.start_soon(worker, "a")
+        await until(lambda: limiter.statistics().waiting == 1)
+        limiter.cooldown(3)  # e.g. the holder just saw a 429 with Retry-After: 3
+        release.set()
+        await until(lambda: clock.sleeping == 1)
+        assert granted == [("holder", 0.0)]
+        clock.advance(3)
+    assert granted == [("holder", 0.0), ("a", 3.0)]

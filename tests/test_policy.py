@@ -12,9 +12,18 @@ NOW = datetime(2026, 1, 2, 12, 0, tzinfo=UTC)
 
 def stored(age_s: float) -> Response:
     return Response(
-        id="r", request_id="q", request_hash="0" * 64, session_id="s", status=ResponseStatus.OK,
-        checksum="0" * 64, size_bytes=1, fetched_at=NOW - timedelta(seconds=age_s),
-        cache_mode=CacheMode.DEFAULT, ttl_seconds=None, as_of_bucket=None, cache_tag=None,
+        id="r",
+        request_id="q",
+        request_hash="0" * 64,
+        session_id="s",
+        status=ResponseStatus.OK,
+        checksum="0" * 64,
+        size_bytes=1,
+        fetched_at=NOW - timedelta(seconds=age_s),
+        cache_mode=CacheMode.DEFAULT,
+        ttl_seconds=None,
+        as_of_bucket=None,
+        cache_tag=None,
     )
 
 
@@ -34,7 +43,9 @@ def stored(age_s: float) -> Response:
         (CacheMode.NEVER, stored(0), None, Action.FETCH),
     ],
 )
-def test_decide(mode: CacheMode, cached: Response | None, ttl: float | None, action: Action) -> None:
+def test_decide(
+    mode: CacheMode, cached: Response | None, ttl: float | None, action: Action
+) -> None:
     d = decide(mode, cached, ttl=ttl, now=NOW)
     assert d.action is action
     if action in (Action.SERVE, Action.REVALIDATE):
@@ -43,7 +54,9 @@ def test_decide(mode: CacheMode, cached: Response | None, ttl: float | None, act
 
 def test_lookup_and_persist_flags() -> None:
     assert [m for m in CacheMode if needs_lookup(m)] == [
-        CacheMode.DEFAULT, CacheMode.ONLY_IF_CACHED, CacheMode.REVALIDATE
+        CacheMode.DEFAULT,
+        CacheMode.ONLY_IF_CACHED,
+        CacheMode.REVALIDATE,
     ]
     assert [m for m in CacheMode if not persists(m)] == [CacheMode.NEVER]
 

@@ -29,18 +29,48 @@ def test_all_is_complete() -> None:
 def test_exported_classes_claim_public_module() -> None:
     # Every public name is reachable from the package root, and the contract's names are there.
     contract = {
-        "AsyncSession", "Store", "Registry", "HttpAdapter", "RateLimit", "RetryPolicy",
-        "Session", "Request", "Response", "ResponseStatus", "CacheMode", "AdapterResult",
-        "Fetcher", "Sender", "Streamer", "DataIOError", "AdapterNotFound", "CapabilityError",
-        "CacheMiss", "TransientError", "FetchError", "IntegrityError", "StoreError",
-        "register", "unregister", "resolve_adapter", "list_registered",
+        "AsyncSession",
+        "Store",
+        "Registry",
+        "HttpAdapter",
+        "RateLimit",
+        "RetryPolicy",
+        "Session",
+        "Request",
+        "Response",
+        "ResponseStatus",
+        "CacheMode",
+        "AdapterResult",
+        "Fetcher",
+        "Sender",
+        "Streamer",
+        "DataIOError",
+        "AdapterNotFound",
+        "CapabilityError",
+        "CacheMiss",
+        "TransientError",
+        "FetchError",
+        "IntegrityError",
+        "StoreError",
+        "register",
+        "unregister",
+        "resolve_adapter",
+        "list_registered",
     }
     assert contract <= set(dio.__all__)
 
 
 def test_exception_tree() -> None:
-    for name in ("AdapterNotFound", "CapabilityError", "CacheMiss", "TransientError",
-                 "FetchError", "IntegrityError", "StoreError", "StoreClosedError"):
+    for name in (
+        "AdapterNotFound",
+        "CapabilityError",
+        "CacheMiss",
+        "TransientError",
+        "FetchError",
+        "IntegrityError",
+        "StoreError",
+        "StoreClosedError",
+    ):
         assert issubclass(getattr(dio, name), dio.DataIOError), name
     assert issubclass(dio.AdapterNotFound, KeyError)
     assert issubclass(dio.CapabilityError, TypeError)

@@ -7,7 +7,7 @@ from typing import Any
 
 import anyio
 import pytest
-from anyio.testing import wait_all_tasks_blocked
+from anyio import wait_all_tasks_blocked
 
 import mxm_dataio_async as dio
 from mxm_dataio_async._models import Request, Response
@@ -89,7 +89,8 @@ async def test_ttl_expiry(tmp_path: Path) -> None:
     # Age the stored response by two hours.
     conn = sqlite3.connect(tmp_path / DB_NAME)
     conn.execute(
-        "UPDATE responses SET fetched_at = strftime('%Y-%m-%dT%H:%M:%f000+00:00', 'now', '-2 hours')"
+        "UPDATE responses SET "
+        "fetched_at = strftime('%Y-%m-%dT%H:%M:%f000+00:00', 'now', '-2 hours')"
     )
     conn.commit()
     conn.close()
@@ -154,7 +155,9 @@ async def test_revalidate_with_not_modified(tmp_path: Path) -> None:
     def revalidate(req: Request, cached: Response) -> dio.AdapterResult:
         seen.append(cached)
         if cached.headers and cached.headers.get("ETag") == '"v1"':
-            return dio.AdapterResult(b"", transport_status=304, not_modified=True, headers={"ETag": '"v1"'})
+            return dio.AdapterResult(
+                b"", transport_status=304, not_modified=True, headers={"ETag": '"v1"'}
+            )
         return dio.AdapterResult(b"v2", headers={"ETag": '"v2"'})
 
     adapter = dio.MockAdapter(
@@ -239,7 +242,9 @@ async def test_upstream_refusal_recorded_with_body(tmp_path: Path) -> None:
     reg.register(
         "m",
         dio.MockAdapter(
-            lambda r: dio.AdapterResult(b'{"error":"no such symbol"}', transport_status=404, error="HTTP 404 Not Found")
+            lambda r: dio.AdapterResult(
+                b'{"error":"no such symbol"}', transport_status=404, error="HTTP 404 Not Found"
+            )
         ),
     )
     async with dio.AsyncSession("m", root=str(tmp_path), registry=reg) as s:
@@ -271,8 +276,14 @@ async def test_transient_errors_retried_and_each_attempt_recorded(tmp_path: Path
         async with dio.AsyncSession("m", root=str(tmp_path), registry=reg) as s:
             resp = await s.fetch(s.request("k"))
             assert resp.attempts == 3 and await s.read(resp) == b"finally"
-    got = rows(tmp_path, "SELECT status, attempt, transport_status, error FROM responses ORDER BY rowid")
-    assert [(g[0], g[1], g[2]) for g in got] == [("error", 1, 503), ("error", 2, 503), ("ok", 3, None)]
+    got = rows(
+        tmp_path, "SELECT status, attempt, transport_status, error FROM responses ORDER BY rowid"
+    )
+    assert [(g[0], g[1], g[2]) for g in got] == [
+        ("error", 1, 503),
+        ("error", 2, 503),
+        ("ok", 3, None),
+    ]
     assert "try again 1" in got[0][3]
 
 
@@ -332,12 +343,15 @@ async def test_stream_failure_recorded(tmp_path: Path) -> None:
                 seen.append(msg.sequence)
     assert seen == [0]
     assert rows(tmp_path, "SELECT status, sequence FROM responses ORDER BY rowid") == [
-        ("stream_message", 0), ("error", 1)
+        ("stream_message", 0),
+        ("error", 1),
     ]
 
 
 async def test_unknown_source_lists_registered(tmp_path: Path, registry: dio.Registry) -> None:
-    with pytest.raises(dio.AdapterNotFound, match=r"unknown source 'mokc'; registered: mock") as info:
+    with pytest.raises(
+        dio.AdapterNotFound, match=r"unknown source 'mokc'; registered: mock"
+    ) as info:
         dio.AsyncSession("mokc", root=str(tmp_path), registry=registry)
     assert isinstance(info.value, KeyError)
 
@@ -392,7 +406,8 @@ async def test_secrets_redacted_before_persisting(tmp_path: Path) -> None:
         assert req.headers["Authorization"] == "Bearer SECRET-TOKEN-1"
         assert req.params["api_key"] == "SECRET-KEY-2"
         return dio.AdapterResult(
-            b"ok", url="https://user:SECRET-PW-3@example.test/x?api_key=SECRET-KEY-2&q=1",
+            b"ok",
+            url="https://user:SECRET-PW-3@example.test/x?api_key=SECRET-KEY-2&q=1",
             headers={"Set-Cookie": "session=SECRET-COOKIE-4", "ETag": "e"},
         )
 
@@ -401,7 +416,8 @@ async def test_secrets_redacted_before_persisting(tmp_path: Path) -> None:
     async with dio.AsyncSession("m", root=str(tmp_path), registry=reg) as s:
         resp = await s.fetch(
             s.request(
-                "k", endpoint="https://user:SECRET-PW-3@example.test/x",
+                "k",
+                endpoint="https://user:SECRET-PW-3@example.test/x",
                 params={"api_key": "SECRET-KEY-2", "q": 1},
                 headers={"Authorization": "Bearer SECRET-TOKEN-1"},
             )
@@ -432,7 +448,9 @@ async def test_default_registry_functions(tmp_path: Path) -> None:
 
 async def test_fetch_many_yields_all_outcomes(tmp_path: Path) -> None:
     def handler(req: Request) -> bytes:
-        if req.params["i"] % 10 == 3:
+        i = req.params["i"]
+        assert isinstance(i, int)
+        if i % 10 == 3:
             raise ValueError("bad one")
         return str(req.params["i"]).encode()
 

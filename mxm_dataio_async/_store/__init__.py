@@ -1,4 +1,4 @@
-"""Persistence: SQLite metadata (one writer, group commit) and tiered, content-addressed payloads."""
+"""Persistence: SQLite metadata (one writer, group commit) and tiered content-addressed payloads."""
 
 from mxm_dataio_async._store._payloads import StagedPayload
 from mxm_dataio_async._store._store import DB_NAME, DEFAULT_INLINE_THRESHOLD, Store

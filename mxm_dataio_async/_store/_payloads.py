@@ -1,12 +1,12 @@
 """Payload tiers: small payloads inline in SQLite, large ones as content-addressed files.
 
-Measured on a 2-core machine: one file per payload caps a pipeline near 2k requests/s (file creation
-dominates), while inline BLOBs committed with their rows reach the aiohttp ceiling. So payloads up to
-``inline_threshold`` bytes go into the ``payloads`` table in the same transaction as their rows, and
-larger ones are streamed chunk by chunk to ``payloads/ab/cd/<sha256>`` (temp file, fsync, rename),
-hashing as they arrive, so a 1 GiB body never sits in memory. A file is always complete and renamed
-into place before the row that names it is committed: a crash can orphan a file (``gc`` removes it)
-but never leave a row pointing at nothing.
+Measured on a 2-core machine: one file per payload caps a pipeline near 2k requests/s (file
+creation dominates), while inline BLOBs committed with their rows reach the aiohttp ceiling. So
+payloads up to ``inline_threshold`` bytes go into the ``payloads`` table in the same transaction as
+their rows, and larger ones are streamed chunk by chunk to ``payloads/ab/cd/<sha256>`` (temp file,
+fsync, rename), hashing as they arrive, so a 1 GiB body never sits in memory. A file is always
+complete and renamed into place before the row that names it is committed: a crash can orphan a
+file (``gc`` removes it) but never leave a row pointing at nothing.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ _CHUNK = 256 * 1024
 
 @dataclass(frozen=True, slots=True)
 class StagedPayload:
-    """A payload hashed and, for the file tier, already durable on disk; its row is not yet written."""
+    """A payload hashed and, for the file tier, durable on disk; its row is not yet written."""
 
     digest: bytes
     size: int
@@ -209,8 +209,10 @@ class PayloadFiles:
         verify(data, digest, size, where=str(path))
         return data
 
-    async def iter_file(self, digest: bytes, size: int, chunk_size: int = _CHUNK) -> AsyncIterator[bytes]:
-        """Yield the file's bytes in chunks; raises IntegrityError at the end if they do not verify."""
+    async def iter_file(
+        self, digest: bytes, size: int, chunk_size: int = _CHUNK
+    ) -> AsyncIterator[bytes]:
+        """Yield the file's bytes in chunks; IntegrityError at the end if they do not verify."""
         path = self.path_for(digest)
         hasher = hashlib.sha256()
         seen = 0
@@ -224,7 +226,9 @@ class PayloadFiles:
                     seen += len(chunk)
                     yield chunk
         except FileNotFoundError:
-            raise IntegrityError(f"payload {digest.hex()} is missing from the file tier ({path})") from None
+            raise IntegrityError(
+                f"payload {digest.hex()} is missing from the file tier ({path})"
+            ) from None
         except OSError as exc:
             raise _os_error("read payload", path, exc) from exc
         if seen != size or hasher.digest() != digest:

@@ -5,10 +5,10 @@ step to ``MIGRATIONS`` (from version N to N+1); opening a store runs the missing
 transaction, and a store written by a newer release is refused rather than misread.
 
 Design notes:
-- ``requests``, ``responses`` and ``sessions`` are public names: people inspect them with the sqlite3
-  shell, so ids, checksums and timestamps are text (ISO 8601 UTC, fixed width, so text order is time
-  order). Request hashes are 32-byte BLOBs (``hex(request_hash)`` in the shell): the hot lookup
-  index stays half the size of a hex one.
+- ``requests``, ``responses`` and ``sessions`` are public names: people inspect them with the
+  sqlite3 shell, so ids, checksums and timestamps are text (ISO 8601 UTC, fixed width, so text
+  order is time order). Request hashes are 32-byte BLOBs (``hex(request_hash)`` in the shell):
+  the hot lookup index stays half the size of a hex one.
 - Indexes are only those the hot paths need: every index costs on each insert.
 """
 

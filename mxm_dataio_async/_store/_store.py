@@ -176,7 +176,9 @@ class Store:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreError(f"cannot create store root {self.root}: {exc.strerror or exc}") from exc
+            raise StoreError(
+                f"cannot create store root {self.root}: {exc.strerror or exc}"
+            ) from exc
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise StoreError(f"store root {self.root} is not writable")
         self.temp_files_removed = await anyio.to_thread.run_sync(self._files.prepare)
@@ -251,9 +253,7 @@ class Store:
         """
         writer, _ = self._require_open()
         now = _ts(utcnow())
-        rows: list[Row] = [
-            ("payload", (p.digest, p.size, p.tier, p.data, now)) for p in payloads
-        ]
+        rows: list[Row] = [("payload", (p.digest, p.size, p.tier, p.data, now)) for p in payloads]
         rows.append(("request", _request_row(request, served_from, sent)))
         rows.extend(("response", _response_row(request, r)) for r in responses)
         fut = writer.submit(rows, wait=wait)

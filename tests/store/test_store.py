@@ -5,6 +5,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -34,10 +35,18 @@ def _session(source: str = "src") -> Session:
 
 def _response(req: Request, checksum: str, size: int, **kw: object) -> Response:
     fields: dict[str, object] = {
-        "id": new_id(), "request_id": req.id, "request_hash": req.hash,
-        "session_id": req.session_id, "status": ResponseStatus.OK, "checksum": checksum,
-        "size_bytes": size, "fetched_at": utcnow(), "cache_mode": CacheMode.DEFAULT,
-        "ttl_seconds": None, "as_of_bucket": None, "cache_tag": None,
+        "id": new_id(),
+        "request_id": req.id,
+        "request_hash": req.hash,
+        "session_id": req.session_id,
+        "status": ResponseStatus.OK,
+        "checksum": checksum,
+        "size_bytes": size,
+        "fetched_at": utcnow(),
+        "cache_mode": CacheMode.DEFAULT,
+        "ttl_seconds": None,
+        "as_of_bucket": None,
+        "cache_tag": None,
     }
     fields.update(kw)
     return Response(**fields)  # type: ignore[arg-type]
@@ -60,7 +69,8 @@ async def test_creates_schema_with_wal_and_version(tmp_path: Path) -> None:
     assert {"sessions", "requests", "responses", "payloads"} <= tables
     plan = conn.execute(
         "EXPLAIN QUERY PLAN SELECT id FROM responses WHERE request_hash = ? AND status = 'ok' "
-        "ORDER BY fetched_at DESC LIMIT 1", (b"x" * 32,)
+        "ORDER BY fetched_at DESC LIMIT 1",
+        (b"x" * 32,),
     ).fetchall()
     assert "ix_responses_usable" in str(plan)
 
@@ -92,7 +102,7 @@ async def test_streamed_payload_spills_to_file(tmp_path: Path) -> None:
     chunks = [os.urandom(1000) for _ in range(10)]
     closed = []
 
-    async def gen():  # type: ignore[no-untyped-def]
+    async def gen() -> AsyncIterator[bytes]:
         try:
             for c in chunks:
                 yield c
@@ -102,20 +112,24 @@ async def test_streamed_payload_spills_to_file(tmp_path: Path) -> None:
     async with Store(tmp_path, inline_threshold=2500) as store:
         staged = await store.stage(gen())
         assert staged.tier == "file" and staged.size == 10_000 and staged.data is None
-        assert (tmp_path / "payloads" / staged.checksum[:2] / staged.checksum[2:4] / staged.checksum).read_bytes() == b"".join(chunks)
+        assert (
+            tmp_path / "payloads" / staged.checksum[:2] / staged.checksum[2:4] / staged.checksum
+        ).read_bytes() == b"".join(chunks)
         assert closed == [True]
         small = await store.stage(gen())
         assert small.tier == "file"
-        async def tiny():  # type: ignore[no-untyped-def]
+
+        async def tiny() -> AsyncIterator[bytes]:
             yield b"ab"
             yield b"cd"
+
         t = await store.stage(tiny())
         assert t.tier == "inline" and t.data == b"abcd"
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
 async def test_failed_stream_leaves_no_temp_file(tmp_path: Path) -> None:
-    async def broken():  # type: ignore[no-untyped-def]
+    async def broken() -> AsyncIterator[bytes]:
         yield os.urandom(5000)
         raise ConnectionResetError("peer went away")
 
@@ -173,10 +187,16 @@ async def test_lookup_and_iteration(tmp_path: Path) -> None:
         got = await store.get_response(old.id)
         assert got == old
         assert await store.get_response("nope") is None
-        assert [x.id async for x in store.iter_responses(source="a", status="ok")] == [old.id, new.id]
+        assert [x.id async for x in store.iter_responses(source="a", status="ok")] == [
+            old.id,
+            new.id,
+        ]
         assert len([x async for x in store.iter_responses(kind="bars")]) == 1
         assert len([x async for x in store.iter_responses(session_id=s1.id)]) == 3
-        recent = [x.id async for x in store.iter_responses(since=utcnow() - timedelta(hours=1), source="a")]
+        recent = [
+            x.id
+            async for x in store.iter_responses(since=utcnow() - timedelta(hours=1), source="a")
+        ]
         assert old.id not in recent and new.id in recent
         early = [x.id async for x in store.iter_responses(until=utcnow() - timedelta(hours=1))]
         assert early == [old.id]
