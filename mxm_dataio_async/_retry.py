@@ -28,7 +28,13 @@ from mxm_dataio_async._exceptions import FetchError, TransientError
 if TYPE_CHECKING:
     from mxm_dataio_async._models import Request
 
-__all__ = ["NO_RETRY", "RetryPolicy", "disable_retry_waits", "run_with_retries"]
+__all__ = [
+    "NO_RETRY",
+    "RetryPolicy",
+    "disable_retry_waits",
+    "retry_waits_disabled",
+    "run_with_retries",
+]
 
 T = TypeVar("T")
 
@@ -121,6 +127,12 @@ def disable_retry_waits() -> Iterator[None]:
         yield
     finally:
         _waits_disabled -= 1
+
+
+def retry_waits_disabled() -> bool:
+    """Whether ``disable_retry_waits()`` is active (the session then skips Retry-After cooldowns
+    of the source limiter too, so tests never sleep)."""
+    return _waits_disabled > 0
 
 
 async def run_with_retries(

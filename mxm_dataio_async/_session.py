@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Final, Self
@@ -39,13 +39,16 @@ from mxm_dataio_async._models import (
 from mxm_dataio_async._policy import Action, Decision, decide, needs_lookup, persists
 from mxm_dataio_async._registry import Registry, SourceEntry, default_registry
 from mxm_dataio_async._request import build_request, check_cache_mode, check_ttl
-from mxm_dataio_async._retry import run_with_retries
+from mxm_dataio_async._retry import retry_waits_disabled, run_with_retries
 from mxm_dataio_async._store import StagedPayload, Store
 
 __all__ = ["AsyncSession", "FetchOutcome"]
 
 _UNOPENED, _OPEN, _CLOSED = "unopened", "open", "closed"
 _MAX_ERROR_TEXT: Final = 2000
+# Recently recorded responses kept per session: the lookup/commit race window is one lookup long,
+# so a few thousand entries cover it under any load.
+_RECENT_MAX: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +139,7 @@ class AsyncSession:
         self.cache_tag = cache_tag
         self._state = _UNOPENED
         self._bulk_scopes: set[anyio.CancelScope] = set()
+        self._recent: dict[str, Response] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         self._coalescer: Coalescer[tuple[str, bool], Response] | None = None
         self._record = Session(
@@ -346,8 +350,21 @@ class AsyncSession:
             raise CapabilityError(f"the adapter for {self.source!r} cannot fetch (no fetch())")
         self._counts["requests"] += 1
         mode = request.cache_mode
-        cached = await self._store.latest_response(request.hash) if needs_lookup(mode) else None
-        decision = decide(mode, cached, ttl=request.ttl_seconds, now=utcnow())
+        assert self._coalescer is not None
+        key = (request.hash, persists(mode))
+        if mode is CacheMode.DEFAULT and self._coalescer.waiters(key):
+            # A duplicate of a fetch in flight: join it without a lookup of its own.
+            decision = Decision(Action.FETCH, None, "joining an in-flight fetch")
+        else:
+            cached = None
+            if needs_lookup(mode):
+                cached = await self._store.latest_response(request.hash)
+                # A fetch of the same request may have completed while the lookup ran (it was
+                # committed, but possibly after the lookup's snapshot): prefer the newer one.
+                recent = self._recent.get(request.hash)
+                if recent is not None and (cached is None or recent.fetched_at > cached.fetched_at):
+                    cached = recent
+            decision = decide(mode, cached, ttl=request.ttl_seconds, now=utcnow())
         if decision.action is Action.SERVE:
             assert decision.cached is not None
             self._counts["cache_hits"] += 1
@@ -360,8 +377,6 @@ class AsyncSession:
             raise CacheMiss(
                 f"{request!r}: cache_mode=only_if_cached and no stored response", request=request
             )
-        assert self._coalescer is not None
-        key = (request.hash, persists(mode))
         try:
             response = await self._coalescer.run(key, lambda: self._produce(request, decision))
         except DataIOError:
@@ -373,6 +388,14 @@ class AsyncSession:
                 self._persistable(request), (), served_from=response.id, wait=False
             )
         return response
+
+    def _remember(self, response: Response) -> None:
+        """Keep the newest recorded OK responses by hash, to close the lookup/commit race."""
+        recent = self._recent
+        recent.pop(response.request_hash, None)
+        recent[response.request_hash] = response
+        if len(recent) > _RECENT_MAX:
+            del recent[next(iter(recent))]
 
     async def _produce(self, request: Request, decision: Decision) -> Response:
         entry = self._entry
@@ -411,7 +434,7 @@ class AsyncSession:
             return fetched
 
         async def on_failure(n: int, exc: BaseException, elapsed_s: float) -> None:
-            if isinstance(exc, TransientError) and exc.retry_after:
+            if isinstance(exc, TransientError) and exc.retry_after and not retry_waits_disabled():
                 entry.limiter.cooldown(exc.retry_after)
             if not persist or isinstance(exc, StoreError):
                 return  # ephemeral, or the store itself is failing
@@ -462,6 +485,7 @@ class AsyncSession:
             )
             self._counts["responses"] += 1
             await self._store.record(stored_request, [response])
+            self._remember(response)
             return response
         if fetched.staged is not None:
             checksum, size = fetched.staged.checksum, fetched.staged.size
@@ -484,6 +508,7 @@ class AsyncSession:
             assert fetched.staged is not None
             self._counts["responses"] += 1
             await self._store.record(stored_request, [response], [fetched.staged])
+            self._remember(response)
         return response
 
     async def _record_upstream_error(
@@ -672,7 +697,7 @@ class AsyncSession:
 
     # -- stream ---------------------------------------------------------------------------------
 
-    async def stream(self, request: Request) -> AsyncIterator[Response]:
+    async def stream(self, request: Request) -> AsyncGenerator[Response, None]:
         """Yield one recorded Response per message, with ``sequence`` 0, 1, 2, ...
 
         Each message is durable before it is yielded. The stream holds one of the source's
@@ -761,7 +786,7 @@ class AsyncSession:
         *,
         concurrency: int = 64,
         return_exceptions: bool = True,
-    ) -> AsyncIterator[FetchOutcome]:
+    ) -> AsyncGenerator[FetchOutcome, None]:
         """Fetch many requests, at most ``concurrency`` at once, yielding outcomes as they finish.
 
         The input (sync or async iterable) is pulled lazily, so memory stays flat for any number of
