@@ -45,8 +45,8 @@ async def until(predicate: Callable[[], bool], limit: float = 30.0) -> None:
     """Wait for a condition (not for time): tasks here also wait on SQLite's thread, which
     ``wait_all_tasks_blocked`` cannot see. The limit only bounds a broken test."""
     with anyio.fail_after(limit):
-        while not predicate():
-            await anyio.sleep(0.001)  # noqa: ASYNC110 - state changes on SQLite's thread too
+        while not predicate():  # noqa: ASYNC110 - the state also changes on SQLite's thread
+            await anyio.sleep(0.001)
 
 
 def _count(root: Path, sql: str) -> int:
