@@ -154,7 +154,8 @@ def _make_app(server: LocalServer) -> web.Application:
 
     async def redirect(request: web.Request) -> web.Response:
         await record(request)
-        raise web.HTTPFound(location=f"/echo?{request.query_string}")
+        # /redirect?to=/path&...: redirect there, keeping the query string.
+        raise web.HTTPFound(location=f"{request.query.get('to', '/echo')}?{request.query_string}")
 
     async def sse(request: web.Request) -> web.StreamResponse:
         await record(request)
