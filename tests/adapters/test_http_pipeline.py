@@ -127,9 +127,12 @@ def scan(root: Path) -> list[str]:
     leaks: list[str] = []
     files = [p for p in root.rglob("*") if p.is_file()]
     assert any(p.name == "dataio.sqlite" for p in files)
+    visible = False
     for path in files:
         data = path.read_bytes()
         leaks.extend(f"{s} in {path}" for s in SECRETS if s.encode() in data)
+        visible = visible or b"X-Plain" in data
+    assert visible, "the scan must see the recorded headers (a non-secret one is X-Plain)"
     return leaks
 
 
