@@ -173,14 +173,17 @@ async def run_with_retries(
 class _HookFailed(BaseException):
     """Carries an ``on_failure`` error out of tenacity, which must neither retry nor wrap it."""
 
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
+
 
 class _Run:
-    __slots__ = ("attempts", "gave_up_wait", "hook_error")
+    __slots__ = ("attempts", "gave_up_wait")
 
     def __init__(self) -> None:
         self.attempts = 0
         self.gave_up_wait: float | None = None  # set when the deadline stopped the retries
-        self.hook_error: Exception | None = None
 
 
 class _StopAtDeadline(stop_base):
@@ -244,8 +247,7 @@ async def _retry(
             try:
                 await on_failure(number, error, elapsed)
             except Exception as hook_exc:
-                run.hook_error = hook_exc
-                raise _HookFailed from None
+                raise _HookFailed(hook_exc) from None
         raise error
 
     async def do_sleep(seconds: float) -> None:
@@ -264,15 +266,14 @@ async def _retry(
     )
     try:
         return cast("T", await retrying(one_attempt))
-    except _HookFailed:
-        pass
+    except _HookFailed as failed:
+        hook_error = failed.error
     except Exception as exc:
         final = _final_error(policy, exc, run, request)
         if final is exc:
             raise
         raise final from exc
-    assert run.hook_error is not None
-    raise run.hook_error
+    raise hook_error  # outside the handler: its context is not rewritten to _HookFailed
 
 
 def _describe(error: BaseException) -> str:

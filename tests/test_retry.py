@@ -268,6 +268,7 @@ async def test_on_failure_error_propagates_unwrapped_and_stops() -> None:
             NO_JITTER, script, on_failure=on_failure, sleep=time.sleep, clock=time.clock
         )
     assert info.value is hook_error
+    assert info.value.__context__ is None  # no internal plumbing leaks into the chain
     assert script.calls == [1, 2]
 
 
