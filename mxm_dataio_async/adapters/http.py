@@ -1,18 +1,16 @@
 """HttpAdapter: fetch, send and server-sent events over aiohttp.
 
-Every aiohttp (and socket) exception is classified in one function, :func:`_translate`: what a
+Every aiohttp (and socket) exception is classified in one function, :func:`translate`: what a
 retry may fix becomes ``TransientError``, the rest ``FetchError``; none escapes raw.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
-from datetime import UTC, datetime
 from typing import Any, Final
 
 import aiohttp
@@ -24,6 +22,14 @@ from mxm_dataio_async._exceptions import DataIOError, FetchError, TransientError
 from mxm_dataio_async._identity import JSONValue
 from mxm_dataio_async._models import AdapterResult, Request, Response
 from mxm_dataio_async._redact import REDACTED, Redaction
+from mxm_dataio_async.adapters._http_errors import (
+    CLIENT_ERRORS,
+    Where,
+    is_transient_status,
+    parse_retry_after,
+    status_text,
+    translate,
+)
 from mxm_dataio_async.adapters._sse import SSEDecoder, SSEError
 
 __all__ = ["DEFAULT_STREAM_THRESHOLD", "HttpAdapter", "parse_retry_after"]
@@ -32,86 +38,7 @@ DEFAULT_STREAM_THRESHOLD: Final = 1 << 20  # 1 MiB
 _DEFAULT_CHUNK_SIZE: Final = 1 << 18  # 256 KiB, aiohttp's own read buffer size
 _SMALL_ERROR_BODY: Final = 1 << 16  # read (and so reuse the connection) below this, else drop it
 
-# What aiohttp and the socket layer raise; anything else is a bug and propagates as is.
-_CLIENT_ERRORS: Final = (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError)
-
 Sleep = Callable[[float], Awaitable[None]]
-
-
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` value: delta-seconds or an HTTP-date.
-
-    A date in the past gives ``0.0``; anything unparsable gives ``None`` (the hint is ignored).
-
-    >>> parse_retry_after("120")
-    120.0
-    """
-    if not value:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():
-        return float(int(value))
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if when.tzinfo is None:  # an HTTP-date is always GMT
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
-
-
-def _is_transient_status(status: int) -> bool:
-    return status == 429 or (500 <= status <= 599 and status != 501)
-
-
-def _status_text(resp: aiohttp.ClientResponse) -> str:
-    return f"HTTP {resp.status} {resp.reason}" if resp.reason else f"HTTP {resp.status}"
-
-
-class _Where:
-    """The redacted URL for error messages, computed only when a message needs it."""
-
-    __slots__ = ("_redaction", "_text", "_url")
-
-    def __init__(self, url: str, redaction: Redaction) -> None:
-        self._url = url
-        self._redaction = redaction
-        self._text: str | None = None
-
-    def __str__(self) -> str:
-        if self._text is None:
-            self._text = self._redaction.url(self._url) or "<no url>"
-        return self._text
-
-
-def _translate(exc: BaseException, where: _Where) -> DataIOError:
-    """The one place aiohttp / socket exceptions become ours (cf. httpx's map_httpcore_exceptions).
-
-    Messages name the (already redacted) URL themselves: aiohttp's own texts for response and URL
-    errors embed the raw URL, which may carry credentials.
-    """
-    if isinstance(exc, DataIOError):
-        return exc
-    if isinstance(exc, aiohttp.ClientSSLError | aiohttp.ServerFingerprintMismatch):
-        return FetchError(f"TLS failure for {where}: {type(exc).__name__}: {exc}")
-    if isinstance(exc, asyncio.TimeoutError):
-        return TransientError(f"timed out waiting for {where} ({type(exc).__name__})")
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        # Includes a body shorter than its Content-Length and a chunked body cut off mid-way.
-        return TransientError(f"incomplete or corrupt response body from {where}: {exc}")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return TransientError(f"cannot connect to {where}: {exc}")
-    if isinstance(exc, aiohttp.ClientConnectionError | OSError):
-        return TransientError(f"connection to {where} lost: {type(exc).__name__}: {exc}")
-    if isinstance(exc, aiohttp.TooManyRedirects):
-        return FetchError(f"too many redirects fetching {where}")
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return FetchError(f"bad response from {where}: HTTP {exc.status} {exc.message}")
-    if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
-        return FetchError(f"invalid URL {where}")
-    if isinstance(exc, ValueError):
-        return FetchError(f"invalid request for {where}: {exc}")
-    return FetchError(f"HTTP client error for {where}: {type(exc).__name__}")
 
 
 def _query_value(key: str, value: JSONValue) -> str:
@@ -215,7 +142,7 @@ class _BodyStream:
         received: int = 0,
         chunk_size: int,
         max_body: int | None,
-        where: _Where,
+        where: Where,
     ) -> None:
         self._resp: aiohttp.ClientResponse | None = resp
         self._prefix = deque(prefix)
@@ -237,8 +164,8 @@ class _BodyStream:
             chunk = await resp.content.read(self._chunk_size)
         except BaseException as exc:
             self._close()
-            if isinstance(exc, _CLIENT_ERRORS):
-                raise _translate(exc, self._where) from exc
+            if isinstance(exc, CLIENT_ERRORS):
+                raise translate(exc, self._where) from exc
             raise
         if not chunk:
             self._resp = None
@@ -429,9 +356,9 @@ class HttpAdapter:
         payload: bytes | None,
         extra_headers: Mapping[str, str] | None = None,
         client_timeout: aiohttp.ClientTimeout | None = None,
-    ) -> tuple[aiohttp.ClientResponse, _Where]:
+    ) -> tuple[aiohttp.ClientResponse, Where]:
         url = self.url_for(request)
-        where = _Where(url, self.redaction)
+        where = Where(url, self.redaction)
         headers = _merge_headers(self.headers, request.headers, extra_headers)
         data = payload
         if data is None and request.body is not None:
@@ -448,8 +375,8 @@ class HttpAdapter:
                 data=data,
                 timeout=client_timeout if client_timeout is not None else self.timeout,
             )
-        except _CLIENT_ERRORS as exc:
-            raise _translate(exc, where) from exc
+        except CLIENT_ERRORS as exc:
+            raise translate(exc, where) from exc
         return resp, where
 
     # -- capabilities ----------------------------------------------------------------------------
@@ -494,11 +421,11 @@ class HttpAdapter:
         resp, where = await self._open(request, payload=payload, extra_headers=extra_headers)
         try:
             status = resp.status
-            if _is_transient_status(status):
+            if is_transient_status(status):
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
                 await self._discard(resp)
                 raise TransientError(
-                    f"{_status_text(resp)} from {where}",
+                    f"{status_text(resp)} from {where}",
                     retry_after=retry_after,
                     transport_status=status,
                 )
@@ -509,7 +436,7 @@ class HttpAdapter:
         except BaseException:
             resp.close()
             raise
-        error = None if 200 <= status <= 299 else _status_text(resp)
+        error = None if 200 <= status <= 299 else status_text(resp)
         return self._result(resp, data, started, error=error)
 
     async def _discard(self, resp: aiohttp.ClientResponse) -> None:
@@ -518,12 +445,12 @@ class HttpAdapter:
         if length is not None and length <= _SMALL_ERROR_BODY:
             try:
                 await resp.read()
-            except _CLIENT_ERRORS:
+            except CLIENT_ERRORS:
                 resp.close()
                 return
         resp.release()
 
-    async def _body(self, resp: aiohttp.ClientResponse, where: _Where) -> bytes | _BodyStream:
+    async def _body(self, resp: aiohttp.ClientResponse, where: Where) -> bytes | _BodyStream:
         max_body = self.max_body
         threshold = self.stream_threshold
         length = resp.content_length
@@ -538,8 +465,8 @@ class HttpAdapter:
                 return _BodyStream(resp, chunk_size=self.chunk_size, max_body=max_body, where=where)
             try:
                 return await resp.read()
-            except _CLIENT_ERRORS as exc:
-                raise _translate(exc, where) from exc
+            except CLIENT_ERRORS as exc:
+                raise translate(exc, where) from exc
         # Decoded size unknown (chunked or compressed): buffer up to the threshold, then decide.
         chunks: list[bytes] = []
         received = 0
@@ -562,8 +489,8 @@ class HttpAdapter:
                         max_body=max_body,
                         where=where,
                     )
-        except _CLIENT_ERRORS as exc:
-            raise _translate(exc, where) from exc
+        except CLIENT_ERRORS as exc:
+            raise translate(exc, where) from exc
 
     def _result(
         self,
@@ -668,15 +595,15 @@ class HttpAdapter:
                     if status == 204:
                         resp.release()
                         return
-                    if _is_transient_status(status):
+                    if is_transient_status(status):
                         raise TransientError(
-                            f"{_status_text(resp)} from event stream {where}",
+                            f"{status_text(resp)} from event stream {where}",
                             retry_after=parse_retry_after(resp.headers.get("Retry-After")),
                             transport_status=status,
                         )
                     if status != 200:
                         raise FetchError(
-                            f"event stream {where} answered {_status_text(resp)}",
+                            f"event stream {where} answered {status_text(resp)}",
                             transport_status=status,
                         )
                     if resp.content_type != "text/event-stream":
@@ -691,8 +618,8 @@ class HttpAdapter:
                     while True:
                         try:
                             chunk = await resp.content.readany()
-                        except _CLIENT_ERRORS as exc:
-                            raise _translate(exc, where) from exc
+                        except CLIENT_ERRORS as exc:
+                            raise translate(exc, where) from exc
                         if not chunk:
                             break
                         try:
