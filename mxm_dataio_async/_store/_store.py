@@ -30,6 +30,7 @@ from mxm_dataio_async._models import (
     utcnow,
 )
 from mxm_dataio_async._store._payloads import PayloadFiles, StagedPayload, verify
+from mxm_dataio_async._store._reader import BatchReader
 from mxm_dataio_async._store._schema import MIGRATIONS, SCHEMA_VERSION
 from mxm_dataio_async._store._writer import (
     RESPONSE_COLUMNS,
@@ -132,6 +133,7 @@ class Store:
         self._stack: AsyncExitStack | None = None
         self._writer: Writer | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._batch_reader: BatchReader | None = None
         self._users = 0
         self.temp_files_removed = 0
 
@@ -197,11 +199,14 @@ class Store:
             raise sqlite_error(f"open {self.db_path}", exc) from exc
         self._reader = rconn
         writer = Writer(wconn)
+        batch_reader = BatchReader(rconn, RESPONSE_COLUMNS)
         # The writer task lives in a task group entered here and exited by aclose(): open and
         # close must happen in the same task, in LIFO order with other scopes (anyio's rule).
         tg = await stack.enter_async_context(anyio.create_task_group())
         tg.start_soon(writer.run)
+        tg.start_soon(batch_reader.run)
         self._writer = writer
+        self._batch_reader = batch_reader
 
     async def aclose(self) -> None:
         """Commit what is queued, then close. Safe to call twice."""
@@ -212,11 +217,14 @@ class Store:
         stack, self._stack = self._stack, None
         if self._writer is not None:
             self._writer.drain_and_stop()
+        if self._batch_reader is not None:
+            self._batch_reader.stop()
         if stack is not None:
             # Exiting the task group waits for the writer to commit what is queued.
             await stack.aclose()
         self._writer = None
         self._reader = None
+        self._batch_reader = None
 
     def _require_open(self) -> tuple[Writer, aiosqlite.Connection]:
         if self._state != _OPEN or self._writer is None or self._reader is None:
@@ -262,11 +270,10 @@ class Store:
 
     # -- reading --------------------------------------------------------------------------------
 
-    async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         _, reader = self._require_open()
         try:
-            async with reader.execute(sql, params) as cur:
-                return list(await cur.fetchall())
+            return list(await reader.execute_fetchall(sql, params))
         except sqlite3.Error as exc:
             raise sqlite_error("read from the store", exc) from exc
 
@@ -275,18 +282,16 @@ class Store:
     ) -> Response | None:
         """The newest response with one of ``statuses`` for a request hash (the cache lookup)."""
         if tuple(statuses) == (ResponseStatus.OK,):
-            sql = (
-                f"SELECT {RESPONSE_COLUMNS} FROM responses INDEXED BY ix_responses_usable "
-                "WHERE request_hash = ? AND status = 'ok' ORDER BY fetched_at DESC LIMIT 1"
-            )
-            params: list[Any] = [bytes.fromhex(request_hash)]
-        else:
-            marks = ", ".join("?" for _ in statuses)
-            sql = (
-                f"SELECT {RESPONSE_COLUMNS} FROM responses WHERE request_hash = ? "
-                f"AND status IN ({marks}) ORDER BY fetched_at DESC LIMIT 1"
-            )
-            params = [bytes.fromhex(request_hash), *(s.value for s in statuses)]
+            self._require_open()
+            assert self._batch_reader is not None
+            row = await self._batch_reader.latest(bytes.fromhex(request_hash))
+            return _response_from_row(row) if row is not None else None
+        marks = ", ".join("?" for _ in statuses)
+        sql = (
+            f"SELECT {RESPONSE_COLUMNS} FROM responses WHERE request_hash = ? "
+            f"AND status IN ({marks}) ORDER BY fetched_at DESC LIMIT 1"
+        )
+        params: list[Any] = [bytes.fromhex(request_hash), *(s.value for s in statuses)]
         rows = await self._fetchall(sql, params)
         return _response_from_row(rows[0]) if rows else None
 
@@ -374,12 +379,12 @@ class Store:
             digest = bytes.fromhex(checksum)
         except ValueError:
             raise ValueError(f"not a sha256 checksum: {checksum!r}") from None
-        rows = await self._fetchall(
-            "SELECT size_bytes, tier, data FROM payloads WHERE sha256 = ?", (digest,)
-        )
-        if not rows:
+        self._require_open()
+        assert self._batch_reader is not None
+        found = await self._batch_reader.payload(digest)
+        if found is None:
             raise IntegrityError(f"payload {checksum} is not in the store")
-        size, tier, data = rows[0]
+        size, tier, data = found
         if tier == "inline":
             verify(data if data is not None else b"", digest, size, where=str(self.db_path))
             return bytes(data) if data is not None else b""

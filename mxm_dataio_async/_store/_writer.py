@@ -183,23 +183,11 @@ class Writer:
         grouped: dict[str, list[Sequence[Any]]] = {}
         for kind, params in rows:
             grouped.setdefault(kind, []).append(params)
+        batches = [(SQL[kind], grouped[kind]) for kind in _ORDER if kind in grouped]
         delay = 0.005
         for attempt in range(_BUSY_RETRIES + 1):
             try:
-                await self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    for kind in _ORDER:
-                        params_list = grouped.get(kind)
-                        if params_list:
-                            await self._conn.executemany(SQL[kind], params_list)
-                    await self._conn.execute("COMMIT")
-                except BaseException:
-                    with anyio.CancelScope(shield=True):
-                        try:
-                            await self._conn.execute("ROLLBACK")
-                        except sqlite3.Error as rb_exc:  # no transaction left to roll back
-                            log.debug("rollback after failed batch: %s", rb_exc)
-                    raise
+                await self._transaction(batches)
                 return
             except sqlite3.Error as exc:
                 # busy_timeout already waited inside SQLite; a few more tries ride out a long
@@ -209,3 +197,42 @@ class Writer:
                     delay = min(delay * 2, 0.5)
                     continue
                 raise sqlite_error("commit to the store", exc) from exc
+
+    async def _transaction(self, batches: list[tuple[str, list[Sequence[Any]]]]) -> None:
+        run_in_thread = getattr(self._conn, "_execute", None)
+        if ONE_HOP_COMMIT and run_in_thread is not None:
+            # One hop to SQLite's thread for the whole transaction instead of one per statement:
+            # each hop back also waits for the GIL, up to the interpreter's switch interval.
+            # aiosqlite runs ``fn`` on its connection thread (the same path as its public calls).
+            raw = self._conn._conn
+            await run_in_thread(_transaction_sync, raw, batches)
+            return
+        await self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, params_list in batches:
+                await self._conn.executemany(sql, params_list)
+            await self._conn.execute("COMMIT")
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._conn.execute("ROLLBACK")
+                except sqlite3.Error as rb_exc:  # no transaction left to roll back
+                    log.debug("rollback after failed batch: %s", rb_exc)
+            raise
+
+
+#: Commit a batch in one call on the connection's thread (set False to use only aiosqlite's
+#: public per-statement calls; the tests run both paths).
+ONE_HOP_COMMIT = True
+
+
+def _transaction_sync(conn: sqlite3.Connection, batches: list[tuple[str, list[Any]]]) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for sql, params_list in batches:
+            conn.executemany(sql, params_list)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise

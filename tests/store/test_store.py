@@ -316,3 +316,49 @@ async def test_bad_constructor_args(tmp_path: Path) -> None:
         Store(tmp_path, inline_threshold=1.5)  # type: ignore[arg-type]
     assert "state=unopened" in repr(Store(tmp_path))
     assert datetime.now(UTC).tzinfo is UTC
+
+
+async def test_public_per_statement_commit_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mxm_dataio_async._store import _writer
+
+    monkeypatch.setattr(_writer, "ONE_HOP_COMMIT", False)
+    async with Store(tmp_path) as store:
+        s = _session()
+        await store.save_session(s)
+        req = build_request(session_id=s.id, source="src", kind="k")
+        async with anyio.create_task_group() as tg:
+            for i in range(50):
+                tg.start_soon(_put, store, req, str(i).encode())
+        assert len([x async for x in store.iter_responses()]) == 50
+
+
+async def test_batched_reads_answer_each_caller(tmp_path: Path) -> None:
+    async with Store(tmp_path) as store:
+        s = _session()
+        await store.save_session(s)
+        reqs = [
+            build_request(session_id=s.id, source="src", kind="k", params={"i": i})
+            for i in range(20)
+        ]
+        stored = {r.hash: await _put(store, r, f"body{i}".encode()) for i, r in enumerate(reqs)}
+        found: dict[str, Response | None] = {}
+        bodies: dict[str, bytes] = {}
+
+        async def look(r: Request) -> None:
+            found[r.hash] = await store.latest_response(r.hash)
+            resp = found[r.hash]
+            assert resp is not None
+            bodies[r.hash] = await store.read(resp)
+
+        missing = build_request(session_id=s.id, source="src", kind="absent")
+        async with anyio.create_task_group() as tg:
+            for r in reqs * 3:  # duplicates in the same batch get the same answer
+                tg.start_soon(look, r)
+            tg.start_soon(lambda: store.latest_response(missing.hash))
+        assert {h: r.id for h, r in found.items() if r} == {h: r.id for h, r in stored.items()}
+        assert bodies == {r.hash: f"body{i}".encode() for i, r in enumerate(reqs)}
+        assert await store.latest_response(missing.hash) is None
+        reader = store._batch_reader
+        assert reader is not None and reader.batches < 40
