@@ -5,6 +5,7 @@ payload bytes (content-addressed by sha256) and the metadata (SQLite), so any ru
 and replayed offline.
 """
 
+from mxm_dataio_async._bulk import FetchOutcome
 from mxm_dataio_async._exceptions import (
     AdapterNotFound,
     CacheMiss,
@@ -37,7 +38,7 @@ from mxm_dataio_async._registry import (
     unregister,
 )
 from mxm_dataio_async._retry import RetryPolicy, disable_retry_waits
-from mxm_dataio_async._session import AsyncSession, FetchOutcome
+from mxm_dataio_async._session import AsyncSession
 from mxm_dataio_async._store import Store
 from mxm_dataio_async.adapters.base import Fetcher, Revalidator, Sender, Streamer
 from mxm_dataio_async.adapters.files import FileAdapter

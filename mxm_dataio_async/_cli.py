@@ -43,7 +43,7 @@ def default_root() -> Path:
 
 
 RootOption = Annotated[
-    Path,
+    Path | None,
     typer.Option("--root", help="Store directory (default: $MXM_DATAIO_ROOT, else ./dataio)."),
 ]
 
@@ -55,12 +55,12 @@ def _main() -> None:
 
 @app.command()
 def demo(
-    root: RootOption = Path(""),
+    root: RootOption = None,
     count: Annotated[int, typer.Option(min=1, help="How many requests per pass.")] = 300,
     concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 32,
 ) -> None:
     """Ingest from a loopback server into a store, then again from cache, and summarise."""
-    store_root = root if str(root) else default_root()
+    store_root = root if root is not None else default_root()
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Mapping
@@ -12,6 +13,7 @@ from typing import Any, Final, Self
 import anyio
 import anyio.abc
 
+from mxm_dataio_async._bulk import FetchOutcome, fetch_many
 from mxm_dataio_async._coalesce import Coalescer
 from mxm_dataio_async._exceptions import (
     CacheMiss,
@@ -42,26 +44,13 @@ from mxm_dataio_async._request import build_request, check_cache_mode, check_ttl
 from mxm_dataio_async._retry import retry_waits_disabled, run_with_retries
 from mxm_dataio_async._store import StagedPayload, Store
 
-__all__ = ["AsyncSession", "FetchOutcome"]
+__all__ = ["AsyncSession"]
 
 _UNOPENED, _OPEN, _CLOSED = "unopened", "open", "closed"
 _MAX_ERROR_TEXT: Final = 2000
 # Recently recorded responses kept per session: the lookup/commit race window is one lookup long,
 # so a few thousand entries cover it under any load.
 _RECENT_MAX: Final = 4096
-
-
-@dataclass(frozen=True, slots=True)
-class FetchOutcome:
-    """One result of ``fetch_many``: the request and either its response or its error."""
-
-    request: Request
-    response: Response | None = None
-    error: BaseException | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +74,18 @@ async def _in_memory(data: Body) -> bytes:
         return bytes(data)
     parts = [bytes(chunk) async for chunk in data]
     return b"".join(parts)
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0
+
+
+def _identity_of(staged: StagedPayload | None, data: bytes | None) -> tuple[str, int]:
+    """``(checksum, size)`` of a payload, staged in the store or held in memory."""
+    if staged is not None:
+        return staged.checksum, staged.size
+    assert data is not None
+    return hashlib.sha256(data).hexdigest(), len(data)
 
 
 def _as_result(value: object, what: str) -> AdapterResult:
@@ -427,7 +428,7 @@ class AsyncSession:
                     staged = None
             elapsed = result.elapsed_ms
             if elapsed is None:
-                elapsed = (time.perf_counter() - started) * 1000.0
+                elapsed = _ms_since(started)
             fetched = _Fetched(result, staged, data, n, elapsed)
             if result.error is not None:
                 await self._record_upstream_error(stored_request, fetched, persist)
@@ -440,18 +441,7 @@ class AsyncSession:
                 return  # ephemeral, or the store itself is failing
             if isinstance(exc, FetchError) and exc.response_id is not None:
                 return  # already recorded with its payload
-            failed = self._new_response(
-                request,
-                status=ResponseStatus.ERROR,
-                checksum=None,
-                size=0,
-                result=None,
-                attempts=n,
-                attempt=n,
-                elapsed_ms=elapsed_s * 1000.0,
-                error=_error_text(exc),
-                transport_status=getattr(exc, "transport_status", None),
-            )
+            failed = self._failure(request, exc, attempt=n, elapsed_ms=elapsed_s * 1000.0)
             self._counts["responses"] += 1
             await self._store.record(stored_request, [failed])
 
@@ -487,11 +477,7 @@ class AsyncSession:
             await self._store.record(stored_request, [response])
             self._remember(response)
             return response
-        if fetched.staged is not None:
-            checksum, size = fetched.staged.checksum, fetched.staged.size
-        else:
-            assert fetched.data is not None
-            checksum, size = hashlib.sha256(fetched.data).hexdigest(), len(fetched.data)
+        checksum, size = _identity_of(fetched.staged, fetched.data)
         response = self._new_response(
             request,
             status=ResponseStatus.OK,
@@ -539,6 +525,30 @@ class AsyncSession:
             attempts=fetched.attempt,
             transport_status=result.transport_status,
             response_id=response_id,
+        )
+
+    def _failure(
+        self,
+        request: Request,
+        exc: BaseException,
+        *,
+        attempt: int,
+        elapsed_ms: float,
+        sequence: int | None = None,
+    ) -> Response:
+        """The error row of one failed attempt (no payload)."""
+        return self._new_response(
+            request,
+            status=ResponseStatus.ERROR,
+            checksum=None,
+            size=0,
+            result=None,
+            attempts=attempt,
+            attempt=attempt,
+            elapsed_ms=elapsed_ms,
+            error=_error_text(exc),
+            transport_status=getattr(exc, "transport_status", None),
+            sequence=sequence,
         )
 
     def _new_response(
@@ -633,18 +643,7 @@ class AsyncSession:
                 data = None if persist else await _in_memory(result.data)
         except Exception as exc:
             self._counts["errors"] += 1
-            failed = self._new_response(
-                request,
-                status=ResponseStatus.ERROR,
-                checksum=None,
-                size=0,
-                result=None,
-                attempts=1,
-                attempt=1,
-                elapsed_ms=(time.perf_counter() - started) * 1000.0,
-                error=_error_text(exc),
-                transport_status=getattr(exc, "transport_status", None),
-            )
+            failed = self._failure(request, exc, attempt=1, elapsed_ms=_ms_since(started))
             if persist:
                 self._counts["responses"] += 1
                 await self._store.record(stored, [failed], [sent] if sent else [], sent=sent)
@@ -657,16 +656,8 @@ class AsyncSession:
                 transport_status=getattr(exc, "transport_status", None),
                 response_id=failed.id,
             ) from exc
-        elapsed = (
-            result.elapsed_ms
-            if result.elapsed_ms is not None
-            else ((time.perf_counter() - started) * 1000.0)
-        )
-        if staged is not None:
-            checksum, size = staged.checksum, staged.size
-        else:
-            assert data is not None
-            checksum, size = hashlib.sha256(data).hexdigest(), len(data)
+        elapsed = result.elapsed_ms if result.elapsed_ms is not None else _ms_since(started)
+        checksum, size = _identity_of(staged, data)
         status = ResponseStatus.ERROR if result.error is not None else ResponseStatus.ACK
         ack = self._new_response(
             request,
@@ -717,13 +708,9 @@ class AsyncSession:
             try:
                 async for raw in messages:
                     result = _as_result(raw, "stream")
-                    if persist:
-                        staged = await self._store.stage(result.data)
-                        data = None
-                        checksum, size = staged.checksum, staged.size
-                    else:
-                        data = await _in_memory(result.data)
-                        checksum, size = hashlib.sha256(data).hexdigest(), len(data)
+                    staged = await self._store.stage(result.data) if persist else None
+                    data = None if persist else await _in_memory(result.data)
+                    checksum, size = _identity_of(staged, data)
                     msg = self._new_response(
                         request,
                         status=ResponseStatus.STREAM_MESSAGE,
@@ -732,12 +719,12 @@ class AsyncSession:
                         result=result,
                         attempts=1,
                         attempt=1,
-                        elapsed_ms=(time.perf_counter() - started) * 1000.0,
+                        elapsed_ms=_ms_since(started),
                         sequence=sequence,
                         payload=data,
                     )
                     self._counts["bytes"] += size
-                    if persist:
+                    if staged is not None:
                         self._counts["responses"] += 1
                         await self._store.record(stored, [msg], [staged])
                     yield msg
@@ -746,18 +733,8 @@ class AsyncSession:
                 if isinstance(exc, StoreError):
                     raise
                 self._counts["errors"] += 1
-                failed = self._new_response(
-                    request,
-                    status=ResponseStatus.ERROR,
-                    checksum=None,
-                    size=0,
-                    result=None,
-                    attempts=1,
-                    attempt=1,
-                    elapsed_ms=(time.perf_counter() - started) * 1000.0,
-                    error=_error_text(exc),
-                    sequence=sequence,
-                    transport_status=getattr(exc, "transport_status", None),
+                failed = self._failure(
+                    request, exc, attempt=1, elapsed_ms=_ms_since(started), sequence=sequence
                 )
                 if persist:
                     self._counts["responses"] += 1
@@ -793,60 +770,24 @@ class AsyncSession:
         requests. With ``return_exceptions=False`` the first failure is raised (and the rest are
         cancelled); otherwise failures arrive as outcomes with ``error`` set. Leaving the loop early
         cancels the in-flight work cleanly.
+
+        ```python
+        async for outcome in s.fetch_many(s.request("bar", params={"d": d}) for d in days):
+            if outcome.ok:
+                rows.append(await s.read(outcome.response))
+        ```
         """
         self._require_open()
-        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-            raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
         assert self._tg is not None
-        send, receive = anyio.create_memory_object_stream[FetchOutcome](concurrency)
-        done = anyio.Event()
-        scope = anyio.CancelScope()
-        failure: list[BaseException] = []
-
-        async def one(request: Request, slots: anyio.Semaphore) -> None:
-            try:
-                try:
-                    outcome = FetchOutcome(request, response=await self.fetch(request))
-                except Exception as exc:
-                    outcome = FetchOutcome(request, error=exc)
-                await send.send(outcome)
-            finally:
-                slots.release()
-
-        async def feed(tg: anyio.abc.TaskGroup, slots: anyio.Semaphore) -> None:
-            if isinstance(requests, AsyncIterable):
-                async for request in requests:
-                    await slots.acquire()
-                    tg.start_soon(one, request, slots)
-            else:
-                for request in requests:
-                    await slots.acquire()
-                    tg.start_soon(one, request, slots)
-
-        async def run() -> None:
-            try:
-                with scope:
-                    slots = anyio.Semaphore(concurrency)
-                    async with send, anyio.create_task_group() as tg:
-                        await feed(tg, slots)
-            except Exception as exc:  # the input iterable itself failed
-                failure.append(exc)
-            finally:
-                self._bulk_scopes.discard(scope)
-                done.set()
-
-        self._bulk_scopes.add(scope)
-        self._tg.start_soon(run)
-        try:
-            async with receive:
-                async for outcome in receive:
-                    if outcome.error is not None and not return_exceptions:
-                        raise outcome.error
-                    yield outcome
-            if failure:
-                raise failure[0]
-        finally:
-            if not done.is_set():
-                scope.cancel()
-            with anyio.CancelScope(shield=True):
-                await done.wait()
+        async with contextlib.aclosing(
+            fetch_many(
+                self.fetch,
+                requests,
+                concurrency=concurrency,
+                return_exceptions=return_exceptions,
+                task_group=self._tg,
+                scopes=self._bulk_scopes,
+            )
+        ) as outcomes:
+            async for outcome in outcomes:
+                yield outcome

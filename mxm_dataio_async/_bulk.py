@@ -1,0 +1,99 @@
+"""Bounded, lazy bulk fetching: many requests, a fixed number in flight, outcomes as they finish.
+
+The worker tasks live in the owning session's task group (through one runner task), not in the
+consumer's async generator: yielding from inside a task group would leak its cancel scope into
+the consumer's code. Leaving the loop early, or closing the session, cancels the runner's scope.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+import anyio
+import anyio.abc
+
+from mxm_dataio_async._models import Request, Response
+
+__all__ = ["FetchOutcome", "fetch_many"]
+
+
+@dataclass(frozen=True, slots=True)
+class FetchOutcome:
+    """One result of ``fetch_many``: the request and either its response or its error."""
+
+    request: Request
+    response: Response | None = None
+    error: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+async def fetch_many(
+    fetch: Callable[[Request], Awaitable[Response]],
+    requests: Iterable[Request] | AsyncIterable[Request],
+    *,
+    concurrency: int,
+    return_exceptions: bool,
+    task_group: anyio.abc.TaskGroup,
+    scopes: set[anyio.CancelScope],
+) -> AsyncGenerator[FetchOutcome, None]:
+    """See ``AsyncSession.fetch_many``. ``scopes`` holds the runner's scope while it runs, so
+    the session can cancel runners whose consumer has gone."""
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
+    send, receive = anyio.create_memory_object_stream[FetchOutcome](concurrency)
+    done = anyio.Event()
+    scope = anyio.CancelScope()
+    failure: list[BaseException] = []
+
+    async def one(request: Request, slots: anyio.Semaphore) -> None:
+        try:
+            try:
+                outcome = FetchOutcome(request, response=await fetch(request))
+            except Exception as exc:
+                outcome = FetchOutcome(request, error=exc)
+            await send.send(outcome)
+        finally:
+            slots.release()
+
+    async def feed(tg: anyio.abc.TaskGroup, slots: anyio.Semaphore) -> None:
+        # Pull the next request only once a slot is free: the input is never read ahead.
+        if isinstance(requests, AsyncIterable):
+            async for request in requests:
+                await slots.acquire()
+                tg.start_soon(one, request, slots)
+        else:
+            for request in requests:
+                await slots.acquire()
+                tg.start_soon(one, request, slots)
+
+    async def run() -> None:
+        try:
+            with scope:
+                slots = anyio.Semaphore(concurrency)
+                async with send, anyio.create_task_group() as tg:
+                    await feed(tg, slots)
+        except Exception as exc:  # the input iterable itself failed
+            failure.append(exc)
+        finally:
+            scopes.discard(scope)
+            done.set()
+
+    scopes.add(scope)
+    task_group.start_soon(run)
+    try:
+        async with receive:
+            async for outcome in receive:
+                if outcome.error is not None and not return_exceptions:
+                    raise outcome.error
+                yield outcome
+        if failure:
+            raise failure[0]
+    finally:
+        if not done.is_set():
+            scope.cancel()
+        with anyio.CancelScope(shield=True):
+            await done.wait()
