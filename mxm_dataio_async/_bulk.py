@@ -48,36 +48,47 @@ async def fetch_many(
     done = anyio.Event()
     scope = anyio.CancelScope()
     failure: list[BaseException] = []
+    # A fixed pool of ``concurrency`` workers, each pulling its next request only when it is free:
+    # no task per request, and the input is never read ahead of what is in flight.
+    sync_iter = None if isinstance(requests, AsyncIterable) else iter(requests)
+    async_iter = requests.__aiter__() if isinstance(requests, AsyncIterable) else None
+    pull_lock = anyio.Lock()  # an async generator cannot be advanced by two tasks at once
+    exhausted = False
 
-    async def one(request: Request, slots: anyio.Semaphore) -> None:
+    async def next_request() -> Request | None:
+        nonlocal exhausted
+        if exhausted:
+            return None
         try:
+            if sync_iter is not None:
+                return next(sync_iter)
+            assert async_iter is not None
+            async with pull_lock:
+                if exhausted:
+                    return None
+                return await async_iter.__anext__()
+        except (StopIteration, StopAsyncIteration):
+            exhausted = True
+            return None
+        except Exception as exc:  # the input itself failed: finish what is in flight, then raise
+            exhausted = True
+            failure.append(exc)
+            return None
+
+    async def worker() -> None:
+        while (request := await next_request()) is not None:
             try:
                 outcome = FetchOutcome(request, response=await fetch(request))
             except Exception as exc:
                 outcome = FetchOutcome(request, error=exc)
             await send.send(outcome)
-        finally:
-            slots.release()
-
-    async def feed(tg: anyio.abc.TaskGroup, slots: anyio.Semaphore) -> None:
-        # Pull the next request only once a slot is free: the input is never read ahead.
-        if isinstance(requests, AsyncIterable):
-            async for request in requests:
-                await slots.acquire()
-                tg.start_soon(one, request, slots)
-        else:
-            for request in requests:
-                await slots.acquire()
-                tg.start_soon(one, request, slots)
 
     async def run() -> None:
         try:
             with scope:
-                slots = anyio.Semaphore(concurrency)
                 async with send, anyio.create_task_group() as tg:
-                    await feed(tg, slots)
-        except Exception as exc:  # the input iterable itself failed
-            failure.append(exc)
+                    for _ in range(concurrency):
+                        tg.start_soon(worker)
         finally:
             scopes.discard(scope)
             done.set()
