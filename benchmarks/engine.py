@@ -243,9 +243,14 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", name, *_own_args(args)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         report[name] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{name}: {json.dumps(report[name], indent=2)}", flush=True)
+        shown = {k: v for k, v in report[name].items() if k != "samples"}
+        print(f"{name}: {json.dumps(shown, indent=2)}", flush=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "engine.json").write_text(json.dumps(report, indent=2) + "\n")
+    path = RESULTS / "engine.json"
+    # Keep the figures of earlier runs that this one did not redo.
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    previous.update(report)
+    path.write_text(json.dumps(previous, indent=2) + "\n")
 
 
 def _own_args(args: argparse.Namespace) -> list[str]:
