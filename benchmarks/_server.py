@@ -1,0 +1,158 @@
+"""The loopback HTTP server of the benchmarks, run in its own process.
+
+``/bytes/{size}/{n}`` answers ``size`` deterministic bytes (precomputed; ``n`` only makes each URL
+distinct, so the first pass over a fresh cache is all misses). ``/stats`` answers the requests
+served and the server's own CPU seconds, so a trial can tell how many requests reached upstream
+and whether the server, rather than the client, was the limit.
+
+The process binds 127.0.0.1 on port 0, prints ``PORT <n>`` on stdout, and exits by itself after
+``--lifetime`` seconds or as soon as its parent process is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from aiohttp import web
+
+SIZES = (1024, 32 * 1024, 1024 * 1024)
+
+
+def body(size: int) -> bytes:
+    """The deterministic body of ``size`` bytes (seeded random: nothing compresses it)."""
+    return random.Random(size).randbytes(size)
+
+
+def _app(bodies: dict[int, bytes]) -> web.Application:
+    served = [0]
+
+    async def serve_bytes(request: web.Request) -> web.Response:
+        data = bodies.get(int(request.match_info["size"]))
+        if data is None:
+            raise web.HTTPNotFound(text=f"sizes served: {sorted(bodies)}")
+        served[0] += 1
+        return web.Response(body=data, content_type="application/octet-stream")
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response({"requests": served[0], "cpu_s": time.process_time()})
+
+    app = web.Application()
+    app.router.add_get("/bytes/{size}/{n}", serve_bytes)
+    app.router.add_get("/stats", stats)
+    return app
+
+
+async def _serve(lifetime: float, parent: int) -> None:
+    bodies = {size: body(size) for size in SIZES}
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    runner = web.AppRunner(_app(bodies), access_log=None)
+    await runner.setup()
+    try:
+        await web.SockSite(runner, sock, backlog=1024).start()
+        print(f"PORT {sock.getsockname()[1]}", flush=True)
+        deadline = time.monotonic() + lifetime
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        # Polling the parent is portable and costs nothing at this rate; a dead parent re-parents
+        # us (getppid changes), so no benchmark run can leave a server behind.
+        def watch() -> None:
+            if time.monotonic() >= deadline or os.getppid() != parent:
+                stop.set()
+            else:
+                loop.call_later(0.5, watch)
+
+        watch()
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="loopback benchmark server (127.0.0.1 only)")
+    parser.add_argument("--lifetime", type=float, default=900.0, help="seconds before exiting")
+    parser.add_argument("--parent", type=int, default=os.getppid(), help="exit when it is gone")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
+    args = parser.parse_args()
+    factory = None
+    if args.loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(_serve(args.lifetime, args.parent))
+
+
+class ServerProcess:
+    """The server as a child process: ``with ServerProcess() as srv: srv.port``."""
+
+    def __init__(self, *, lifetime: float = 900.0, loop: str = "uvloop") -> None:
+        self.lifetime = lifetime
+        self.loop = loop
+        self.port = 0
+        self._proc: subprocess.Popen[str] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Self:
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--lifetime",
+            str(self.lifetime),
+            "--parent",
+            str(os.getpid()),
+            "--loop",
+            self.loop,
+        ]
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()  # the server prints its port at once, or dies
+        if not line.startswith("PORT "):
+            self._stop()
+            raise RuntimeError(f"benchmark server failed to start (said {line!r})")
+        self.port = int(line.split()[1])
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+if __name__ == "__main__":
+    main()

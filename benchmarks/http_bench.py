@@ -1,0 +1,481 @@
+"""HTTP benchmark: mxm-dataio-async side by side with its ceiling and its peer.
+
+    python benchmarks/http_bench.py             # full run (~5 minutes on 2 cores)
+    python benchmarks/http_bench.py --quick     # smoke run (~1 minute)
+
+One loopback aiohttp server (its own process, 127.0.0.1) serves 1 KiB, 32 KiB and 1 MiB bodies.
+For each size, with the same worker pool and concurrency, in interleaved repeats:
+
+- ``raw``:  aiohttp, one shared ClientSession, ``resp.read()``: the ceiling, no cache;
+- ``peer``: aiohttp-client-cache, SQLite backend: misses into a fresh cache, then hits;
+- ``ours``: HttpAdapter + AsyncSession + Store, default cache mode, full durable recording:
+  misses (``fetch`` + ``read``), then hits in a new session on the same store.
+
+Plus the in-process pipeline (``mock``): MockAdapter, 1 KiB, ``fetch_many(concurrency=64)``.
+Each trial runs in a fresh child process (its own heap, its own CPU clock). Medians of the repeats
+are printed (rich table and Markdown) and written, with every run, to benchmarks/results/http.json.
+Nothing here is asserted: targets are reported PASS/MISS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from _common import Phase, machine, measured, median, run, uvloop_available
+from _server import SIZES, ServerProcess, body
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CLIENTS = ("raw", "peer", "ours")
+LABELS = {1024: "1 KiB", 32 * 1024: "32 KiB", 1024 * 1024: "1 MiB"}
+
+
+# -- the clients (each runs inside a trial child process) ----------------------------------------
+
+
+async def trial_raw(port: int, size: int, n: int, concurrency: int) -> dict[str, Phase]:
+    import aiohttp
+
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as http:
+
+        async def one(i: int) -> tuple[int, bool]:
+            async with http.get(f"{base}/bytes/{size}/{i}") as resp:
+                data = await resp.read()
+                if resp.status != 200 or len(data) != size:
+                    raise ValueError(f"status {resp.status}, {len(data)} bytes")
+                return len(data), False
+
+        return {"miss": await measured(port, one, n, concurrency)}
+
+
+async def trial_peer(port: int, size: int, n: int, concurrency: int) -> dict[str, Phase]:
+    from aiohttp_client_cache.backends.sqlite import SQLiteBackend
+    from aiohttp_client_cache.session import CachedSession
+
+    base = f"http://127.0.0.1:{port}"
+    phases: dict[str, Phase] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        # The backend's defaults (no expiry, fast_save=False), as a user would start.
+        backend = SQLiteBackend(cache_name=str(Path(tmp) / "peer.sqlite"))
+        async with CachedSession(cache=backend) as http:
+
+            async def one(i: int) -> tuple[int, bool]:
+                async with http.get(f"{base}/bytes/{size}/{i}") as resp:
+                    data = await resp.read()
+                    if resp.status != 200 or len(data) != size:
+                        raise ValueError(f"status {resp.status}, {len(data)} bytes")
+                    return len(data), bool(getattr(resp, "from_cache", False))
+
+            for phase in ("miss", "hit"):
+                phases[phase] = await measured(port, one, n, concurrency)
+    return phases
+
+
+async def trial_ours(port: int, size: int, n: int, concurrency: int) -> dict[str, Phase]:
+    import mxm_dataio_async as dio
+
+    phases: dict[str, Phase] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        async with dio.Store(tmp) as store, dio.Registry() as registry:
+            registry.register("bench", dio.HttpAdapter(base_url=f"http://127.0.0.1:{port}"))
+            for phase in ("miss", "hit"):
+                # A new session per phase: hits come from the store, not from session memory.
+                async with dio.AsyncSession("bench", store=store, registry=registry) as s:
+
+                    async def one(i: int, s: dio.AsyncSession = s) -> tuple[int, bool]:
+                        resp = await s.fetch(s.request("bytes", endpoint=f"/bytes/{size}/{i}"))
+                        data = await s.read(resp)
+                        if resp.status is not dio.ResponseStatus.OK or len(data) != size:
+                            raise ValueError(f"status {resp.status}, {len(data)} bytes")
+                        return len(data), resp.from_cache
+
+                    phases[phase] = await measured(port, one, n, concurrency)
+    return phases
+
+
+async def trial_mock(n: int, concurrency: int) -> dict[str, Phase]:
+    """The in-process pipeline: no network, every fetch recorded (miss) or served (hit)."""
+    import gc
+
+    import mxm_dataio_async as dio
+
+    payload = body(1024)
+    phases: dict[str, Phase] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        async with dio.Store(tmp) as store, dio.Registry() as registry:
+            registry.register("mock", dio.MockAdapter(lambda r: payload))
+            for phase in ("miss", "hit"):
+                async with dio.AsyncSession("mock", store=store, registry=registry) as s:
+                    ok = errors = cached = size = 0
+                    first_error: str | None = None
+                    gc.collect()
+                    wall0, cpu0 = time.perf_counter(), time.process_time()
+                    requests = (s.request("k", params={"i": i}) for i in range(n))
+                    async for outcome in s.fetch_many(requests, concurrency=concurrency):
+                        if outcome.ok and outcome.response is not None:
+                            ok += 1
+                            cached += outcome.response.from_cache
+                            size += outcome.response.size_bytes
+                        else:
+                            errors += 1
+                            first_error = first_error or repr(outcome.error)
+                    seconds, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+                phases[phase] = Phase(
+                    requests=n,
+                    ok=ok,
+                    errors=errors,
+                    from_cache=cached,
+                    bytes=size,
+                    seconds=round(seconds, 4),
+                    cpu_s=round(cpu, 4),
+                    p50_ms=None,
+                    p99_ms=None,
+                    first_error=first_error,
+                )
+    return phases
+
+
+def _trial(spec: dict[str, Any]) -> dict[str, Any]:
+    client, loop = spec["client"], spec["loop"]
+    if client == "mock":
+        phases = run(trial_mock(spec["n"], spec["concurrency"]), loop)
+    else:
+        fn = {"raw": trial_raw, "peer": trial_peer, "ours": trial_ours}[client]
+        phases = run(fn(spec["port"], spec["size"], spec["n"], spec["concurrency"]), loop)
+    return {name: p.as_dict() for name, p in phases.items()}
+
+
+# -- the driver ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    loops: list[str]
+    sizes: list[int]
+    clients: list[str]
+    small: int
+    large: int
+    mock: int
+    concurrency: int
+    repeat: int
+
+    def requests_for(self, size: int) -> int:
+        return self.large if size >= 1024 * 1024 else self.small
+
+
+def _spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--trial", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"trial {spec} failed:\n{proc.stderr[-4000:]}")
+    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def _run_all(cfg: Config, port: int, say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Every trial, interleaved: for each loop and repeat, each size raw, peer, ours; then mock."""
+    runs: list[dict[str, Any]] = []
+    for loop in cfg.loops:
+        for rep in range(1, cfg.repeat + 1):
+            specs: list[dict[str, Any]] = [
+                {"client": c, "size": size, "n": cfg.requests_for(size)}
+                for size in cfg.sizes
+                for c in cfg.clients
+            ]
+            if cfg.mock:
+                specs.append({"client": "mock", "size": 1024, "n": cfg.mock})
+            for spec in specs:
+                spec |= {"loop": loop, "port": port, "concurrency": cfg.concurrency}
+                phases = _spawn(spec, timeout=900)
+                for phase, fig in phases.items():
+                    runs.append(
+                        {"loop": loop, "repeat": rep, "client": spec["client"]}
+                        | {"size": spec["size"], "phase": phase}
+                        | fig
+                    )
+                shown = "  ".join(
+                    f"{ph} {fig['per_s']:,.0f}/s"
+                    + (f" [{fig['errors']} errors]" if fig["errors"] else "")
+                    for ph, fig in phases.items()
+                )
+                say(
+                    f"{loop:<7} run {rep}/{cfg.repeat}  {spec['client']:<4} "
+                    f"{LABELS[spec['size']]:>6}  {shown}"
+                )
+    return runs
+
+
+_MEDIAN_FIELDS = ("per_s", "p50_ms", "p99_ms", "cpu_s", "cpu_us_per_req", "seconds", "server_cpu_s")
+
+
+def _medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, str, int, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["loop"], r["client"], r["size"], r["phase"]), []).append(r)
+    out = []
+    for (loop, client, size, phase), rs in groups.items():
+        row: dict[str, Any] = {"loop": loop, "client": client, "size": size, "phase": phase}
+        for field in _MEDIAN_FIELDS:
+            values = [r[field] for r in rs if r.get(field) is not None]
+            m = median(values)
+            row[field] = round(m, 3) if m is not None else None
+        row["requests"] = rs[0]["requests"]
+        row["runs"] = len(rs)
+        row["errors"] = sum(r["errors"] for r in rs)
+        row["from_cache"] = statistics.median(r["from_cache"] for r in rs)
+        upstream = [r["upstream"] for r in rs if r.get("upstream") is not None]
+        row["upstream"] = statistics.median(upstream) if upstream else None
+        row["per_s_runs"] = [r["per_s"] for r in rs]
+        out.append(row)
+    return out
+
+
+def _find(
+    medians: list[dict[str, Any]], loop: str, client: str, size: int, phase: str
+) -> dict[str, Any] | None:
+    for m in medians:
+        if (m["loop"], m["client"], m["size"], m["phase"]) == (loop, client, size, phase):
+            return m
+    return None
+
+
+def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
+    if a is None or b is None or not b["per_s"]:
+        return None
+    return round(float(a["per_s"]) / float(b["per_s"]), 3)
+
+
+def _add_ratios(medians: list[dict[str, Any]]) -> None:
+    """On each ``ours`` row: its median req/s over raw's (misses) and over peer's (same phase)."""
+    for m in medians:
+        if m["client"] != "ours":
+            continue
+        raw = _find(medians, m["loop"], "raw", m["size"], "miss")
+        peer = _find(medians, m["loop"], "peer", m["size"], m["phase"])
+        m["ours_over_raw"] = _ratio(m, raw)
+        m["ours_over_peer"] = _ratio(m, peer)
+
+
+# (name, client, size, phase, figure, threshold)
+TARGETS: list[tuple[str, str, int, str, str, float]] = [
+    ("misses 1 KiB ours/raw", "ours", 1024, "miss", "ours_over_raw", 0.75),
+    ("misses 1 KiB ours/peer", "ours", 1024, "miss", "ours_over_peer", 5.0),
+    ("hits 1 KiB ours/peer", "ours", 1024, "hit", "ours_over_peer", 3.0),
+    ("misses 32 KiB ours/raw", "ours", 32 * 1024, "miss", "ours_over_raw", 0.45),
+    ("in-process recorded fetches/s (mock)", "mock", 1024, "miss", "per_s", 15_000.0),
+]
+
+
+def _targets(medians: list[dict[str, Any]], loops: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for loop in loops:
+        for name, client, size, phase, figure, threshold in TARGETS:
+            m = _find(medians, loop, client, size, phase)
+            value = m.get(figure) if m is not None else None
+            out.append(
+                {
+                    "loop": loop,
+                    "target": name,
+                    "threshold": threshold,
+                    "value": value,
+                    "verdict": "n/a" if value is None else "PASS" if value >= threshold else "MISS",
+                }
+            )
+    return out
+
+
+# -- output --------------------------------------------------------------------------------------
+
+_COLUMNS = ("size", "client", "phase", "req/s", "p50 ms", "p99 ms", "CPU s", "CPU µs/req")
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _cells(m: dict[str, Any]) -> list[str]:
+    return [
+        LABELS[m["size"]] if m["client"] != "mock" else "1 KiB",
+        m["client"],
+        m["phase"],
+        _fmt(m["per_s"], ",.0f"),
+        _fmt(m["p50_ms"], ".2f"),
+        _fmt(m["p99_ms"], ".2f"),
+        _fmt(m["cpu_s"], ".2f"),
+        _fmt(m["cpu_us_per_req"], ",.0f"),
+        _fmt(m.get("ours_over_raw"), ".2f"),
+        _fmt(m.get("ours_over_peer"), ".2f"),
+    ]
+
+
+def _ordered(medians: list[dict[str, Any]], loop: str) -> list[dict[str, Any]]:
+    order = {c: i for i, c in enumerate((*CLIENTS, "mock"))}
+    rows = [m for m in medians if m["loop"] == loop]
+    return sorted(
+        rows,
+        key=lambda m: (m["client"] == "mock", m["size"], m["phase"] == "hit", order[m["client"]]),
+    )
+
+
+def _print_rich(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    medians, cfg = report["medians"], report["config"]
+    for loop in cfg["loops"]:
+        table = Table(
+            title=f"{loop}: medians of {cfg['repeat']} runs, concurrency {cfg['concurrency']}",
+            title_justify="left",
+            pad_edge=False,
+            box=None,
+            header_style="bold",
+        )
+        for col in (*_COLUMNS, "ours/raw", "ours/peer"):
+            table.add_column(col, justify="left" if col in ("size", "client", "phase") else "right")
+        last_size = None
+        for m in _ordered(medians, loop):
+            if last_size is not None and (m["size"], m["client"] == "mock") != last_size:
+                table.add_section()
+            last_size = (m["size"], m["client"] == "mock")
+            table.add_row(*_cells(m), style="bold" if m["client"] == "ours" else None)
+        console.print(table)
+        console.print()
+    targets = Table(title="targets", title_justify="left", box=None, header_style="bold")
+    for col in ("loop", "target", "value", "needs", "verdict"):
+        targets.add_column(col, justify="right" if col in ("value", "needs") else "left")
+    for t in report["targets"]:
+        colour = {"PASS": "green", "MISS": "red"}.get(t["verdict"], "yellow")
+        spec = ",.0f" if t["threshold"] >= 100 else ".2f"
+        targets.add_row(
+            t["loop"],
+            t["target"],
+            _fmt(t["value"], spec),
+            f">= {format(t['threshold'], spec)}",
+            f"[{colour}]{t['verdict']}[/]",
+        )
+    console.print(targets)
+    for m in medians:
+        if m["errors"] or (m["phase"] == "hit" and m["upstream"]):
+            console.print(
+                f"[yellow]warning[/]: {m['loop']} {m['client']} {LABELS[m['size']]} {m['phase']}:"
+                f" {m['errors']} errors, {m['upstream']} upstream requests"
+            )
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """README-ready tables: one per loop, then the targets."""
+    lines: list[str] = []
+    m0 = report["machine"]
+    cfg = report["config"]
+    lines.append(
+        f"Medians of {cfg['repeat']} interleaved runs, concurrency {cfg['concurrency']}; "
+        f"{m0['cores']} cores ({m0['cpu_model']}), Python {m0['python']}, {m0['date'][:10]}."
+    )
+    for loop in cfg["loops"]:
+        lines += ["", f"**{loop}**", ""]
+        header = (*_COLUMNS, "ours/raw", "ours/peer")
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "|".join("---" if i < 3 else "--:" for i in range(len(header))) + "|")
+        for m in _ordered(report["medians"], loop):
+            cells = _cells(m)
+            if m["client"] == "ours":
+                cells = [f"**{c}**" if c != "-" else c for c in cells]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| loop | target | value | needs | |", "|---|---|--:|--:|---|"]
+    for t in report["targets"]:
+        spec = ",.0f" if t["threshold"] >= 100 else ".2f"
+        lines.append(
+            f"| {t['loop']} | {t['target']} | {_fmt(t['value'], spec)} | "
+            f">= {format(t['threshold'], spec)} | {t['verdict']} |"
+        )
+    return "\n".join(lines)
+
+
+# -- command line --------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: few requests, 1 repeat")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved repeats (medians)")
+    parser.add_argument("--concurrency", type=int, default=64, help="requests in flight")
+    parser.add_argument("--requests", type=int, default=5000, help="per phase, 1 and 32 KiB")
+    parser.add_argument("--requests-large", type=int, default=300, help="per phase, 1 MiB")
+    parser.add_argument("--mock-requests", type=int, default=20_000, help="0 skips the mock run")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop", "both"], default="both")
+    parser.add_argument("--size", type=int, choices=SIZES, action="append", help="repeatable")
+    parser.add_argument("--client", choices=CLIENTS, action="append", help="repeatable")
+    parser.add_argument("--server-lifetime", type=float, default=1800.0, help="seconds")
+    parser.add_argument("--out", type=Path, help="default results/http.json (--quick: http-quick)")
+    parser.add_argument("--trial", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.trial:
+        print(json.dumps(_trial(json.loads(args.trial))))
+        return
+
+    if args.quick:
+        args.repeat, args.requests, args.requests_large = 1, 500, 40
+        args.mock_requests = min(args.mock_requests, 3000)
+    loops = ["asyncio", "uvloop"] if args.loop == "both" else [args.loop]
+    if not uvloop_available():
+        if args.loop == "uvloop":
+            raise SystemExit("uvloop is not installed: pip install -e '.[bench]'")
+        loops = ["asyncio"]
+    cfg = Config(
+        loops=loops,
+        sizes=sorted(args.size or SIZES),
+        clients=[c for c in CLIENTS if c in (args.client or CLIENTS)],
+        small=args.requests,
+        large=args.requests_large,
+        mock=args.mock_requests,
+        concurrency=args.concurrency,
+        repeat=args.repeat,
+    )
+    out = args.out or RESULTS / ("http-quick.json" if args.quick else "http.json")
+
+    from rich.console import Console
+
+    console = Console()
+    report: dict[str, Any] = {"machine": machine(), "config": {}}
+    started = time.perf_counter()
+    with ServerProcess(lifetime=args.server_lifetime) as server:
+        report["config"] = {
+            **asdict(cfg),
+            "server": {
+                "loop": server.loop if uvloop_available() else "asyncio",
+                "host": "127.0.0.1",
+            },
+        }
+        runs = _run_all(cfg, server.port, lambda line: console.print(line, highlight=False))
+    medians = _medians(runs)
+    _add_ratios(medians)
+    report |= {
+        "seconds": round(time.perf_counter() - started, 1),
+        "medians": medians,
+        "targets": _targets(medians, cfg.loops),
+        "runs": runs,
+    }
+    console.print()
+    _print_rich(report)
+    console.print(f"\n{report['seconds']:.0f} s in all; written to {out}\n")
+    print(markdown(report))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
