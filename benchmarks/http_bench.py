@@ -81,14 +81,17 @@ async def trial_peer(port: int, size: int, n: int, concurrency: int) -> dict[str
     return phases
 
 
-async def trial_ours(port: int, size: int, n: int, concurrency: int) -> dict[str, Phase]:
+async def trial_ours(
+    port: int, size: int, n: int, concurrency: int, only: str | None = None
+) -> dict[str, Phase]:
+    """``only="miss"`` stops after the misses (for profiling them alone)."""
     import mxm_dataio_async as dio
 
     phases: dict[str, Phase] = {}
     with tempfile.TemporaryDirectory() as tmp:
         async with dio.Store(tmp) as store, dio.Registry() as registry:
             registry.register("bench", dio.HttpAdapter(base_url=f"http://127.0.0.1:{port}"))
-            for phase in ("miss", "hit"):
+            for phase in ("miss", "hit") if only is None else (only,):
                 # A new session per phase: hits come from the store, not from session memory.
                 async with dio.AsyncSession("bench", store=store, registry=registry) as s:
 
@@ -149,8 +152,11 @@ def _trial(spec: dict[str, Any]) -> dict[str, Any]:
     client, loop = spec["client"], spec["loop"]
     if client == "mock":
         phases = run(trial_mock(spec["n"], spec["concurrency"]), loop)
+    elif client == "ours":
+        args = (spec["port"], spec["size"], spec["n"], spec["concurrency"], spec.get("only"))
+        phases = run(trial_ours(*args), loop)
     else:
-        fn = {"raw": trial_raw, "peer": trial_peer, "ours": trial_ours}[client]
+        fn = {"raw": trial_raw, "peer": trial_peer}[client]
         phases = run(fn(spec["port"], spec["size"], spec["n"], spec["concurrency"]), loop)
     return {name: p.as_dict() for name, p in phases.items()}
 
@@ -428,7 +434,7 @@ def main() -> None:
         return
 
     if args.quick:
-        args.repeat, args.requests, args.requests_large = 1, 500, 40
+        args.repeat, args.requests, args.requests_large = 1, 1000, 60
         args.mock_requests = min(args.mock_requests, 3000)
     loops = ["asyncio", "uvloop"] if args.loop == "both" else [args.loop]
     if not uvloop_available():
