@@ -21,7 +21,7 @@ from tests.store._ingest_child import INLINE_THRESHOLD, body
 pytestmark = pytest.mark.anyio
 
 ROOT_DIR = Path(__file__).resolve().parents[2]
-N = 12_000
+PER_KILL = 1_200  # requests per planned kill: enough that runs are still going when killed
 KILLS = 10
 
 
@@ -70,13 +70,24 @@ async def _check_store(root: Path) -> int:
 
 
 async def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
+    await _soak(tmp_path, KILLS, seed=20261123)
+
+
+@pytest.mark.slow
+async def test_sigkill_soak(tmp_path: Path) -> None:
+    """The long version (opt in: ``pytest -m slow``); MXM_SOAK_KILLS sets the count."""
+    await _soak(tmp_path, int(os.environ.get("MXM_SOAK_KILLS", "60")), seed=int(time.time()))
+
+
+async def _soak(tmp_path: Path, kills_wanted: int, *, seed: int) -> None:
     root = tmp_path / "store"
-    rng = random.Random(20261123)
+    rng = random.Random(seed)
+    n = PER_KILL * kills_wanted
     recorded_before = 0
     kills = 0
     temp_seen = 0
-    for _ in range(KILLS):
-        proc = _start(root, 0, N)
+    for _ in range(kills_wanted):
+        proc = _start(root, 0, n)
         _wait_ready(proc)
         time.sleep(rng.uniform(0.0, 1.0))
         if proc.poll() is None:
@@ -88,14 +99,14 @@ async def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
         recorded = await _check_store(root)
         assert recorded >= recorded_before  # nothing committed disappears
         recorded_before = recorded
-    assert kills >= KILLS // 2, "the runs finished before they could be killed; raise N"
+    assert kills >= kills_wanted // 2, "the runs finished before they could be killed; raise PER_KILL"
     # Rerun to completion: only what is missing is fetched.
-    proc = _start(root, 0, N)
+    proc = _start(root, 0, n)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     calls = int(out.strip().splitlines()[-1].split("calls=")[1])
-    assert calls == N - recorded_before
-    assert await _check_store(root) == N
+    assert calls == n - recorded_before
+    assert await _check_store(root) == n
     # And the bytes are the right ones.
     async with Store(root) as store:
         seen = 0
@@ -107,8 +118,9 @@ async def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
             i = json.loads(params)["i"]
             assert await store.read(resp) == body(i)
             seen += 1
-    assert seen == N
+    assert seen == n
     print(
         f"\ncrash safety: {kills} SIGKILLs, {temp_seen} temp files left by killed runs "
-        f"(all removed on reopen), {recorded_before} responses survived, rerun fetched {calls}"
+        f"(all removed on reopen), {recorded_before} responses survived, rerun fetched {calls}, "
+        f"seed {seed}"
     )
