@@ -99,7 +99,7 @@ async def _soak(tmp_path: Path, kills_wanted: int, *, seed: int) -> None:
         recorded = await _check_store(root)
         assert recorded >= recorded_before  # nothing committed disappears
         recorded_before = recorded
-    assert kills >= kills_wanted // 2, "the runs finished before they could be killed; raise PER_KILL"
+    assert kills >= kills_wanted // 2, "runs finished before they could be killed: raise PER_KILL"
     # Rerun to completion: only what is missing is fetched.
     proc = _start(root, 0, n)
     out, err = proc.communicate(timeout=300)
