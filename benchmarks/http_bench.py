@@ -1,7 +1,7 @@
 """HTTP benchmark: mxm-dataio-async side by side with its ceiling and its peer.
 
     python benchmarks/http_bench.py             # full run (~5 minutes on 2 cores)
-    python benchmarks/http_bench.py --quick     # smoke run (~1 minute)
+    python benchmarks/http_bench.py --quick     # smoke run (~15 seconds)
 
 One loopback aiohttp server (its own process, 127.0.0.1) serves 1 KiB, 32 KiB and 1 MiB bodies.
 For each size, with the same worker pool and concurrency, in interleaved repeats:
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -337,7 +338,7 @@ def _print_rich(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=max(Console().width, 104))  # no truncated columns when piped
     medians, cfg = report["medians"], report["config"]
     for loop in cfg["loops"]:
         table = Table(
@@ -419,8 +420,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: few requests, 1 repeat")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved repeats (medians)")
     parser.add_argument("--concurrency", type=int, default=64, help="requests in flight")
-    parser.add_argument("--requests", type=int, default=5000, help="per phase, 1 and 32 KiB")
-    parser.add_argument("--requests-large", type=int, default=300, help="per phase, 1 MiB")
+    parser.add_argument("--requests", type=int, default=10_000, help="per phase, 1 and 32 KiB")
+    parser.add_argument("--requests-large", type=int, default=1000, help="per phase, 1 MiB")
     parser.add_argument("--mock-requests", type=int, default=20_000, help="0 skips the mock run")
     parser.add_argument("--loop", choices=["asyncio", "uvloop", "both"], default="both")
     parser.add_argument("--size", type=int, choices=SIZES, action="append", help="repeatable")
@@ -471,6 +472,7 @@ def main() -> None:
     _add_ratios(medians)
     report |= {
         "seconds": round(time.perf_counter() - started, 1),
+        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
         "medians": medians,
         "targets": _targets(medians, cfg.loops),
         "runs": runs,
