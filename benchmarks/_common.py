@@ -52,6 +52,7 @@ class Phase:
         out = asdict(self)
         out["per_s"] = round(self.per_s, 1)
         out["cpu_us_per_req"] = round(self.cpu_us_per_req, 1)
+        out["cpu_util"] = round(self.cpu_s / self.seconds, 3) if self.seconds > 0 else None
         return out
 
 
