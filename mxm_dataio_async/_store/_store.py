@@ -428,6 +428,90 @@ class Store:
                 temp.unlink()
         return out
 
+    # -- maintenance (see _maintenance.py) --------------------------------------------------------
+    # Thin delegations: the logic, and why it uses its own short-lived sqlite3 connection, live in
+    # _maintenance.py and _bundle.py (imported here, not at the top: they import this module).
+
+    from mxm_dataio_async._store import _bundle, _maintenance
+
+    async def verify(
+        self,
+        *,
+        grace: _maintenance.Duration = 0.0,
+        on_progress: _maintenance.ProgressCallback | None = None,
+    ) -> _maintenance.VerifyReport:
+        """Walk every row and payload: missing and corrupt payloads, rows naming absent
+        payloads, orphan files and temp leftovers. ``report.ok`` / ``report.exit_code``.
+
+        ```python
+        report = await store.verify()
+        for problem in report.problems:
+            print(problem.kind, problem.detail)
+        ```
+        """
+        self._require_open()
+        return await self._maintenance.verify(
+            self.root,
+            grace=grace,
+            busy_timeout=self._busy_timeout_ms / 1000,
+            on_progress=on_progress,
+        )
+
+    async def gc(
+        self, *, dry_run: bool = False, grace: _maintenance.Duration = _maintenance.DEFAULT_GC_GRACE
+    ) -> _maintenance.GcReport:
+        """Remove payloads no row names, orphan files and temp leftovers older than ``grace`` s."""
+        self._require_open()
+        return await self._maintenance.gc(
+            self.root, dry_run=dry_run, grace=grace, busy_timeout=self._busy_timeout_ms / 1000
+        )
+
+    async def prune(
+        self,
+        *,
+        older_than: _maintenance.Duration,
+        source: str | None = None,
+        bucket: str | None = None,
+        dry_run: bool = False,
+    ) -> _maintenance.PruneReport:
+        """Delete old responses (and requests left without one) in one transaction; ``gc`` then
+        frees their payloads. ``older_than``: a timedelta, seconds, or e.g. ``"30d"``."""
+        self._require_open()
+        return await self._maintenance.prune(
+            self.root,
+            older_than=older_than,
+            source=source,
+            bucket=bucket,
+            dry_run=dry_run,
+            busy_timeout=self._busy_timeout_ms / 1000,
+        )
+
+    async def stats(self) -> _maintenance.StoreStats:
+        """Counts and bytes per source, cache hit and error rates, payload tiers, database size."""
+        self._require_open()
+        return await self._maintenance.stats(self.root, busy_timeout=self._busy_timeout_ms / 1000)
+
+    async def export_session(
+        self, session_id: str, path: str | os.PathLike[str]
+    ) -> _bundle.ExportReport:
+        """Write a session as a self-contained bundle (tar) that another store can import."""
+        self._require_open()
+        return await self._bundle.export_session(
+            self.root, session_id, path, busy_timeout=self._busy_timeout_ms / 1000
+        )
+
+    async def import_bundle(self, path: str | os.PathLike[str]) -> _bundle.ImportReport:
+        """Import a bundle (idempotent; every payload verified before any row is written)."""
+        self._require_open()
+        return await self._bundle.import_bundle(
+            self.root,
+            path,
+            inline_threshold=self.inline_threshold,
+            busy_timeout=self._busy_timeout_ms / 1000,
+        )
+
+    # -- end of maintenance -----------------------------------------------------------------------
+
 
 async def _shielded_close(conn: aiosqlite.Connection) -> None:
     with anyio.CancelScope(shield=True):
