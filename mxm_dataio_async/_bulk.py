@@ -31,6 +31,43 @@ class FetchOutcome:
         return self.error is None
 
 
+class _Feed:
+    """Hands out the input's requests one at a time to the workers; records an input failure."""
+
+    def __init__(
+        self,
+        requests: Iterable[Request] | AsyncIterable[Request],
+        failure: list[BaseException],
+    ) -> None:
+        self._sync = None if isinstance(requests, AsyncIterable) else iter(requests)
+        self._async = requests.__aiter__() if isinstance(requests, AsyncIterable) else None
+        self._lock = anyio.Lock()  # an async generator cannot be advanced by two tasks at once
+        self._failure = failure
+        self.exhausted = False
+
+    def finished(self) -> bool:
+        return self.exhausted
+
+    async def next(self) -> Request | None:
+        if self.exhausted:
+            return None
+        try:
+            if self._sync is not None:
+                return next(self._sync)
+            assert self._async is not None
+            async with self._lock:
+                if self.finished():  # another worker finished the input while we waited
+                    return None
+                return await self._async.__anext__()
+        except (StopIteration, StopAsyncIteration):
+            self.exhausted = True
+            return None
+        except Exception as exc:  # the input itself failed: finish what is in flight, then raise
+            self.exhausted = True
+            self._failure.append(exc)
+            return None
+
+
 async def fetch_many(
     fetch: Callable[[Request], Awaitable[Response]],
     requests: Iterable[Request] | AsyncIterable[Request],
@@ -50,33 +87,10 @@ async def fetch_many(
     failure: list[BaseException] = []
     # A fixed pool of ``concurrency`` workers, each pulling its next request only when it is free:
     # no task per request, and the input is never read ahead of what is in flight.
-    sync_iter = None if isinstance(requests, AsyncIterable) else iter(requests)
-    async_iter = requests.__aiter__() if isinstance(requests, AsyncIterable) else None
-    pull_lock = anyio.Lock()  # an async generator cannot be advanced by two tasks at once
-    exhausted = False
-
-    async def next_request() -> Request | None:
-        nonlocal exhausted
-        if exhausted:
-            return None
-        try:
-            if sync_iter is not None:
-                return next(sync_iter)
-            assert async_iter is not None
-            async with pull_lock:
-                if exhausted:
-                    return None
-                return await async_iter.__anext__()
-        except (StopIteration, StopAsyncIteration):
-            exhausted = True
-            return None
-        except Exception as exc:  # the input itself failed: finish what is in flight, then raise
-            exhausted = True
-            failure.append(exc)
-            return None
+    feed = _Feed(requests, failure)
 
     async def worker() -> None:
-        while (request := await next_request()) is not None:
+        while (request := await feed.next()) is not None:
             try:
                 outcome = FetchOutcome(request, response=await fetch(request))
             except Exception as exc:
