@@ -75,8 +75,8 @@ class Redaction:
 
     def url(self, url: str | None) -> str | None:
         """``url`` without userinfo and with secret query parameters replaced."""
-        if not url:
-            return url
+        if not url or ("@" not in url and "?" not in url):
+            return url  # no userinfo and no query: nothing can be secret (the common case)
         try:
             parts = urlsplit(url)
         except ValueError:
