@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +24,9 @@ JSONValue = None | bool | int | float | str | list["JSONValue"] | dict[str, "JSO
 #: Deepest nesting accepted in params and body (a guard against runaway recursion).
 MAX_DEPTH = 200
 
-_SCALARS = (str, int, float, bool, type(None))
+# Ints this short always fit Python's int-to-text digit limit (default 4,300 digits); longer ones
+# are checked exactly, since json.dumps would fail on them.
+_SAFE_INT_BITS = 4096
 
 
 def check_json(value: object, where: str = "value") -> JSONValue:
@@ -44,6 +47,14 @@ def _check(value: object, where: str, depth: int) -> JSONValue:
     if cls is str or cls is bool or value is None:
         return value  # type: ignore[return-value]
     if cls is int:
+        if value.bit_length() > _SAFE_INT_BITS:  # type: ignore[attr-defined]
+            try:
+                int.__repr__(value)
+            except ValueError:
+                raise ValueError(
+                    f"{where}: integer too long to serialise (over the interpreter's limit of "
+                    f"{sys.get_int_max_str_digits()} digits); pass it as a string"
+                ) from None
         return value  # type: ignore[return-value]
     if cls is float:
         if not math.isfinite(value):  # type: ignore[arg-type]

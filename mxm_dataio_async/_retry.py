@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NO_RETRY",
+    "DeadlineExceeded",
     "RetryPolicy",
     "disable_retry_waits",
     "retry_waits_disabled",
@@ -152,6 +153,8 @@ async def run_with_retries(
     to retry; if it raises, that error propagates as is and nothing more is attempted.
     """
     started = clock()
+    if policy.deadline is not None:
+        attempt = _bounded_by_deadline(attempt, policy.deadline, started, clock)
     try:
         return await attempt(1)
     except Exception as exc:
@@ -168,6 +171,30 @@ async def run_with_retries(
         sleep=anyio.sleep if sleep is None else sleep,
         clock=clock,
     )
+
+
+class DeadlineExceeded(TransientError):
+    """The retry deadline passed while an attempt was still running (it was cancelled)."""
+
+
+def _bounded_by_deadline(
+    attempt: Callable[[int], Awaitable[T]],
+    deadline: float,
+    started: float,
+    clock: Callable[[], float],
+) -> Callable[[int], Awaitable[T]]:
+    """``attempt`` cancelled when the overall deadline passes: a body trickling forever below
+    the per-read timeout must not hold a fetch past its deadline."""
+
+    async def bounded(number: int) -> T:
+        remaining = started + deadline - clock()
+        with anyio.move_on_after(max(remaining, 0.0)):
+            return await attempt(number)
+        raise DeadlineExceeded(
+            f"the {deadline:g}s retry deadline passed during attempt {number}; it was cancelled"
+        )
+
+    return bounded
 
 
 class _HookFailed(BaseException):

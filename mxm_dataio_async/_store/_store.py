@@ -58,7 +58,21 @@ def _dt(text: str | None) -> datetime | None:
 
 
 def _json(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    # ASCII JSON: any str, lone surrogates included (aiohttp decodes undecodable header bytes to
+    # them), is representable; the escapes load back to the same str.
+    return None if value is None else json.dumps(value, separators=(",", ":"), ensure_ascii=True)
+
+
+def _text(value: str | None) -> str | None:
+    """Text SQLite can store: a str with lone surrogates cannot be encoded as UTF-8, so those
+    characters are written as backslash escapes instead of failing the whole batch."""
+    if value is None or value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
 
 
 def _configure(conn: sqlite3.Connection, busy_timeout_ms: int) -> None:
@@ -524,8 +538,8 @@ async def _shielded_close(conn: aiosqlite.Connection) -> None:
 def _session_row(s: Session) -> tuple[Any, ...]:
     return (
         s.id,
-        s.source,
-        s.as_of,
+        _text(s.source),
+        _text(s.as_of),
         _ts(s.started_at),
         _ts(s.ended_at) if s.ended_at else None,
         s.status.value,
@@ -535,7 +549,7 @@ def _session_row(s: Session) -> tuple[Any, ...]:
         s.cache_hits,
         s.errors,
         s.bytes_fetched,
-        s.error,
+        _text(s.error),
     )
 
 
@@ -566,15 +580,15 @@ def _request_row(
         q.id,
         q.session_id,
         bytes.fromhex(q.hash),
-        q.source,
-        q.kind,
+        _text(q.source),
+        _text(q.kind),
         q.method,
-        q.endpoint,
+        _text(q.endpoint),
         canonical_json(q.params),
         None if q.body is None else canonical_json(q.body),
         _json(dict(q.headers)) if q.headers else None,
-        q.as_of_bucket,
-        q.cache_tag,
+        _text(q.as_of_bucket),
+        _text(q.cache_tag),
         q.cache_mode.value,
         q.ttl_seconds,
         _ts(q.created_at),
@@ -589,27 +603,27 @@ def _response_row(q: Request, r: Response) -> tuple[Any, ...]:
         r.request_id,
         bytes.fromhex(r.request_hash),
         r.session_id,
-        q.source,
-        q.kind,
+        _text(q.source),
+        _text(q.kind),
         r.status.value,
         r.checksum,
         r.size_bytes,
         _ts(r.fetched_at),
         r.cache_mode.value,
         r.ttl_seconds,
-        r.as_of_bucket,
-        r.cache_tag,
+        _text(r.as_of_bucket),
+        _text(r.cache_tag),
         r.attempts,
         r.attempt,
         r.sequence,
         r.transport_status,
-        r.content_type,
-        r.encoding,
-        r.url,
+        _text(r.content_type),
+        _text(r.encoding),
+        _text(r.url),
         r.elapsed_ms,
         _json(dict(r.headers)) if r.headers is not None else None,
         _json(dict(r.adapter_meta)) if r.adapter_meta is not None else None,
-        r.error,
+        _text(r.error),
         r.revalidated_from,
     )
 

@@ -144,7 +144,15 @@ class Writer:
                     continue
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
-                await self._commit_batch(batch)
+                try:
+                    await self._commit_batch(batch)
+                except Exception as exc:  # a bug or an unexpected value: fail the batch, not us
+                    log.exception("store writer: batch failed")
+                    err = StoreError(f"cannot commit to the store: {type(exc).__name__}: {exc}")
+                    err.__cause__ = exc
+                    for job in batch:
+                        if job.future is not None and not job.future.done():
+                            job.future.set_exception(err)
         finally:
             self._closed = True
             err = StoreClosedError("the store closed before this write was committed")
@@ -189,6 +197,12 @@ class Writer:
             try:
                 await self._transaction(batches)
                 return
+            except (ValueError, TypeError, OverflowError) as exc:
+                # A value SQLite cannot bind (e.g. a str with lone surrogates): this batch fails,
+                # with the store's own error, and the writer goes on.
+                raise StoreError(
+                    f"cannot commit to the store: {type(exc).__name__}: {exc}"
+                ) from exc
             except sqlite3.Error as exc:
                 # busy_timeout already waited inside SQLite; a few more tries ride out a long
                 # checkpoint or a slow writer in another process.

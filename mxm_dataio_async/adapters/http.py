@@ -317,6 +317,12 @@ class HttpAdapter:
             cookie_jar=aiohttp.DummyCookieJar(),  # no hidden state between recorded requests
             read_bufsize=self.chunk_size,
         )
+        # aiohttp silently repeats an idempotent request once when a reused keep-alive connection
+        # turns out closed. That is an upstream attempt nobody records and no limiter counts: turn
+        # it off (as aiohttp's own test client does) and let our retry policy, which records every
+        # attempt, decide. The attribute is private; without it the behaviour is unchanged.
+        if hasattr(self._session, "_retry_connection"):
+            self._session._retry_connection = False
         self._loop = loop
         return self._session
 
