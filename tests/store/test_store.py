@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import subprocess
@@ -362,3 +363,53 @@ async def test_batched_reads_answer_each_caller(tmp_path: Path) -> None:
         assert await store.latest_response(missing.hash) is None
         reader = store._batch_reader
         assert reader is not None and reader.batches < 40
+
+
+async def test_text_with_lone_surrogates_is_stored_escaped(tmp_path: Path) -> None:
+    """aiohttp decodes undecodable header bytes to lone surrogates; they must not kill the writer."""
+    async with Store(tmp_path) as store:
+        s = _session()
+        await store.save_session(s)
+        req = build_request(session_id=s.id, source="src", kind="k")
+        resp = await _put(
+            store,
+            req,
+            b"body",
+            content_type="text/\udcff",
+            headers={"X-Odd": "caf\udce9"},
+            error="bad \ud800",
+        )
+        got = await store.get_response(resp.id)
+        assert got is not None
+        assert got.content_type == "text/\\udcff"
+        assert got.headers == {"X-Odd": "caf\udce9"}  # ASCII JSON round-trips surrogates exactly
+        assert got.error == "bad \\ud800"
+        # The writer is still alive.
+        await _put(store, req, b"after")
+        assert len([x async for x in store.iter_responses()]) == 2
+
+
+async def test_an_unbindable_row_fails_its_job_only(tmp_path: Path) -> None:
+    async with Store(tmp_path) as store:
+        s = _session()
+        await store.save_session(s)
+        req = build_request(session_id=s.id, source="src", kind="k")
+        bad_staged = await store.stage(b"bad")
+        bad = _response(req, bad_staged.checksum, bad_staged.size, elapsed_ms=object())
+        results: list[BaseException | None] = []
+
+        async def record_bad() -> None:
+            try:
+                await store.record(req, [bad], [bad_staged])
+                results.append(None)
+            except StoreError as exc:
+                results.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(record_bad)
+            tg.start_soon(_put, store, req, b"good")  # same batch, committed all the same
+        assert isinstance(results[0], StoreError)
+        assert "cannot commit" in str(results[0])
+        assert [x.checksum async for x in store.iter_responses()] == [
+            hashlib.sha256(b"good").hexdigest()
+        ]
