@@ -366,7 +366,7 @@ async def test_batched_reads_answer_each_caller(tmp_path: Path) -> None:
 
 
 async def test_text_with_lone_surrogates_is_stored_escaped(tmp_path: Path) -> None:
-    """aiohttp decodes undecodable header bytes to lone surrogates; they must not kill the writer."""
+    """Undecodable header bytes arrive as lone surrogates: they must not kill the writer."""
     async with Store(tmp_path) as store:
         s = _session()
         await store.save_session(s)
