@@ -59,7 +59,8 @@ REDACTION: Final = Redaction()
 FUZZ = settings(
     database=None,
     derandomize=True,
-    deadline=None,  # bounded by anyio.fail_after inside (hypothesis deadlines flake under load)
+    # Generous (an example takes milliseconds): "quickly", without flaking under load.
+    deadline=dt.timedelta(seconds=5),
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
