@@ -40,6 +40,14 @@ from mxm_dataio_async._registry import (
 from mxm_dataio_async._retry import RetryPolicy, disable_retry_waits
 from mxm_dataio_async._session import AsyncSession
 from mxm_dataio_async._store import Store
+from mxm_dataio_async._store._bundle import ExportReport, ImportReport
+from mxm_dataio_async._store._maintenance import (
+    GcReport,
+    Problem,
+    PruneReport,
+    StoreStats,
+    VerifyReport,
+)
 from mxm_dataio_async.adapters.base import Fetcher, Revalidator, Sender, Streamer
 from mxm_dataio_async.adapters.files import FileAdapter
 from mxm_dataio_async.adapters.http import HttpAdapter
@@ -55,14 +63,19 @@ __all__ = [
     "CacheMode",
     "CapabilityError",
     "DataIOError",
+    "ExportReport",
     "FetchError",
     "FetchOutcome",
     "Fetcher",
     "FileAdapter",
+    "GcReport",
     "HttpAdapter",
+    "ImportReport",
     "IntegrityError",
     "LimiterStatistics",
     "MockAdapter",
+    "Problem",
+    "PruneReport",
     "RateLimit",
     "Redaction",
     "Registry",
@@ -78,9 +91,11 @@ __all__ = [
     "Store",
     "StoreClosedError",
     "StoreError",
+    "StoreStats",
     "Streamer",
     "TransientError",
     "USE_SESSION_DEFAULT",
+    "VerifyReport",
     "default_registry",
     "disable_retry_waits",
     "list_registered",

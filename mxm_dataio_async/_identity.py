@@ -34,53 +34,98 @@ def check_json(value: object, where: str = "value") -> JSONValue:
 
     Tuples become lists and mappings become plain dicts, so what a request stores is exactly what
     its identity hashed. Raises ``TypeError`` for non-JSON types or non-string keys and
-    ``ValueError`` for NaN/Infinity or nesting deeper than :data:`MAX_DEPTH`.
+    ``ValueError`` for NaN/Infinity, ints too long to write, or nesting deeper than
+    :data:`MAX_DEPTH`; the message names the path to the offending value.
     """
-    return _check(value, where, 0)
+    try:
+        return _check(value, 0)
+    except _Refused as refused:
+        path = where + "".join(f"[{step!r}]" for step in reversed(refused.path))
+        raise refused.kind(f"{path}: {refused.message}") from None
 
 
-def _check(value: object, where: str, depth: int) -> JSONValue:
+class _Refused(Exception):
+    """Raised deep inside ``_check``; each level adds its key on the way out, so the path string
+    is built only when something is wrong (building it eagerly grows quadratically with depth)."""
+
+    def __init__(self, kind: type[Exception], message: str) -> None:
+        self.kind = kind
+        self.message = message
+        self.path: list[str | int] = []
+
+
+def _text(value: str) -> str:
+    """``value`` with surrogate pairs combined: ``"\\ud83d\\ude00"`` would otherwise be written to
+    JSON exactly as the emoji it encodes, and the two would share one identity."""
+    if value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "surrogatepass")
+    return value
+
+
+def _check(value: object, depth: int) -> JSONValue:
     if depth > MAX_DEPTH:
-        raise ValueError(f"{where}: nested deeper than {MAX_DEPTH} levels")
+        raise _Refused(ValueError, f"nested deeper than {MAX_DEPTH} levels")
     # Exact type checks first: the common case costs one lookup.
     cls = type(value)
-    if cls is str or cls is bool or value is None:
+    if cls is str:
+        return _text(value)  # type: ignore[arg-type]
+    if cls is bool or value is None:
         return value  # type: ignore[return-value]
     if cls is int:
         if value.bit_length() > _SAFE_INT_BITS:  # type: ignore[attr-defined]
             try:
                 int.__repr__(value)
             except ValueError:
-                raise ValueError(
-                    f"{where}: integer too long to serialise (over the interpreter's limit of "
-                    f"{sys.get_int_max_str_digits()} digits); pass it as a string"
+                raise _Refused(
+                    ValueError,
+                    "integer too long to serialise (over the interpreter's limit of "
+                    f"{sys.get_int_max_str_digits()} digits); pass it as a string",
                 ) from None
         return value  # type: ignore[return-value]
     if cls is float:
         if not math.isfinite(value):  # type: ignore[arg-type]
-            raise ValueError(f"{where}: {value!r} is not valid JSON (NaN and Infinity are refused)")
+            raise _Refused(
+                ValueError, f"{value!r} is not valid JSON (NaN and Infinity are refused)"
+            )
         return value  # type: ignore[return-value]
     if isinstance(value, Mapping):
         out: dict[str, JSONValue] = {}
         for key, item in value.items():
             if type(key) is not str:
-                raise TypeError(
-                    f"{where}: key {key!r} is a {type(key).__name__}; JSON object keys must be "
-                    "str (convert it explicitly, e.g. str(key))"
+                raise _Refused(
+                    TypeError,
+                    f"key {key!r} is a {type(key).__name__}; JSON object keys must be str "
+                    "(convert it explicitly, e.g. str(key))",
                 )
-            out[key] = _check(item, f"{where}[{key!r}]", depth + 1)
+            try:
+                out[_text(key)] = _check(item, depth + 1)
+            except _Refused as refused:
+                refused.path.append(key)
+                raise
         return out
     if isinstance(value, list | tuple):
-        return [_check(item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value)]
+        items: list[JSONValue] = []
+        for i, item in enumerate(value):
+            try:
+                items.append(_check(item, depth + 1))
+            except _Refused as refused:
+                refused.path.append(i)
+                raise
+        return items
     if isinstance(value, set | frozenset):
-        raise TypeError(f"{where}: sets have no order and are not JSON; pass a sorted list instead")
+        raise _Refused(TypeError, "sets have no order and are not JSON; pass a sorted list instead")
     if isinstance(value, bool | int | float | str):
         # Subclasses (IntEnum, StrEnum, numpy-free float subclasses): normalise to the base type.
         base: type = next(t for t in (bool, int, float, str) if isinstance(value, t))
-        return _check(base(value), where, depth)
-    raise TypeError(
-        f"{where}: {type(value).__name__} is not JSON-serialisable; use str, int, float, bool, "
-        "None, list or dict with str keys"
+        return _check(base(value), depth)
+    raise _Refused(
+        TypeError,
+        f"{type(value).__name__} is not JSON-serialisable; use str, int, float, bool, None, "
+        "list or dict with str keys",
     )
 
 

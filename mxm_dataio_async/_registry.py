@@ -82,6 +82,8 @@ class Registry:
         """Register ``adapter`` under ``name``. A taken name raises ``ValueError``."""
         if not isinstance(name, str) or not name:
             raise TypeError(f"source name must be a non-empty str, got {name!r}")
+        if "\x00" in name:
+            raise ValueError(f"source name must not contain NUL characters: {name!r}")
         if name in self._entries:
             raise ValueError(f"source {name!r} is already registered; unregister it first")
         if rate_limit is not None and not isinstance(rate_limit, RateLimit):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,9 +20,15 @@ def check_ttl(ttl: float | None, where: str = "ttl") -> float | None:
         return None
     if isinstance(ttl, bool) or not isinstance(ttl, int | float):
         raise TypeError(f"{where} must be a number of seconds or None, not {type(ttl).__name__}")
-    if not ttl >= 0:  # also refuses NaN
-        raise ValueError(f"{where} must be >= 0 seconds (or None for no expiry), got {ttl!r}")
-    return float(ttl)
+    try:
+        seconds = float(ttl)
+    except OverflowError:
+        raise ValueError(f"{where} is too large to be a number of seconds: {ttl!r}") from None
+    if not seconds >= 0 or math.isinf(seconds):  # also refuses NaN
+        raise ValueError(
+            f"{where} must be a finite number of seconds >= 0 (or None for no expiry), got {ttl!r}"
+        )
+    return seconds
 
 
 def check_cache_mode(mode: CacheMode | str) -> CacheMode:

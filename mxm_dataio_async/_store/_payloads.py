@@ -119,7 +119,13 @@ class PayloadFiles:
     def _write_whole(self, digest: bytes, raw: bytes) -> None:
         final = self.path_for(digest)
         if final.exists():
-            return  # content-addressed: the same bytes are already there
+            # Content-addressed: the same bytes are already there. Touch it, so gc's grace period
+            # (by mtime) protects it until this fetch's row commits, even if it was an orphan.
+            try:
+                os.utime(final)
+                return
+            except FileNotFoundError:
+                pass  # gc removed it just now: write it again below
         temp = self._temp_path()
         try:
             with open(temp, "wb") as f:

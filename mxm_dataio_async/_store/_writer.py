@@ -120,7 +120,7 @@ class Writer:
         With ``wait=False`` no future is made: the rows commit with the next batch and a failure
         is logged (used for audit rows whose loss is harmless, e.g. a cache hit's request row).
         """
-        if self._closing:
+        if self._closing or self._closed:
             raise StoreClosedError("the store is closed; no more writes are accepted")
         fut = self._loop.create_future() if wait else None
         self._pending.append(_Job(rows, fut))

@@ -113,7 +113,7 @@ class Half(float):
     pass
 
 
-# Unpaired only: a high surrogate followed by a low one is the subject of an xfail test.
+# Unpaired only: a high surrogate followed by a low one is combined (see the pairs test).
 LONE_SURROGATES: Final = ("\ud800", "\udfff", "a\udc80b", "\udfff\ud800")
 # Names that look like paths, devices or escapes to something that would interpret them.
 TRAVERSAL: Final = (
@@ -263,7 +263,6 @@ methods = mostly(
 )
 ttls = mostly(
     st.none() | st.floats(min_value=0) | st.integers(0, 10**9),
-    # Huge ints are left out: see test_huge_ttl_is_a_typed_error (xfail).
     st.floats() | st.integers(-5, -1) | st.sampled_from([True, "5", [1]]),
 )
 cache_modes = mostly(
@@ -555,11 +554,6 @@ async def test_file_adapter_never_serves_outside_its_root(
 # -- bugs ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="check_ttl() (_request.py) converts with float(ttl): an int beyond float range "
-    "raises OverflowError, not TypeError/ValueError",
-)
 async def test_huge_ttl_is_a_typed_error(tmp_path: Path) -> None:
     registry = Registry()
     registry.register(SOURCE, MockAdapter(echo_hash))
@@ -657,21 +651,15 @@ async def test_lone_surrogates_in_labels_are_refused_or_stored(
         assert "REFUSED" in result.stdout or "SESSION ok" in result.stdout, (variant, result)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="check_json() (_identity.py) passes a str holding a high+low surrogate pair "
-    "(two code points) unchanged; canonical JSON writes it as the same escapes as the astral "
-    "character the pair encodes, so both hash the same, and the stored params load back as that "
-    "other string",
-)
 def test_surrogate_pairs_do_not_alias_the_character_they_encode() -> None:
     astral = build_request(session_id="s", source="s", kind="k", params={"s": "\U0001f600"})
     try:
         paired = build_request(session_id="s", source="s", kind="k", params={"s": "\ud83d\ude00"})
     except ValueError:
         return  # refused: fine
-    if paired.hash == astral.hash:  # one identity: then one value (normalised)
-        assert paired.params == astral.params
+    # Regression: pairs are combined, so one identity means one value.
+    assert paired.hash == astral.hash
+    assert paired.params == astral.params
     # Whatever the identity, the checked params survive their own stored JSON.
     assert json.loads(json.dumps(paired.params)) == paired.params
 
