@@ -57,7 +57,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+# Piped or redirected output is not squeezed to 80 columns (rich's default off a terminal).
+console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True)
 
 T = TypeVar("T")
@@ -241,15 +242,18 @@ def sessions(
         _print_json(rows)
         return
     table = Table(title=f"sessions in {_root(root)}")
+    # On a narrow terminal show id prefixes: `show` accepts any unique prefix of 4+ characters.
+    short_ids = console.width < 140
     for col in ("id", "source", "as_of", "started", "ended", "status", "requests", "bytes"):
         table.add_column(
             col,
-            no_wrap=col in ("id", "started", "ended"),
+            no_wrap=col in ("id", "started", "ended", "status"),
+            min_width=6 if col in ("source", "status") else None,
             justify="right" if col in ("requests", "bytes") else "left",
         )
     for r in rows:
         table.add_row(
-            r["id"],
+            r["id"][:8] if short_ids else r["id"],
             r["source"],
             r["as_of"] or "",
             _when(r["started_at"]),
