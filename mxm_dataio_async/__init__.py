@@ -13,6 +13,7 @@ from mxm_dataio_async._exceptions import (
     DataIOError,
     FetchError,
     IntegrityError,
+    LeaseHeld,
     StoreClosedError,
     StoreError,
     TransientError,
@@ -39,7 +40,7 @@ from mxm_dataio_async._registry import (
 )
 from mxm_dataio_async._retry import RetryPolicy, disable_retry_waits
 from mxm_dataio_async._session import AsyncSession
-from mxm_dataio_async._store import Store
+from mxm_dataio_async._store import Lease, Store
 from mxm_dataio_async._store._bundle import ExportReport, ImportReport
 from mxm_dataio_async._store._maintenance import (
     GcReport,
@@ -72,6 +73,8 @@ __all__ = [
     "HttpAdapter",
     "ImportReport",
     "IntegrityError",
+    "Lease",
+    "LeaseHeld",
     "LimiterStatistics",
     "MockAdapter",
     "Problem",

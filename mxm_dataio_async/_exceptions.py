@@ -8,6 +8,7 @@ DataIOError
 ├── TransientError                           raised by adapters: "try again", optional retry_after
 ├── FetchError                               final failure of one request (request, attempts, cause)
 ├── IntegrityError                           stored bytes do not match their checksum
+├── LeaseHeld                                another run holds the job's lease
 └── StoreError                               the store cannot be opened, read or written
     └── StoreClosedError                     the store (or session) is not open
 ```
@@ -22,6 +23,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from mxm_dataio_async._models import Request
 
 __all__ = [
@@ -31,6 +34,7 @@ __all__ = [
     "DataIOError",
     "FetchError",
     "IntegrityError",
+    "LeaseHeld",
     "StoreClosedError",
     "StoreError",
     "TransientError",
@@ -114,6 +118,20 @@ class FetchError(DataIOError):
 
 class IntegrityError(DataIOError):
     """Stored payload bytes do not match their recorded sha256 (or are missing)."""
+
+
+class LeaseHeld(DataIOError):
+    """A job's lease is held by another live run (``holder``) until ``expires_at`` (UTC)."""
+
+    def __init__(self, name: str, holder: str, expires_at: datetime) -> None:
+        self.name = name
+        self.holder = holder
+        self.expires_at = expires_at
+        super().__init__(
+            f"{name!r} is already running: its lease is held by {holder} until "
+            f"{expires_at:%Y-%m-%d %H:%M:%S} UTC (renewed while that run lives); wait for it "
+            "to finish, or let this run wait for the lease"
+        )
 
 
 class StoreError(DataIOError):

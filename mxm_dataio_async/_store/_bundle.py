@@ -48,8 +48,7 @@ from mxm_dataio_async._store._maintenance import (
     transaction,
 )
 from mxm_dataio_async._store._payloads import PayloadFiles
-from mxm_dataio_async._store._schema import SCHEMA_VERSION
-from mxm_dataio_async._store._store import DB_NAME, DEFAULT_INLINE_THRESHOLD
+from mxm_dataio_async._store._schema import DB_NAME, DEFAULT_INLINE_THRESHOLD, SCHEMA_VERSION
 from mxm_dataio_async._store._writer import REQUEST_COLUMNS, RESPONSE_COLUMNS, SESSION_COLUMNS
 
 __all__ = ["BUNDLE_FORMAT", "ExportReport", "ImportReport", "export_session", "import_bundle"]

@@ -42,8 +42,7 @@ import anyio.to_thread
 from mxm_dataio_async._exceptions import StoreError
 from mxm_dataio_async._models import utcnow
 from mxm_dataio_async._store._payloads import PayloadFiles, _pid_alive
-from mxm_dataio_async._store._schema import SCHEMA_VERSION
-from mxm_dataio_async._store._store import DB_NAME
+from mxm_dataio_async._store._schema import DB_NAME, SCHEMA_VERSION
 from mxm_dataio_async._store._writer import sqlite_error
 
 __all__ = [

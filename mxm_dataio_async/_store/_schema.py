@@ -17,7 +17,12 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
+__all__ = ["DB_NAME", "DEFAULT_INLINE_THRESHOLD", "MIGRATIONS", "SCHEMA_VERSION"]
+
+#: The database file under a store root.
+DB_NAME = "dataio.sqlite"
+#: Payloads up to this many bytes are stored inline in SQLite by default.
+DEFAULT_INLINE_THRESHOLD = 64 * 1024
 
 _V1 = """
 CREATE TABLE sessions (
@@ -101,15 +106,40 @@ CREATE TABLE payloads (
 
 
 def _to_v1(conn: sqlite3.Connection) -> None:
+    _run(conn, _V1)
+
+
+_V2 = """
+-- Consumers' positions in the response log (rowid order = commit order: one writer at a time).
+CREATE TABLE checkpoints (
+    name        TEXT PRIMARY KEY,
+    response_id TEXT NOT NULL,
+    position    INTEGER NOT NULL,
+    updated_at  TEXT NOT NULL
+);
+-- Who runs a job now; a holder that stops heart-beating loses it when expires_at passes.
+CREATE TABLE leases (
+    name         TEXT PRIMARY KEY,
+    holder       TEXT NOT NULL,
+    acquired_at  TEXT NOT NULL,
+    heartbeat_at TEXT NOT NULL,
+    expires_at   TEXT NOT NULL
+);
+"""
+
+
+def _run(conn: sqlite3.Connection, script: str) -> None:
     # Statement by statement: executescript() would COMMIT the caller's migration transaction.
-    for statement in _V1.split(";"):
-        sql = "\n".join(
-            line for line in statement.splitlines() if not line.strip().startswith("--")
-        ).strip()
-        if sql:
-            conn.execute(sql)
+    code = "\n".join(line for line in script.splitlines() if not line.strip().startswith("--"))
+    for statement in code.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def _to_v2(conn: sqlite3.Connection) -> None:
+    _run(conn, _V2)
 
 
 #: MIGRATIONS[n] upgrades a database at user_version n to n + 1.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _to_v1}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _to_v1, 1: _to_v2}
 SCHEMA_VERSION = max(MIGRATIONS) + 1

@@ -6,18 +6,18 @@ import json
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Self
 
 import aiosqlite
 import anyio
 import anyio.abc
 import anyio.to_thread
 
-from mxm_dataio_async._exceptions import IntegrityError, StoreClosedError, StoreError
+from mxm_dataio_async._exceptions import IntegrityError, LeaseHeld, StoreClosedError, StoreError
 from mxm_dataio_async._identity import canonical_json
 from mxm_dataio_async._models import (
     Body,
@@ -29,9 +29,15 @@ from mxm_dataio_async._models import (
     SessionStatus,
     utcnow,
 )
+from mxm_dataio_async._store import _coordination
 from mxm_dataio_async._store._payloads import PayloadFiles, StagedPayload, verify
 from mxm_dataio_async._store._reader import BatchReader
-from mxm_dataio_async._store._schema import MIGRATIONS, SCHEMA_VERSION
+from mxm_dataio_async._store._schema import (
+    DB_NAME,
+    DEFAULT_INLINE_THRESHOLD,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+)
 from mxm_dataio_async._store._writer import (
     RESPONSE_COLUMNS,
     SESSION_COLUMNS,
@@ -42,8 +48,6 @@ from mxm_dataio_async._store._writer import (
 
 __all__ = ["DB_NAME", "Store"]
 
-DB_NAME: Final = "dataio.sqlite"
-DEFAULT_INLINE_THRESHOLD: Final = 64 * 1024
 
 _UNOPENED, _OPEN, _CLOSED = "unopened", "open", "closed"
 
@@ -148,6 +152,7 @@ class Store:
         self._writer: Writer | None = None
         self._reader: aiosqlite.Connection | None = None
         self._batch_reader: BatchReader | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
         self._users = 0
         self.temp_files_removed = 0
 
@@ -219,6 +224,7 @@ class Store:
         tg = await stack.enter_async_context(anyio.create_task_group())
         tg.start_soon(writer.run)
         tg.start_soon(batch_reader.run)
+        self._tg = tg
         self._writer = writer
         self._batch_reader = batch_reader
 
@@ -345,11 +351,19 @@ class Store:
         status: ResponseStatus | str | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
+        after: str | None = None,
         page_size: int = 500,
     ) -> AsyncIterator[Response]:
         """Responses in the order they were recorded, filtered; fetched page by page.
 
-        ``since`` is inclusive and ``until`` exclusive (timezone-aware datetimes).
+        ``since`` is inclusive and ``until`` exclusive (timezone-aware datetimes). ``after`` is a
+        cursor (a response id, e.g. from ``read_checkpoint``): only responses recorded after it.
+        A consumer that processes each response and then ``write_checkpoint(name, resp.id)``
+        sees every response exactly once across restarts::
+
+            async for resp in store.iter_responses(after=await store.read_checkpoint("etl")):
+                process(await store.read(resp))
+                await store.write_checkpoint("etl", resp.id)
         """
         clauses: list[str] = []
         params: list[Any] = []
@@ -371,7 +385,7 @@ class Store:
                 clauses.append(f"fetched_at {op} ?")
                 params.append(_ts(moment.astimezone(UTC)))
         where = " AND ".join(clauses) if clauses else "1"
-        last = 0
+        last = 0 if after is None else await self._position_of(after)
         while True:
             rows = await self._fetchall(
                 f"SELECT rowid, {RESPONSE_COLUMNS} FROM responses WHERE rowid > ? AND {where} "
@@ -383,6 +397,90 @@ class Store:
             if len(rows) < page_size:
                 return
             last = rows[-1][0]
+
+    async def _position_of(self, cursor: str) -> int:
+        rows = await self._fetchall("SELECT rowid FROM responses WHERE id = ?", (cursor,))
+        if not rows:  # the response was pruned: its checkpoint still knows where it was
+            rows = await self._fetchall(
+                "SELECT max(position) FROM checkpoints WHERE response_id = ?", (cursor,)
+            )
+        if not rows or rows[0][0] is None:
+            raise ValueError(f"unknown cursor {cursor!r}: no response with that id")
+        return int(rows[0][0])
+
+    # -- checkpoints and leases -----------------------------------------------------------------
+
+    async def read_checkpoint(self, name: str) -> str | None:
+        """The cursor last written under ``name`` (a response id), or None."""
+        self._require_open()
+        return await _coordination.read_checkpoint(self.root, name, self._busy_timeout_ms / 1000)
+
+    async def write_checkpoint(self, name: str, cursor: str) -> None:
+        """Remember ``cursor`` (a response id) as consumer ``name``'s position."""
+        self._require_open()
+        await _coordination.write_checkpoint(self.root, name, cursor, self._busy_timeout_ms / 1000)
+
+    @asynccontextmanager
+    async def lease(
+        self,
+        name: str,
+        *,
+        ttl: float = 30.0,
+        wait: bool = False,
+        poll: float = 1.0,
+        holder: str | None = None,
+    ) -> AsyncIterator[_coordination.Lease]:
+        """Hold the lease ``name`` while the block runs (one run of a job at a time).
+
+        Raises ``LeaseHeld`` if another live run holds it (or, with ``wait=True``, waits for it,
+        checking every ``poll`` seconds). The lease is renewed every ``ttl / 3`` seconds; a run
+        that dies stops renewing, so its lease expires after ``ttl`` and the next run takes over.
+        If the lease is lost anyway (renewals failing for longer than ``ttl``), the block is
+        cancelled and ``LeaseHeld`` raised.
+        """
+        self._require_open()
+        who = holder or _coordination.default_holder()
+        busy = self._busy_timeout_ms / 1000
+        while True:
+            try:
+                held = await _coordination.acquire_lease(self.root, name, who, ttl, busy)
+                break
+            except LeaseHeld:
+                if not wait:
+                    raise
+                await anyio.sleep(poll)
+        lost: list[LeaseHeld] = []
+        body_scope = anyio.CancelScope()
+        beat_scope = anyio.CancelScope()
+
+        async def heartbeat() -> None:
+            nonlocal held
+            with beat_scope:
+                while True:
+                    await anyio.sleep(ttl / 3)
+                    try:
+                        held = await _coordination.renew_lease(self.root, held, ttl, busy)
+                    except LeaseHeld as exc:
+                        lost.append(exc)
+                        body_scope.cancel()
+                        return
+                    except StoreError:
+                        continue  # a busy or briefly failing store: try again before expiry
+
+        # The heartbeat runs in the store's task group, not around the block: an error in the
+        # block then propagates as itself, not wrapped in an ExceptionGroup.
+        assert self._tg is not None
+        self._tg.start_soon(heartbeat)
+        try:
+            with body_scope:
+                yield held
+            if lost:
+                raise lost[0]
+        finally:
+            beat_scope.cancel()
+            if not lost:
+                with anyio.CancelScope(shield=True):
+                    await _coordination.release_lease(self.root, held, busy)
 
     async def read(self, response: Response | str) -> bytes:
         """The exact payload bytes of a response (or a checksum), verified against the sha256."""
