@@ -1,22 +1,27 @@
 """Single-flight: one producer task per key; concurrent callers of that key share its outcome.
 
-Modelled on async-lru's ``_shield_and_handle_cancelled_error``: the producer runs in the owning
-session's task group, not in any caller, so a caller that is cancelled (the first one included)
-only stops waiting. Waiters are counted; when the last one leaves before the outcome is known the
-producer is cancelled, since nobody needs it any more. Outcomes are never remembered: the key is
-dropped as soon as its producer finishes, so a failure is seen only by the callers that waited for
-it, and the next call starts afresh.
+Modelled on async-lru's ``_shield_and_handle_cancelled_error``: the producer runs in a task of its
+own, not in any caller, so a caller that is cancelled (the first one included) only stops waiting.
+Waiters are counted; when the last one leaves before the outcome is known the producer is
+cancelled, since nobody needs it any more. Outcomes are never remembered: the key is dropped as
+soon as its producer finishes, so a failure is seen only by the callers that waited for it, and
+the next call starts afresh.
+
+Producers are plain asyncio tasks owned by the coalescer, and the session awaits (or cancels) them
+all in ``aclose()`` before it exits, so none outlives it. Not an anyio task group: spawning there
+costs ~21 µs per task here (measured, anyio 4.16) against ~3 µs for ``loop.create_task``, and a
+producer is spawned for every cache miss.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Hashable
 from types import TracebackType
 from typing import Generic, TypeVar, cast
 
 import anyio
 import anyio.lowlevel
-from anyio.abc import TaskGroup
 
 from mxm_dataio_async._exceptions import DataIOError
 
@@ -29,12 +34,11 @@ T = TypeVar("T")
 class _Flight(Generic[T]):
     """One in-flight producer and what its waiters need to see its outcome."""
 
-    __slots__ = ("done", "error", "has_result", "result", "scope", "traceback", "waiters")
+    __slots__ = ("done", "error", "has_result", "result", "task", "traceback", "waiters")
 
     def __init__(self) -> None:
-        self.done = anyio.Event()
-        # Created here, not in the producer, so it can be cancelled before the task has started.
-        self.scope = anyio.CancelScope()
+        self.done = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
         self.waiters = 0
         self.has_result = False
         self.result: T | None = None
@@ -45,23 +49,40 @@ class _Flight(Generic[T]):
 class Coalescer(Generic[K, T]):
     """Run at most one ``factory()`` per key at a time; concurrent callers share its outcome.
 
-    Producers are spawned in ``task_group`` (the owning session's), so they outlive any one
-    caller::
-
-        coalescer: Coalescer[str, Response] = Coalescer(task_group)
-        response = await coalescer.run(request.hash, lambda: fetch_and_store(request))
+    ```python
+    coalescer: Coalescer[str, Response] = Coalescer()
+    response = await coalescer.run(request.hash, lambda: fetch_and_store(request))
+    ...
+    await coalescer.aclose()  # waits for running producers (cancel=True: cancels them)
+    ```
 
     A failure (``Exception``) is raised in every caller that waited for it: the same exception
     object, each time restarting from the producer's traceback so tracebacks do not grow with the
-    number of waiters. If the task group cancels the producer (the session is closing), waiters get
-    ``DataIOError`` instead of hanging, unless they are being cancelled themselves.
+    number of waiters. If a producer is cancelled by ``aclose(cancel=True)`` (the session is
+    closing), waiters get ``DataIOError`` instead of hanging, unless they are being cancelled
+    themselves.
     """
 
-    __slots__ = ("_flights", "_task_group")
+    __slots__ = ("_closed", "_flights", "_tasks")
 
-    def __init__(self, task_group: TaskGroup) -> None:
-        self._task_group = task_group
+    def __init__(self) -> None:
         self._flights: dict[K, _Flight[T]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def aclose(self, *, cancel: bool = False) -> None:
+        """Refuse new producers and wait for the running ones (cancelling them if ``cancel``).
+
+        The wait is shielded: a cancelled caller still leaves no producer behind.
+        """
+        self._closed = True
+        tasks = list(self._tasks)
+        if cancel:
+            for task in tasks:
+                task.cancel()
+        if tasks:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait(tasks)
 
     def in_flight(self) -> int:
         """The number of keys with a running producer."""
@@ -76,11 +97,15 @@ class Coalescer(Generic[K, T]):
         """Return the outcome of the producer for ``key``, starting ``factory()`` if none runs."""
         flight = self._flights.get(key)
         if flight is None:
+            if self._closed:
+                raise DataIOError("cannot start the request: the session is closed")
             flight = _Flight()
-            try:
-                self._task_group.start_soon(self._produce, key, flight, factory)
-            except RuntimeError as exc:  # anyio: "This task group is not active"
-                raise DataIOError("cannot start the request: the session is closed") from exc
+            task = asyncio.get_running_loop().create_task(self._produce(flight, factory))
+            flight.task = task
+            self._tasks.add(task)
+            # A done-callback, not a finally: a task cancelled before its first step never runs
+            # its coroutine, and its waiters must still be released.
+            task.add_done_callback(lambda t: self._finished(key, flight, t))
             self._flights[key] = flight
         flight.waiters += 1
         try:
@@ -90,7 +115,8 @@ class Coalescer(Generic[K, T]):
             if not flight.waiters and not flight.done.is_set():
                 # The last caller left early (cancelled): nobody needs the outcome any more. Drop
                 # the key now, so a new caller starts a new producer instead of joining a dying one.
-                flight.scope.cancel()
+                if flight.task is not None:
+                    flight.task.cancel()
                 if self._flights.get(key) is flight:
                     del self._flights[key]
         if flight.error is not None:
@@ -98,26 +124,22 @@ class Coalescer(Generic[K, T]):
             raise flight.error.with_traceback(flight.traceback)
         if flight.has_result:
             return cast("T", flight.result)
-        # The producer was cancelled from outside: the task group is shutting down.
+        # The producer was cancelled from outside: the session is closing.
         await anyio.lowlevel.checkpoint_if_cancelled()
         raise DataIOError("in-flight request cancelled: the session is closing")
 
-    async def _produce(
-        self, key: K, flight: _Flight[T], factory: Callable[[], Awaitable[T]]
-    ) -> None:
+    def _finished(self, key: K, flight: _Flight[T], task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        flight.done.set()
+
+    async def _produce(self, flight: _Flight[T], factory: Callable[[], Awaitable[T]]) -> None:
         try:
-            if flight.scope.cancel_called:
-                return  # every caller left before this task even started
-            with flight.scope:
-                try:
-                    flight.result = await factory()
-                    flight.has_result = True
-                except Exception as exc:
-                    # Delivered to the waiters, never to the task group: one failed request
-                    # must not tear down the session.
-                    flight.error = exc
-                    flight.traceback = exc.__traceback__
-        finally:
-            if self._flights.get(key) is flight:
-                del self._flights[key]
-            flight.done.set()
+            flight.result = await factory()
+            flight.has_result = True
+        except Exception as exc:
+            # Delivered to the waiters, never raised in the task: one failed request must not
+            # tear anything down, and nobody awaits the task itself.
+            flight.error = exc
+            flight.traceback = exc.__traceback__

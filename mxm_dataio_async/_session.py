@@ -203,7 +203,7 @@ class AsyncSession:
                 await self._store.aclose()
             raise
         self._tg = tg
-        self._coalescer = Coalescer(tg)
+        self._coalescer = Coalescer()
         self._state = _OPEN
         return self
 
@@ -239,7 +239,9 @@ class AsyncSession:
         try:
             if exc is not None:
                 tg.cancel_scope.cancel()
-            # Leaving the task group waits for in-flight producers (or cancels them, on error).
+            # In-flight producers finish (or, on error, are cancelled) before the session ends.
+            if self._coalescer is not None:
+                await self._coalescer.aclose(cancel=exc is not None)
             # The body's own exception is not handed to the group: it propagates unchanged from
             # __aexit__ instead of being wrapped in an ExceptionGroup.
             await tg.__aexit__(None, None, None)

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -47,11 +49,38 @@ class Producer:
         return self.result
 
 
+@asynccontextmanager
+async def coalescer() -> AsyncIterator[Coalescer[Any, Any]]:
+    """A coalescer closed on exit, as the session closes its own."""
+    co: Coalescer[Any, Any] = Coalescer()
+    try:
+        yield co
+    finally:
+        await co.aclose()
+
+
+async def test_aclose_waits_for_running_producers() -> None:
+    producer = Producer()
+    co: Coalescer[str, object] = Coalescer()
+    results: list[object] = []
+    async with anyio.create_task_group() as tg:
+
+        async def caller() -> None:
+            results.append(await co.run("k", producer))
+
+        tg.start_soon(caller)
+        await until(lambda: producer.calls == 1)
+        tg.start_soon(co.aclose)
+        await until(lambda: co.waiters("k") == 1)
+        producer.release.set()
+    assert results == ["result"] and producer.cancelled == 0
+    assert co.in_flight() == 0
+
+
 async def test_concurrent_callers_share_one_producer() -> None:
     producer = Producer()
     results: list[object] = []
-    async with anyio.create_task_group() as session:
-        co: Coalescer[str, object] = Coalescer(session)
+    async with coalescer() as co:
 
         async def caller() -> None:
             results.append(await co.run("k", producer))
@@ -71,8 +100,7 @@ async def test_concurrent_callers_share_one_producer() -> None:
 async def test_different_keys_run_separately() -> None:
     a, b = Producer("a"), Producer("b")
     results: dict[str, object] = {}
-    async with anyio.create_task_group() as session:
-        co: Coalescer[str, object] = Coalescer(session)
+    async with coalescer() as co:
 
         async def caller(key: str, factory: Producer) -> None:
             results[key] = await co.run(key, factory)
@@ -94,8 +122,7 @@ async def test_none_is_a_valid_result() -> None:
     async def factory() -> object:
         return None
 
-    async with anyio.create_task_group() as session:
-        co: Coalescer[int, object] = Coalescer(session)
+    async with coalescer() as co:
         assert await co.run(1, factory) is None
 
 
@@ -103,8 +130,7 @@ async def test_leader_cancelled_while_followers_wait() -> None:
     producer = Producer()
     results: list[object] = []
     leader_scope = anyio.CancelScope()
-    async with anyio.create_task_group() as session:
-        co: Coalescer[str, object] = Coalescer(session)
+    async with coalescer() as co:
 
         async def leader() -> None:
             with leader_scope:
@@ -132,8 +158,7 @@ async def test_leader_cancelled_while_followers_wait() -> None:
 
 async def test_sole_caller_cancelled_at_once() -> None:
     abandoned = Producer()
-    async with anyio.create_task_group() as session:
-        co: Coalescer[str, object] = Coalescer(session)
+    async with coalescer() as co:
         with anyio.CancelScope() as scope:
             scope.cancel()
             await co.run("k", abandoned)  # spawns the producer, then is cancelled at once
@@ -151,8 +176,7 @@ async def test_sole_caller_cancelled_at_once() -> None:
 async def test_all_waiters_cancelled_cancels_the_producer() -> None:
     producer = Producer()
     scopes = [anyio.CancelScope() for _ in range(3)]
-    async with anyio.create_task_group() as session:
-        co: Coalescer[str, object] = Coalescer(session)
+    async with coalescer() as co:
 
         async def caller(scope: anyio.CancelScope) -> None:
             with scope:
@@ -183,8 +207,7 @@ async def test_failure_is_delivered_to_every_waiter_and_not_remembered() -> None
     producer = Producer(error=boom)
     caught: list[BaseException] = []
     tb_lengths: list[int] = []
-    async with anyio.create_task_group() as session:
-        co: Coalescer[str, object] = Coalescer(session)
+    async with coalescer() as co:
 
         async def caller() -> None:
             try:
@@ -208,7 +231,6 @@ async def test_failure_is_delivered_to_every_waiter_and_not_remembered() -> None
         retry.release.set()
         assert await co.run("k", retry) == "recovered"
         assert (producer.calls, retry.calls) == (1, 1)
-    # The failure never reached the session's task group (it would have raised here).
 
 
 async def test_session_closing_gives_waiters_a_clear_error() -> None:
@@ -221,12 +243,12 @@ async def test_session_closing_gives_waiters_a_clear_error() -> None:
         except DataIOError as exc:
             outcomes.append(exc)
 
-    async with anyio.create_task_group() as callers, anyio.create_task_group() as session:
-        co: Coalescer[str, object] = Coalescer(session)
+    co: Coalescer[str, object] = Coalescer()
+    async with anyio.create_task_group() as callers:
         for _ in range(3):
             callers.start_soon(caller, co)
         await until(lambda: co.waiters("k") == 3 and producer.calls == 1)
-        session.cancel_scope.cancel()  # the session is closing
+        await co.aclose(cancel=True)  # the session is closing
     assert producer.cancelled == 1
     assert len(outcomes) == 3
     assert all(str(e) == "in-flight request cancelled: the session is closing" for e in outcomes)
@@ -246,18 +268,19 @@ async def test_waiter_inside_the_closing_session_sees_its_own_cancellation() -> 
         except DataIOError:
             seen.append("DataIOError")
 
+    co: Coalescer[str, object] = Coalescer()
     async with anyio.create_task_group() as session:
-        co: Coalescer[str, object] = Coalescer(session)
         session.start_soon(caller, co)
         await until(lambda: co.waiters("k") == 1 and producer.calls == 1)
         session.cancel_scope.cancel()
+    await co.aclose(cancel=True)
     assert seen == ["cancelled"]
     assert co.in_flight() == 0
 
 
 async def test_run_after_the_session_closed() -> None:
-    async with anyio.create_task_group() as session:
-        co: Coalescer[str, object] = Coalescer(session)
+    async with coalescer() as co:
+        pass
     producer = Producer()
     with pytest.raises(DataIOError, match="session is closed"):
         await co.run("k", producer)
@@ -273,7 +296,6 @@ async def test_sequential_calls_each_run_the_factory() -> None:
         calls += 1
         return calls
 
-    async with anyio.create_task_group() as session:
-        co: Coalescer[str, int] = Coalescer(session)
+    async with coalescer() as co:
         assert [await co.run("k", factory) for _ in range(3)] == [1, 2, 3]
     assert co.in_flight() == 0
