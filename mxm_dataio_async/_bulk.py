@@ -7,12 +7,14 @@ the consumer's code. Leaving the loop early, or closing the session, cancels the
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import anyio
 import anyio.abc
 
+from mxm_dataio_async._exceptions import DataIOError
 from mxm_dataio_async._models import Request, Response
 
 __all__ = ["FetchOutcome", "fetch_many"]
@@ -29,6 +31,15 @@ class FetchOutcome:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+class _End:
+    """The last item a runner queues: the end of the outcomes, or why they stopped."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException | None) -> None:
+        self.error = error
 
 
 class _Feed:
@@ -81,7 +92,8 @@ async def fetch_many(
     the session can cancel runners whose consumer has gone."""
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
-    send, receive = anyio.create_memory_object_stream[FetchOutcome](concurrency)
+    # An asyncio.Queue rather than an anyio memory stream: a tenth of the cost per item here.
+    queue: asyncio.Queue[FetchOutcome | _End] = asyncio.Queue(concurrency)
     done = anyio.Event()
     scope = anyio.CancelScope()
     failure: list[BaseException] = []
@@ -95,26 +107,43 @@ async def fetch_many(
                 outcome = FetchOutcome(request, response=await fetch(request))
             except Exception as exc:
                 outcome = FetchOutcome(request, error=exc)
-            await send.send(outcome)
+            await queue.put(outcome)
 
     async def run() -> None:
+        delivered = False
         try:
             with scope:
-                async with send, anyio.create_task_group() as tg:
+                async with anyio.create_task_group() as tg:
                     for _ in range(concurrency):
                         tg.start_soon(worker)
+                await queue.put(_End(None))
+                delivered = True
         finally:
             scopes.discard(scope)
+            if not delivered:
+                # Cancelled: the consumer left (nobody reads) or the session is closing under
+                # it: it must end with an error, not wait forever or stop as if complete.
+                end = _End(DataIOError("fetch_many stopped: the session is closing"))
+                while True:
+                    try:
+                        queue.put_nowait(end)
+                        break
+                    except asyncio.QueueFull:
+                        queue.get_nowait()
             done.set()
 
     scopes.add(scope)
     task_group.start_soon(run)
     try:
-        async with receive:
-            async for outcome in receive:
-                if outcome.error is not None and not return_exceptions:
-                    raise outcome.error
-                yield outcome
+        while True:
+            item = await queue.get()
+            if isinstance(item, _End):
+                if item.error is not None:
+                    raise item.error
+                break
+            if item.error is not None and not return_exceptions:
+                raise item.error
+            yield item
         if failure:
             raise failure[0]
     finally:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 from anyio import wait_all_tasks_blocked
 
@@ -347,3 +348,35 @@ async def test_session_exit_on_error_cancels_in_flight(tmp_path: Path) -> None:
     assert gate.cancelled == 1
     assert len(errors) == 1 and "session is closing" in str(errors[0])
     assert _count(tmp_path, "SELECT count(*) FROM sessions WHERE status = 'error'") == 1
+
+
+async def test_session_closing_under_a_fetch_many_consumer_is_an_error(tmp_path: Path) -> None:
+    async def quick(req: Request) -> bytes:
+        await anyio.lowlevel.checkpoint()
+        return b"x"
+
+    reg = dio.Registry()
+    reg.register("m", dio.MockAdapter(quick))
+    got = 0
+    errors: list[BaseException] = []
+    async with anyio.create_task_group() as outer:
+        async with dio.AsyncSession("m", root=str(tmp_path), registry=reg) as s:
+
+            def endless() -> Iterator[Request]:
+                i = 0
+                while True:
+                    yield s.request("k", params={"i": i})
+                    i += 1
+
+            async def consume() -> None:
+                nonlocal got
+                try:
+                    async for _ in s.fetch_many(endless(), concurrency=4):
+                        got += 1
+                except dio.DataIOError as exc:
+                    errors.append(exc)
+
+            outer.start_soon(consume)
+            await until(lambda: got >= 20)
+        # The session has exited while the consumer was still iterating.
+    assert len(errors) == 1 and "session is closing" in str(errors[0])
