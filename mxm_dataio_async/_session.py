@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from types import TracebackType
@@ -140,7 +141,7 @@ class AsyncSession:
         self.cache_tag = cache_tag
         self._state = _UNOPENED
         self._bulk_scopes: set[anyio.CancelScope] = set()
-        self._recent: dict[str, Response] = {}
+        self._recent: OrderedDict[str, Response] = OrderedDict()
         self._tg: anyio.abc.TaskGroup | None = None
         self._coalescer: Coalescer[tuple[str, bool], Response] | None = None
         self._record = Session(
@@ -395,10 +396,10 @@ class AsyncSession:
     def _remember(self, response: Response) -> None:
         """Keep the newest recorded OK responses by hash, to close the lookup/commit race."""
         recent = self._recent
-        recent.pop(response.request_hash, None)
         recent[response.request_hash] = response
+        recent.move_to_end(response.request_hash)
         if len(recent) > _RECENT_MAX:
-            del recent[next(iter(recent))]
+            recent.popitem(last=False)  # O(1); a plain dict's first key gets slow to find
 
     async def _produce(self, request: Request, decision: Decision) -> Response:
         entry = self._entry
