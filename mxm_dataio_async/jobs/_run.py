@@ -1,0 +1,300 @@
+"""Running a job: one ``AsyncSession`` per source on one shared Store and Registry, under the
+job's lease, each session fed lazily through ``fetch_many``.
+
+A job adds no fetching machinery of its own: caching, retries, limits and recording are the
+session's. What it adds is the plan (``_expand``), the lease (one run of a job per store at a
+time), a job-wide cap on requests in flight, and the counting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import anyio
+
+from mxm_dataio_async._models import Request
+from mxm_dataio_async._registry import Registry
+from mxm_dataio_async._session import AsyncSession
+from mxm_dataio_async._store import Store
+from mxm_dataio_async.jobs._config import JobConfig
+from mxm_dataio_async.jobs._errors import JobConfigError
+from mxm_dataio_async.jobs._expand import JobPlan, PlannedRequest
+from mxm_dataio_async.jobs._load import load_job
+from mxm_dataio_async.jobs._sources import register_sources
+
+__all__ = ["JobSummary", "SourceSummary", "resolve_root", "run_job"]
+
+_MAX_ERRORS: Final = 20  # failures kept (as text) per source in the summary
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSummary:
+    """One source's counts in a run (also what ``on_progress`` receives, while it runs)."""
+
+    source: str
+    total: int | None
+    """Requests planned for this source (None if unknown)."""
+    fetched: int = 0
+    """Answered by the upstream (and recorded)."""
+    from_cache: int = 0
+    """Answered from the store."""
+    failed: int = 0
+    session_id: str | None = None
+    elapsed: float = 0.0
+    errors: tuple[str, ...] = ()
+    """The first failures, as text (at most 20)."""
+
+    @property
+    def done(self) -> int:
+        return self.fetched + self.from_cache + self.failed
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and (self.total is None or self.done == self.total)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "total": self.total,
+            "done": self.done,
+            "fetched": self.fetched,
+            "from_cache": self.from_cache,
+            "failed": self.failed,
+            "session_id": self.session_id,
+            "elapsed": round(self.elapsed, 6),
+            "errors": list(self.errors),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class JobSummary:
+    """The outcome of ``run_job``: counts per source, elapsed seconds, the sessions."""
+
+    job: str
+    root: Path
+    sources: Mapping[str, SourceSummary]
+    elapsed: float
+
+    @property
+    def session_ids(self) -> tuple[str, ...]:
+        return tuple(s.session_id for s in self.sources.values() if s.session_id is not None)
+
+    @property
+    def total(self) -> int:
+        return sum(s.total or 0 for s in self.sources.values())
+
+    @property
+    def fetched(self) -> int:
+        return sum(s.fetched for s in self.sources.values())
+
+    @property
+    def from_cache(self) -> int:
+        return sum(s.from_cache for s in self.sources.values())
+
+    @property
+    def failed(self) -> int:
+        return sum(s.failed for s in self.sources.values())
+
+    @property
+    def done(self) -> int:
+        return sum(s.done for s in self.sources.values())
+
+    @property
+    def ok(self) -> bool:
+        """Every planned request ended OK (fetched or from cache)."""
+        return all(s.ok for s in self.sources.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job": self.job,
+            "root": str(self.root),
+            "elapsed": round(self.elapsed, 6),
+            "ok": self.ok,
+            "total": self.total,
+            "fetched": self.fetched,
+            "from_cache": self.from_cache,
+            "failed": self.failed,
+            "session_ids": list(self.session_ids),
+            "sources": {name: s.to_json() for name, s in self.sources.items()},
+        }
+
+
+ProgressCallback = Callable[[SourceSummary], None]
+
+
+@dataclass(slots=True)
+class _Counter:
+    source: str
+    total: int | None
+    started: float = field(default_factory=time.perf_counter)
+    ended: float | None = None
+    fetched: int = 0
+    from_cache: int = 0
+    failed: int = 0
+    session_id: str | None = None
+    errors: list[str] = field(default_factory=list)
+
+    def snapshot(self) -> SourceSummary:
+        return SourceSummary(
+            source=self.source,
+            total=self.total,
+            fetched=self.fetched,
+            from_cache=self.from_cache,
+            failed=self.failed,
+            session_id=self.session_id,
+            elapsed=(self.ended or time.perf_counter()) - self.started,
+            errors=tuple(self.errors),
+        )
+
+
+def _describe(request: Request, error: BaseException) -> str:
+    params = json.dumps(request.params, ensure_ascii=False, default=str) if request.params else ""
+    what = " ".join(p for p in (request.kind, request.endpoint or "", params) if p)
+    text = str(error).removeprefix(f"{request!r}: ")  # FetchError starts with the request
+    return f"{what}: {text}"
+
+
+def _built(
+    planned: Iterator[PlannedRequest], session: AsyncSession, file: str
+) -> Iterator[Request]:
+    """The planned requests, built by ``session`` as ``fetch_many`` pulls them."""
+    for p in planned:
+        try:
+            request = p.build(session)
+        except (TypeError, ValueError) as exc:
+            shown = {k: str(v) for k, v in p.values.items()}
+            raise JobConfigError(
+                file, [(f"requests[{p.entry}]", f"the request for {shown}: {exc}")]
+            ) from exc
+        yield request
+
+
+class _Gated:
+    """Requests that each take one of the job's overall slots before ``fetch_many`` gets them
+    (the slot is released when the request's outcome is consumed)."""
+
+    def __init__(self, requests: Iterator[Request], gate: anyio.Semaphore) -> None:
+        self._requests = requests
+        self._gate = gate
+
+    def __aiter__(self) -> _Gated:
+        return self
+
+    async def __anext__(self) -> Request:
+        try:
+            request = next(self._requests)
+        except StopIteration:
+            raise StopAsyncIteration from None
+        await self._gate.acquire()
+        return request
+
+
+def _concurrency(config: JobConfig, source: str) -> int:
+    own = config.sources[source].concurrency
+    return min(own, config.concurrency) if own is not None else config.concurrency
+
+
+def resolve_root(config: JobConfig, root: str | os.PathLike[str] | None = None) -> Path:
+    """The store a run uses: ``root`` if given, else the job's ``store`` (relative to the job
+    file's folder), else ``$MXM_DATAIO_ROOT``, else ``./dataio``."""
+    if root is not None:
+        return Path(root)
+    if config.store is not None:
+        return config.resolve(config.store)
+    return Path(os.environ.get("MXM_DATAIO_ROOT") or "./dataio")
+
+
+async def run_job(
+    job: str | os.PathLike[str] | JobConfig,
+    *,
+    root: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    only: Sequence[str] | str | None = None,
+    wait: bool = False,
+    on_progress: ProgressCallback | None = None,
+) -> JobSummary:
+    """Run a job (a job file's path or a loaded ``JobConfig``) to the end; returns its summary.
+
+    The job holds ``store.lease(job_name)`` while it runs: a second run of the same job on the
+    same store raises ``LeaseHeld`` (or, with ``wait=True``, waits for the first to finish).
+    Each source gets its own ``AsyncSession``; all share one Store and one Registry. At most
+    ``concurrency`` requests (the job file's) are in flight across all sources, and at most a
+    source's own ``concurrency`` in that source. Failed requests are counted, not raised:
+    check ``summary.ok``. ``on_progress`` gets a ``SourceSummary`` for each source when it starts
+    and after each finished request.
+
+    ```python
+    summary = await run_job("prices.yaml", limit=100)
+    print(summary.fetched, summary.from_cache, summary.failed, summary.ok)
+    ```
+    """
+    config = job if isinstance(job, JobConfig) else load_job(job)
+    plan = JobPlan(config, limit=limit, only=only)
+    store_root = resolve_root(config, root)
+    counters = {name: _Counter(name, plan.count(name)) for name in plan.sources}
+    started = time.perf_counter()
+    async with (
+        Store(store_root) as store,
+        store.lease(
+            config.job, ttl=config.lease_ttl, wait=wait, poll=min(1.0, config.lease_ttl / 3)
+        ),
+        Registry() as registry,
+    ):
+        await register_sources(registry, config, list(plan.sources))
+        gate = anyio.Semaphore(config.concurrency)
+        # Sources whose own limits add up to at most the job's need no job-wide gate (a plain
+        # iterator feeds fetch_many faster than an async one).
+        gated = sum(_concurrency(config, n) for n in plan.sources) > config.concurrency
+        failures: list[Exception] = []
+
+        async def run_source(name: str) -> None:
+            counter = counters[name]
+            counter.started = time.perf_counter()
+            async with AsyncSession(
+                name, store=store, registry=registry, as_of=f"job:{config.job}"
+            ) as session:
+                counter.session_id = session.session.id
+                if on_progress is not None:
+                    on_progress(counter.snapshot())
+                requests = _built(plan.for_source(name), session, config.file)
+                feed = _Gated(requests, gate) if gated else requests
+                concurrency = _concurrency(config, name)
+                async for outcome in session.fetch_many(feed, concurrency=concurrency):
+                    if gated:
+                        gate.release()
+                    if outcome.error is not None:
+                        counter.failed += 1
+                        if len(counter.errors) < _MAX_ERRORS:
+                            counter.errors.append(_describe(outcome.request, outcome.error))
+                    elif outcome.response is not None and outcome.response.from_cache:
+                        counter.from_cache += 1
+                    else:
+                        counter.fetched += 1
+                    if on_progress is not None:
+                        on_progress(counter.snapshot())
+            counter.ended = time.perf_counter()
+
+        async def guarded(name: str, scope: anyio.CancelScope) -> None:
+            try:
+                await run_source(name)
+            except Exception as exc:  # one source failing for good stops the job, unwrapped
+                failures.append(exc)
+                scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            for name in plan.sources:
+                tg.start_soon(guarded, name, tg.cancel_scope)
+        if failures:
+            raise failures[0]
+    return JobSummary(
+        job=config.job,
+        root=store_root,
+        sources={name: c.snapshot() for name, c in counters.items()},
+        elapsed=time.perf_counter() - started,
+    )

@@ -1,0 +1,143 @@
+"""A job's sources: adapters built from their config, with limits and retries."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from mxm_dataio_async._limits import RateLimit
+from mxm_dataio_async._registry import Registry
+from mxm_dataio_async._retry import RetryPolicy
+from mxm_dataio_async.adapters.files import FileAdapter
+from mxm_dataio_async.adapters.http import HttpAdapter
+from mxm_dataio_async.jobs._config import (
+    FileSource,
+    HttpSource,
+    JobConfig,
+    PluginSource,
+    RateLimitSpec,
+    RetrySpec,
+    SourceSpec,
+)
+
+__all__ = ["build_adapter", "check_source", "register_sources", "resolve_factory"]
+
+
+def resolve_factory(path: str) -> Callable[..., Any]:
+    """``"pkg.mod:factory"`` or ``"pkg.mod.factory"`` -> the callable; ``ValueError`` if not."""
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise ValueError(
+            f"unknown adapter {path!r}: use http, file, or an adapter factory such as "
+            "'pkg.module:factory'"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"adapter {path!r}: cannot import {module_name!r} ({exc})") from None
+    target: Any = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ValueError(f"adapter {path!r}: {module_name!r} has no {attr!r}") from None
+    if not callable(target):
+        raise ValueError(f"adapter {path!r} is not callable (an adapter factory or class)")
+    return target  # type: ignore[no-any-return]
+
+
+def _rate_limit(spec: RateLimitSpec | None) -> RateLimit | None:
+    return None if spec is None else RateLimit(spec.rate, per=spec.per, burst=spec.burst)
+
+
+def _retry(spec: RetrySpec | None) -> RetryPolicy | None:
+    if spec is None:
+        return None
+    return RetryPolicy(
+        max_attempts=spec.max_attempts,
+        base_delay=spec.base_delay,
+        max_delay=spec.max_delay,
+        multiplier=spec.multiplier,
+        jitter=spec.jitter,
+        deadline=spec.deadline,
+    )
+
+
+def _http(spec: HttpSource) -> HttpAdapter:
+    return HttpAdapter(
+        spec.base_url,
+        headers=spec.headers,
+        timeout=spec.timeout,
+        redact=spec.redact or None,
+        redact_params=spec.redact_params,
+        max_body=spec.max_body,
+        connector_limit=spec.connector_limit,
+    )
+
+
+def check_source(name: str, spec: SourceSpec, config: JobConfig) -> list[tuple[str, str]]:
+    """What is wrong with a source, as ``(key path, problem)`` pairs; builds nothing that runs
+    (adapters connect lazily; a factory is only imported and its signature checked)."""
+    where = f"sources.{name}"
+    errors: list[tuple[str, str]] = []
+    try:
+        _rate_limit(spec.rate_limit)
+    except (TypeError, ValueError) as exc:
+        errors.append((f"{where}.rate_limit", str(exc)))
+    try:
+        _retry(spec.retry)
+    except (TypeError, ValueError) as exc:
+        errors.append((f"{where}.retry", str(exc)))
+    if isinstance(spec, HttpSource):
+        try:
+            _http(spec)
+        except (TypeError, ValueError) as exc:
+            errors.append((where, str(exc)))
+    elif isinstance(spec, FileSource):
+        root = config.resolve(spec.root)
+        if not root.is_dir():
+            errors.append((f"{where}.root", f"{str(root)!r} is not a directory"))
+    else:
+        try:
+            factory = resolve_factory(spec.adapter)
+        except ValueError as exc:
+            errors.append((f"{where}.adapter", str(exc)))
+            return errors
+        try:
+            inspect.signature(factory).bind(**spec.options)
+        except TypeError as exc:
+            keys = ", ".join(spec.options) or "none"
+            errors.append((where, f"{spec.adapter} does not accept these keys ({keys}): {exc}"))
+        except ValueError:
+            pass  # no introspectable signature (a builtin): find out when it is called
+    return errors
+
+
+async def build_adapter(spec: SourceSpec, config: JobConfig) -> object:
+    """The adapter a source describes (a factory may be sync or async)."""
+    if isinstance(spec, HttpSource):
+        return _http(spec)
+    if isinstance(spec, FileSource):
+        return FileAdapter(config.resolve(spec.root))
+    assert isinstance(spec, PluginSource)
+    adapter = resolve_factory(spec.adapter)(**spec.options)
+    if inspect.isawaitable(adapter):
+        adapter = await adapter
+    return adapter
+
+
+async def register_sources(registry: Registry, config: JobConfig, names: list[str]) -> None:
+    """Register the named sources of ``config`` in ``registry``."""
+    for name in names:
+        spec = config.sources[name]
+        registry.register(
+            name,
+            await build_adapter(spec, config),
+            rate_limit=_rate_limit(spec.rate_limit),
+            max_concurrency=spec.max_concurrency,
+            retry=_retry(spec.retry),
+        )
