@@ -1,0 +1,231 @@
+"""Running jobs through the Python API and the CLI against a loopback server."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import mxm_dataio_async as dio
+from mxm_dataio_async._request import build_request
+from mxm_dataio_async.jobs import JobSummary, SourceSummary, load_job, run_job
+from tests.jobs.conftest import JobServer, bars_job, cli, write_job
+
+pytestmark = pytest.mark.anyio
+
+SYMBOLS = ["CSPX.L", "VWRL.L", "EQQQ.L"]
+# 2024-01-01..2024-03-31 in calendar months, written out by hand.
+MONTHS = [
+    ("2024-01-01", "2024-01-31"),
+    ("2024-02-01", "2024-02-29"),
+    ("2024-03-01", "2024-03-31"),
+]
+
+
+def query(root: Path, sql: str, params: Any = ()) -> list[Any]:
+    with closing(sqlite3.connect(root / "dataio.sqlite")) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def expected_hashes(bucket: str | None = None) -> set[str]:
+    return {
+        build_request(
+            session_id="independent",
+            source="prices",
+            kind="bars",
+            endpoint=f"/bars/{symbol}",
+            params={"start": start, "end": end},
+            as_of_bucket=bucket,
+        ).hash
+        for symbol in SYMBOLS
+        for start, end in MONTHS
+    }
+
+
+async def test_expansion_records_exactly_the_expected_requests(
+    job_server: JobServer, tmp_path: Path
+) -> None:
+    path = write_job(tmp_path / "job.yaml", bars_job(job_server.url))
+    seen: list[SourceSummary] = []
+    summary = await run_job(path, on_progress=seen.append)
+    assert isinstance(summary, JobSummary)
+    assert summary.job == "prices_daily"
+    assert summary.ok
+    prices = summary.sources["prices"]
+    assert (prices.total, prices.fetched, prices.from_cache, prices.failed) == (9, 9, 0, 0)
+    assert summary.root == tmp_path / "dataio"  # store: is relative to the job file
+    root = summary.root
+    requests = {r[0].lower() for r in query(root, "SELECT hex(hash) FROM requests")}
+    responses = {
+        r[0].lower()
+        for r in query(root, "SELECT hex(request_hash) FROM responses WHERE status = 'ok'")
+    }
+    assert requests == responses == expected_hashes()
+    assert len(query(root, "SELECT id FROM responses")) == 9
+    assert job_server.total == 9 and set(job_server.hits.values()) == {1}
+    # One session for the source, named after the job; progress ended at the totals.
+    sessions = query(root, "SELECT id, source, as_of, status FROM sessions")
+    assert sessions == [(summary.session_ids[0], "prices", "job:prices_daily", "ok")]
+    assert seen[0].done == 0 and seen[-1].done == 9
+    # ${PRICES_TOKEN} reached the server, and never the store.
+    assert set(job_server.auth) == {"Bearer s3cr3t-token"}
+    for db in root.glob("dataio.sqlite*"):
+        assert b"s3cr3t-token" not in db.read_bytes()
+
+
+async def test_rerun_fetches_nothing_unless_cache_mode_bucket_or_ttl_say_so(
+    job_server: JobServer, tmp_path: Path
+) -> None:
+    data = bars_job(job_server.url)
+    path = write_job(tmp_path / "job.yaml", data)
+    first = await run_job(path)
+    assert first.fetched == 9
+    again = await run_job(path)
+    assert (again.fetched, again.from_cache, again.failed) == (0, 9, 0)
+    assert again.ok and job_server.total == 9  # the server saw nothing new
+    assert again.session_ids != first.session_ids
+    # A new bucket is a new identity: everything again, once.
+    data["requests"][0]["as_of_bucket"] = "2025-01-02"
+    bucketed = await run_job(write_job(tmp_path / "job.yaml", data))
+    assert bucketed.fetched == 9 and job_server.total == 18
+    # A TTL of 0 makes every stored response stale; bypass always fetches.
+    data["requests"][0]["ttl"] = 0
+    assert (await run_job(write_job(tmp_path / "job.yaml", data))).fetched == 9
+    del data["requests"][0]["ttl"]
+    data["requests"][0]["cache_mode"] = "bypass"
+    assert (await run_job(write_job(tmp_path / "job.yaml", data))).fetched == 9
+    data["requests"][0]["cache_mode"] = "only_if_cached"
+    offline = await run_job(write_job(tmp_path / "job.yaml", data))
+    assert (offline.fetched, offline.from_cache) == (0, 9)
+    assert job_server.total == 36
+
+
+async def test_failures_are_counted_not_raised(job_server: JobServer, tmp_path: Path) -> None:
+    job_server.fail = {"VWRL.L"}
+    path = write_job(tmp_path / "job.yaml", bars_job(job_server.url))
+    summary = await run_job(path)
+    assert not summary.ok
+    assert (summary.fetched, summary.failed) == (6, 3)
+    assert len(summary.sources["prices"].errors) == 3
+    assert "/bars/VWRL.L" in summary.sources["prices"].errors[0]
+    # The failures were recorded (as errors), so a rerun tries only them again.
+    job_server.fail = set()
+    retried = await run_job(path)
+    assert retried.ok and (retried.fetched, retried.from_cache) == (3, 6)
+
+
+async def test_several_sources_run_concurrently_each_with_its_session(
+    job_server: JobServer, tmp_path: Path
+) -> None:
+    (tmp_path / "inbox").mkdir()
+    for i in range(4):
+        (tmp_path / "inbox" / f"f{i}.csv").write_text(f"row {i}\n")
+    data = bars_job(job_server.url, concurrency=3)
+    data["sources"]["files"] = {"adapter": "file", "root": "inbox", "concurrency": 2}
+    data["sources"]["mock"] = {
+        "adapter": "tests.jobs._factories:async_echo",
+        "prefix": "hello",
+        "rate_limit": {"rate": 1000, "burst": 10},
+    }
+    data["sources"]["sync_mock"] = {"adapter": "tests.jobs._factories.echo"}
+    data["requests"] += [
+        {"source": "files", "kind": "csv", "endpoint": "f{i}.csv", "expand": {"i": [0, 1, 2, 3]}},
+        {
+            "source": "mock",
+            "kind": "page",
+            "params": {"page": "{page}"},
+            "expand": {"page": [1, 2]},
+        },
+        {"source": "sync_mock", "kind": "one", "endpoint": "/x"},
+    ]
+    path = write_job(tmp_path / "job.yaml", data)
+    summary = await run_job(path)
+    assert summary.ok, summary
+    assert {n: s.fetched for n, s in summary.sources.items()} == {
+        "prices": 9,
+        "files": 4,
+        "mock": 2,
+        "sync_mock": 1,
+    }
+    assert len(set(summary.session_ids)) == 4
+    async with dio.Store(summary.root) as store:
+        pages = [r async for r in store.iter_responses(source="mock")]
+        bodies = sorted([(await store.read(r)).decode() for r in pages])
+        assert bodies == ["hello None [('page', 1)]", "hello None [('page', 2)]"]
+        csv = [r async for r in store.iter_responses(source="files")]
+        assert sorted([await store.read(r) for r in csv]) == [
+            f"row {i}\n".encode() for i in range(4)
+        ]
+
+
+async def test_limit_and_only(job_server: JobServer, tmp_path: Path) -> None:
+    data = bars_job(job_server.url)
+    data["sources"]["mock"] = {"adapter": "tests.jobs._factories:echo"}
+    data["requests"].append(
+        {"source": "mock", "kind": "page", "params": {"page": "{p}"}, "expand": {"p": [1, 2, 3]}}
+    )
+    path = write_job(tmp_path / "job.yaml", data)
+    limited = await run_job(path, limit=10)  # file order: 9 bars, then the first page
+    assert {n: (s.total, s.fetched) for n, s in limited.sources.items()} == {
+        "prices": (9, 9),
+        "mock": (1, 1),
+    }
+    only = await run_job(path, only=["mock"])
+    assert list(only.sources) == ["mock"]
+    assert (only.fetched, only.from_cache) == (2, 1)
+    assert job_server.total == 9
+
+
+async def test_a_loaded_config_runs_with_an_explicit_root(
+    job_server: JobServer, tmp_path: Path
+) -> None:
+    config = load_job(write_job(tmp_path / "job.yaml", bars_job(job_server.url)))
+    summary = await run_job(config, root=tmp_path / "elsewhere", limit=2)
+    assert summary.root == tmp_path / "elsewhere" and summary.fetched == 2
+    assert (tmp_path / "elsewhere" / "dataio.sqlite").is_file()
+    assert not (tmp_path / "dataio").exists()
+
+
+def test_cli_run_summary_exit_codes_and_json(job_server: JobServer, tmp_path: Path) -> None:
+    path = write_job(tmp_path / "job.yaml", bars_job(job_server.url))
+    done = cli("run", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "prices" in done.stdout and "9 of 9 requests: 9 fetched, 0 from cache, ok" in done.stdout
+    again = cli("run", str(path), "--json")
+    assert again.returncode == 0, again.stderr
+    out = json.loads(again.stdout)
+    assert (out["job"], out["ok"], out["fetched"], out["from_cache"]) == (
+        "prices_daily",
+        True,
+        0,
+        9,
+    )
+    assert out["sources"]["prices"]["session_id"] == out["session_ids"][0]
+    assert job_server.total == 9
+    job_server.fail = {"EQQQ.L"}
+    data = bars_job(job_server.url)
+    data["requests"][0]["cache_mode"] = "bypass"
+    write_job(path, data)
+    failed = cli("run", str(path))
+    assert failed.returncode == 1
+    assert "3 failed" in failed.stdout and "/bars/EQQQ.L" in failed.stderr
+    allowed = cli("run", str(path), "--allow-failures")
+    assert allowed.returncode == 0 and "3 failed" in allowed.stdout
+
+
+def test_cli_dry_run_calls_nothing(job_server: JobServer, tmp_path: Path) -> None:
+    path = write_job(tmp_path / "job.yaml", bars_job(job_server.url))
+    done = cli("run", str(path), "--dry-run", "--show", "4")
+    assert done.returncode == 0, done.stderr
+    assert "job prices_daily: 9 requests (prices: 9)" in done.stdout
+    assert "/bars/CSPX.L" in done.stdout and "2024-01-31" in done.stdout
+    as_json = json.loads(cli("run", str(path), "--dry-run", "--json", "--limit", "5").stdout)
+    assert as_json["total"] == 5 and len(as_json["first"]) == 5
+    assert as_json["first"][1]["params"] == {"start": "2024-02-01", "end": "2024-02-29"}
+    assert as_json["first"][0]["headers"] == {}
+    assert job_server.total == 0
+    assert not (tmp_path / "dataio").exists()
