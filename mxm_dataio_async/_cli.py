@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -751,6 +752,36 @@ def _job_progress() -> Progress:
     )
 
 
+async def _on_signals(
+    fn: Callable[[anyio.Event], Awaitable[T]], *, cancel: bool
+) -> tuple[T | None, bool]:
+    """Run ``fn(stop)``; Ctrl-C (or SIGTERM) sets ``stop`` (and with ``cancel=True`` also
+    cancels ``fn``). Returns ``(result, interrupted)``. A second Ctrl-C interrupts at once."""
+    stop = anyio.Event()
+    outcome: list[T] = []
+    failure: list[Exception] = []
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    stop.set()
+                    if cancel:
+                        tg.cancel_scope.cancel()
+                    return  # the default handler is back: a second Ctrl-C raises at once
+
+        tg.start_soon(watch)
+        try:
+            outcome.append(await fn(stop))
+        except Exception as exc:  # re-raised below, not wrapped in an ExceptionGroup
+            failure.append(exc)
+        finally:
+            tg.cancel_scope.cancel()
+    if failure:
+        raise failure[0]
+    return (outcome[0] if outcome else None), stop.is_set()
+
+
 def _plan_json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, default=str, separators=(",", ":"))
 
@@ -880,8 +911,13 @@ def run_command(
                 _print_dry_run(plan, store_root, show, as_json)
                 return
             if as_json:
-                summary = _run(
-                    lambda: run_job(config, root=store_root, limit=limit, only=only, wait=wait)
+                summary, interrupted = _run(
+                    lambda: _on_signals(
+                        lambda stop: run_job(
+                            config, root=store_root, limit=limit, only=only, wait=wait, stop=stop
+                        ),
+                        cancel=False,
+                    )
                 )
             else:
                 with _job_progress() as progress:
@@ -896,14 +932,18 @@ def run_command(
                             tasks[s.source], completed=s.done, cached=s.from_cache, failed=s.failed
                         )
 
-                    summary = _run(
-                        lambda: run_job(
-                            config,
-                            root=store_root,
-                            limit=limit,
-                            only=only,
-                            wait=wait,
-                            on_progress=on_progress,
+                    summary, interrupted = _run(
+                        lambda: _on_signals(
+                            lambda stop: run_job(
+                                config,
+                                root=store_root,
+                                limit=limit,
+                                only=only,
+                                wait=wait,
+                                on_progress=on_progress,
+                                stop=stop,
+                            ),
+                            cancel=False,
                         )
                     )
         except JobConfigError as exc:
@@ -914,15 +954,18 @@ def run_command(
             err_console.print(f"[red]refused:[/red] job {escape(str(exc))}{hint}", soft_wrap=True)
             raise typer.Exit(EXIT_LEASE_HELD) from None
         except KeyboardInterrupt:
-            err_console.print(
-                "[yellow]interrupted:[/yellow] what was recorded is kept; run the job again "
-                "to fetch the rest"
-            )
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-    if as_json:
-        _print_json(summary.to_json())
-    else:
-        _print_summary(summary)
+            interrupted, summary = True, None
+    if summary is not None:
+        if as_json:
+            _print_json(summary.to_json())
+        else:
+            _print_summary(summary)
+    if interrupted or summary is None or summary.interrupted:
+        err_console.print(
+            "[yellow]interrupted:[/yellow] what was recorded is kept; run the job again "
+            "to fetch the rest"
+        )
+        raise typer.Exit(EXIT_INTERRUPTED)
     if not summary.ok and not allow_failures:
         raise typer.Exit(EXIT_FAILED)
 
@@ -982,7 +1025,10 @@ async def _tail(
                         (resp.request_id,),
                     )
                     typer.echo(_tail_line(resp, found[0] if found else None))
-                    await store.write_checkpoint(name, resp.id)  # after the line is out
+                    # After the line is out, and shielded: Ctrl-C never leaves a printed line
+                    # behind the checkpoint (it would be printed again).
+                    with anyio.CancelScope(shield=True):
+                        await store.write_checkpoint(name, resp.id)
                     cursor = resp.id
                     printed += 1
                 if not follow:
@@ -1038,15 +1084,18 @@ def tail_command(
                 raise ValueError(f"unknown status {status!r}; use one of: {allowed}")
         try:
             _run(
-                lambda: _tail(
-                    store_root,
-                    checkpoint,
-                    source=source,
-                    kind=kind,
-                    status=status,
-                    follow=follow,
-                    interval=interval,
-                    stop_after=timeout,
+                lambda: _on_signals(
+                    lambda _: _tail(
+                        store_root,
+                        checkpoint,
+                        source=source,
+                        kind=kind,
+                        status=status,
+                        follow=follow,
+                        interval=interval,
+                        stop_after=timeout,
+                    ),
+                    cancel=True,
                 )
             )
         except KeyboardInterrupt:

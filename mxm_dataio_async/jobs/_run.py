@@ -80,6 +80,8 @@ class JobSummary:
     root: Path
     sources: Mapping[str, SourceSummary]
     elapsed: float
+    interrupted: bool = False
+    """The run was stopped early (``stop`` was set)."""
 
     @property
     def session_ids(self) -> tuple[str, ...]:
@@ -116,6 +118,7 @@ class JobSummary:
             "root": str(self.root),
             "elapsed": round(self.elapsed, 6),
             "ok": self.ok,
+            "interrupted": self.interrupted,
             "total": self.total,
             "fetched": self.fetched,
             "from_cache": self.from_cache,
@@ -218,6 +221,7 @@ async def run_job(
     only: Sequence[str] | str | None = None,
     wait: bool = False,
     on_progress: ProgressCallback | None = None,
+    stop: anyio.Event | None = None,
 ) -> JobSummary:
     """Run a job (a job file's path or a loaded ``JobConfig``) to the end; returns its summary.
 
@@ -227,7 +231,8 @@ async def run_job(
     ``concurrency`` requests (the job file's) are in flight across all sources, and at most a
     source's own ``concurrency`` in that source. Failed requests are counted, not raised:
     check ``summary.ok``. ``on_progress`` gets a ``SourceSummary`` for each source when it starts
-    and after each finished request.
+    and after each finished request. Setting ``stop`` ends the run early but cleanly (in-flight
+    requests cancelled, sessions closed, lease released): the summary says ``interrupted``.
 
     ```python
     summary = await run_job("prices.yaml", limit=100)
@@ -239,11 +244,49 @@ async def run_job(
     store_root = resolve_root(config, root)
     counters = {name: _Counter(name, plan.count(name)) for name in plan.sources}
     started = time.perf_counter()
+    async with Store(store_root) as store:
+        # A stop cancels everything but the store (opened outside this scope), so the sessions
+        # still record their end and the lease is released.
+        body = anyio.CancelScope()
+        failures: list[Exception] = []
+
+        async def watch(event: anyio.Event) -> None:
+            await event.wait()
+            body.cancel()
+
+        async with anyio.create_task_group() as watcher:
+            if stop is not None:
+                watcher.start_soon(watch, stop)
+            try:
+                with body:
+                    await _run_sources(config, plan, store, counters, wait, on_progress)
+            except Exception as exc:  # raised below, not wrapped in an ExceptionGroup
+                failures.append(exc)
+            finally:
+                watcher.cancel_scope.cancel()
+        if failures:
+            raise failures[0]
+    return JobSummary(
+        job=config.job,
+        root=store_root,
+        sources={name: c.snapshot() for name, c in counters.items()},
+        elapsed=time.perf_counter() - started,
+        interrupted=body.cancelled_caught,
+    )
+
+
+async def _run_sources(
+    config: JobConfig,
+    plan: JobPlan,
+    store: Store,
+    counters: dict[str, _Counter],
+    wait: bool,
+    on_progress: ProgressCallback | None,
+) -> None:
+    """Under the job's lease: one session per source, all at once."""
+    poll = min(1.0, config.lease_ttl / 3)
     async with (
-        Store(store_root) as store,
-        store.lease(
-            config.job, ttl=config.lease_ttl, wait=wait, poll=min(1.0, config.lease_ttl / 3)
-        ),
+        store.lease(config.job, ttl=config.lease_ttl, wait=wait, poll=poll),
         Registry() as registry,
     ):
         await register_sources(registry, config, list(plan.sources))
@@ -292,9 +335,3 @@ async def run_job(
                 tg.start_soon(guarded, name, tg.cancel_scope)
         if failures:
             raise failures[0]
-    return JobSummary(
-        job=config.job,
-        root=store_root,
-        sources={name: c.snapshot() for name, c in counters.items()},
-        elapsed=time.perf_counter() - started,
-    )

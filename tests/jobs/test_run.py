@@ -8,6 +8,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 import mxm_dataio_async as dio
@@ -229,3 +230,25 @@ def test_cli_dry_run_calls_nothing(job_server: JobServer, tmp_path: Path) -> Non
     assert as_json["first"][0]["headers"] == {}
     assert job_server.total == 0
     assert not (tmp_path / "dataio").exists()
+
+
+async def test_stop_ends_a_run_early_and_cleanly(job_server: JobServer, tmp_path: Path) -> None:
+    job_server.delay = 0.02
+    data = bars_job(job_server.url, start="2024-01-01", end="2024-01-20", chunk="1d")
+    path = write_job(tmp_path / "job.yaml", data)
+    stop = anyio.Event()
+
+    def on_progress(s: SourceSummary) -> None:
+        if s.done >= 5:
+            stop.set()
+
+    summary = await run_job(path, on_progress=on_progress, stop=stop)
+    assert summary.interrupted and not summary.ok
+    assert 5 <= summary.done < 60
+    root = summary.root
+    assert query(root, "SELECT count(*) FROM leases") == [(0,)]
+    [(status, ended)] = query(root, "SELECT status, ended_at FROM sessions")
+    assert ended is not None and status in ("ok", "error")
+    rest = await run_job(path)
+    assert not rest.interrupted and rest.ok
+    assert rest.fetched + rest.from_cache == 60 and rest.from_cache >= summary.fetched
