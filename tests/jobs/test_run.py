@@ -252,3 +252,27 @@ async def test_stop_ends_a_run_early_and_cleanly(job_server: JobServer, tmp_path
     rest = await run_job(path)
     assert not rest.interrupted and rest.ok
     assert rest.fetched + rest.from_cache == 60 and rest.from_cache >= summary.fetched
+
+
+async def test_concurrency_is_job_wide(tmp_path: Path) -> None:
+    from tests.jobs._factories import InFlight
+
+    InFlight.peak = 0
+    sources = {
+        name: {"adapter": "tests.jobs._factories:tracked", "concurrency": 8} for name in "abc"
+    }
+    requests = [
+        {"source": name, "kind": "k", "params": {"i": "{i}"}, "expand": {"i": list(range(30))}}
+        for name in "abc"
+    ]
+    job = {"job": "wide", "sources": sources, "requests": requests, "concurrency": 5}
+    summary = await run_job(write_job(tmp_path / "job.yaml", job))
+    assert summary.ok and summary.fetched == 90
+    assert InFlight.peak == 5  # three sources of 8 each, capped by the job's 5
+    InFlight.peak = 0
+    job["concurrency"] = 64
+    for spec in sources.values():
+        spec["concurrency"] = 2
+    job["requests"] = [dict(r, cache_mode="bypass") for r in requests]
+    summary = await run_job(write_job(tmp_path / "job.yaml", job))
+    assert summary.fetched == 90 and InFlight.peak == 6  # each source's own cap: 3 x 2
