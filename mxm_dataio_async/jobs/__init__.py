@@ -10,6 +10,14 @@ print(summary.fetched, summary.from_cache, summary.failed, summary.ok)
 ```
 """
 
+try:
+    import pydantic  # noqa: F401
+    import yaml  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "mxm_dataio_async.jobs needs the 'jobs' extra: pip install 'mxm-dataio-async[jobs]'"
+    ) from exc
+
 from mxm_dataio_async.jobs._config import JobConfig
 from mxm_dataio_async.jobs._dates import Chunk, count_chunks, date_chunks, parse_chunk
 from mxm_dataio_async.jobs._errors import JobConfigError

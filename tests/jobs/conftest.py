@@ -161,9 +161,12 @@ def cli(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProc
 
 
 @pytest.fixture(autouse=True)
-def _token(monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The token the example jobs use, no inherited store root, and a job without ``store:``
+    writing its ./dataio into the test's tmp dir rather than the repository."""
     monkeypatch.setenv("PRICES_TOKEN", "s3cr3t-token")
     monkeypatch.delenv("MXM_DATAIO_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ def _ok_hashes(root: Path) -> set[bytes]:
 def test_sigkill_mid_run_then_rerun_fetches_only_the_rest(
     job_server: JobServer, tmp_path: Path
 ) -> None:
-    job_server.delay = 0.02
+    job_server.delay = 0.03
     data = bars_job(
         job_server.url,
         symbols=["A", "B", "C", "D"],
@@ -72,7 +72,7 @@ def test_sigkill_mid_run_then_rerun_fetches_only_the_rest(
 
 
 def test_ctrl_c_stops_cleanly_and_releases_the_lease(job_server: JobServer, tmp_path: Path) -> None:
-    job_server.delay = 0.02
+    job_server.delay = 0.03
     data = bars_job(
         job_server.url, symbols=["A", "B", "C", "D"], start="2024-01-01", end="2024-01-30",
         chunk="1d", concurrency=4,

@@ -267,6 +267,7 @@ async def test_concurrency_is_job_wide(tmp_path: Path) -> None:
     ]
     job = {"job": "wide", "sources": sources, "requests": requests, "concurrency": 5}
     summary = await run_job(write_job(tmp_path / "job.yaml", job))
+    assert summary.root == Path("dataio")  # no store: ./dataio, in the current directory
     assert summary.ok and summary.fetched == 90
     assert InFlight.peak == 5  # three sources of 8 each, capped by the job's 5
     InFlight.peak = 0
