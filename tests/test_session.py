@@ -508,3 +508,23 @@ async def test_exit_waits_for_in_flight_fetches(tmp_path: Path) -> None:
             assert release.is_set()  # exit returned only after the in-flight fetch finished
         assert len(results) == 1
         assert await store.read(results[0]) == b"done"
+
+
+async def test_cancelled_from_outside_the_session_still_records_its_end(tmp_path: Path) -> None:
+    release = anyio.Event()
+
+    async def slow(req: Request) -> bytes:
+        await release.wait()
+        return b"never"
+
+    reg = dio.Registry()
+    reg.register("m", dio.MockAdapter(slow))
+    with anyio.move_on_after(0.2) as scope:  # the caller's deadline, not a timing assertion
+        async with (
+            dio.Store(tmp_path) as store,
+            dio.AsyncSession("m", store=store, registry=reg) as s,
+        ):
+            await s.fetch(s.request("k"))
+    assert scope.cancelled_caught
+    ((status, ended),) = rows(tmp_path, "SELECT status, ended_at FROM sessions")
+    assert status == "error" and ended is not None

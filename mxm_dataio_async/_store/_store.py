@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -222,8 +222,8 @@ class Store:
         # The writer task lives in a task group entered here and exited by aclose(): open and
         # close must happen in the same task, in LIFO order with other scopes (anyio's rule).
         tg = await stack.enter_async_context(anyio.create_task_group())
-        tg.start_soon(writer.run)
-        tg.start_soon(batch_reader.run)
+        tg.start_soon(_shielded, writer.run)
+        tg.start_soon(_shielded, batch_reader.run)
         self._tg = tg
         self._writer = writer
         self._batch_reader = batch_reader
@@ -623,6 +623,14 @@ class Store:
         )
 
     # -- end of maintenance -----------------------------------------------------------------------
+
+
+async def _shielded(loop: Callable[[], Awaitable[None]]) -> None:
+    # The writer and reader serve until aclose() stops them, not until the opener is cancelled:
+    # code holding the store open under a cancelled scope still has its final writes (a
+    # session's end row) to make on the way out.
+    with anyio.CancelScope(shield=True):
+        await loop()
 
 
 async def _shielded_close(conn: aiosqlite.Connection) -> None:
