@@ -42,13 +42,9 @@ from mxm_dataio_async._retry import RetryPolicy, disable_retry_waits
 from mxm_dataio_async._session import AsyncSession
 from mxm_dataio_async._store import Lease, Store
 from mxm_dataio_async._store._bundle import ExportReport, ImportReport
-from mxm_dataio_async._store._maintenance import (
-    GcReport,
-    Problem,
-    PruneReport,
-    StoreStats,
-    VerifyReport,
-)
+from mxm_dataio_async._store._cleanup import GcReport, PruneReport
+from mxm_dataio_async._store._stats import StoreStats
+from mxm_dataio_async._store._verify import Problem, VerifyReport
 from mxm_dataio_async.adapters.base import Fetcher, Revalidator, Sender, Streamer
 from mxm_dataio_async.adapters.files import FileAdapter
 from mxm_dataio_async.adapters.http import HttpAdapter

@@ -45,7 +45,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from mxm_dataio_async._demo import run_demo
 from mxm_dataio_async._exceptions import DataIOError, IntegrityError, StoreError
-from mxm_dataio_async._store import DEFAULT_INLINE_THRESHOLD, _bundle, _maintenance
+from mxm_dataio_async._store import DEFAULT_INLINE_THRESHOLD, _bundle, _cleanup, _stats, _verify
 from mxm_dataio_async._store._maintenance import (
     _digest_of,
     _hash_file,
@@ -473,7 +473,7 @@ def stats(
     error rate = error responses (every failed attempt is one) / all responses.
     """
     with _errors(verbose):
-        st = _run(lambda: _maintenance.stats(_root(root), busy_timeout=BUSY_TIMEOUT))
+        st = _run(lambda: _stats.stats(_root(root), busy_timeout=BUSY_TIMEOUT))
     if as_json:
         _print_json(st.to_json())
         return
@@ -537,7 +537,7 @@ def verify_command(
 
         seconds = parse_duration(grace).total_seconds()
         report = _run(
-            lambda: _maintenance.verify(
+            lambda: _verify.verify(
                 _root(root), grace=seconds, busy_timeout=BUSY_TIMEOUT, on_progress=on_progress
             )
         )
@@ -561,7 +561,7 @@ def verify_command(
     raise typer.Exit(report.exit_code)
 
 
-def _gc_lines(report: _maintenance.GcReport, grace: str) -> list[str]:
+def _gc_lines(report: _cleanup.GcReport, grace: str) -> list[str]:
     verb = "would remove" if report.dry_run else "removed"
     lines = [
         f"{verb} {report.payload_rows} unreferenced payloads ({_size(report.payload_bytes)}; "
@@ -599,7 +599,7 @@ def gc_command(
     with _errors(verbose):
         seconds = parse_duration(grace).total_seconds()
         report = _run(
-            lambda: _maintenance.gc(
+            lambda: _cleanup.gc(
                 _root(root), dry_run=dry_run, grace=seconds, busy_timeout=BUSY_TIMEOUT
             )
         )
@@ -633,7 +633,7 @@ def prune_command(
     with _errors(verbose):
         age = parse_duration(older_than)
         report = _run(
-            lambda: _maintenance.prune(
+            lambda: _cleanup.prune(
                 _root(root),
                 older_than=age,
                 source=source,
@@ -646,7 +646,7 @@ def prune_command(
         if then_gc and not dry_run:
             seconds = parse_duration(grace).total_seconds()
             gc_report = _run(
-                lambda: _maintenance.gc(_root(root), grace=seconds, busy_timeout=BUSY_TIMEOUT)
+                lambda: _cleanup.gc(_root(root), grace=seconds, busy_timeout=BUSY_TIMEOUT)
             )
     if as_json:
         out = report.to_json()

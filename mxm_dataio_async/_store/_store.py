@@ -542,16 +542,17 @@ class Store:
 
     # -- maintenance (see _maintenance.py) --------------------------------------------------------
     # Thin delegations: the logic, and why it uses its own short-lived sqlite3 connection, live in
-    # _maintenance.py and _bundle.py (imported here, not at the top: they import this module).
+    # _maintenance.py, _verify.py, _cleanup.py, _stats.py and _bundle.py (imported here, not at the
+    # top: they import this module).
 
-    from mxm_dataio_async._store import _bundle, _maintenance
+    from mxm_dataio_async._store import _bundle, _cleanup, _maintenance, _stats, _verify
 
     async def verify(
         self,
         *,
         grace: _maintenance.Duration = 0.0,
         on_progress: _maintenance.ProgressCallback | None = None,
-    ) -> _maintenance.VerifyReport:
+    ) -> _verify.VerifyReport:
         """Walk every row and payload: missing and corrupt payloads, rows naming absent
         payloads, orphan files and temp leftovers. ``report.ok`` / ``report.exit_code``.
 
@@ -562,7 +563,7 @@ class Store:
         ```
         """
         self._require_open()
-        return await self._maintenance.verify(
+        return await self._verify.verify(
             self.root,
             grace=grace,
             busy_timeout=self._busy_timeout_ms / 1000,
@@ -570,11 +571,11 @@ class Store:
         )
 
     async def gc(
-        self, *, dry_run: bool = False, grace: _maintenance.Duration = _maintenance.DEFAULT_GC_GRACE
-    ) -> _maintenance.GcReport:
+        self, *, dry_run: bool = False, grace: _maintenance.Duration = _cleanup.DEFAULT_GC_GRACE
+    ) -> _cleanup.GcReport:
         """Remove payloads no row names, orphan files and temp leftovers older than ``grace`` s."""
         self._require_open()
-        return await self._maintenance.gc(
+        return await self._cleanup.gc(
             self.root, dry_run=dry_run, grace=grace, busy_timeout=self._busy_timeout_ms / 1000
         )
 
@@ -585,11 +586,11 @@ class Store:
         source: str | None = None,
         bucket: str | None = None,
         dry_run: bool = False,
-    ) -> _maintenance.PruneReport:
+    ) -> _cleanup.PruneReport:
         """Delete old responses (and requests left without one) in one transaction; ``gc`` then
         frees their payloads. ``older_than``: a timedelta, seconds, or e.g. ``"30d"``."""
         self._require_open()
-        return await self._maintenance.prune(
+        return await self._cleanup.prune(
             self.root,
             older_than=older_than,
             source=source,
@@ -598,10 +599,10 @@ class Store:
             busy_timeout=self._busy_timeout_ms / 1000,
         )
 
-    async def stats(self) -> _maintenance.StoreStats:
+    async def stats(self) -> _stats.StoreStats:
         """Counts and bytes per source, cache hit and error rates, payload tiers, database size."""
         self._require_open()
-        return await self._maintenance.stats(self.root, busy_timeout=self._busy_timeout_ms / 1000)
+        return await self._stats.stats(self.root, busy_timeout=self._busy_timeout_ms / 1000)
 
     async def export_session(
         self, session_id: str, path: str | os.PathLike[str]

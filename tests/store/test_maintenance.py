@@ -16,16 +16,9 @@ import anyio
 import pytest
 
 import mxm_dataio_async as dio
-from mxm_dataio_async._store._maintenance import (
-    GcReport,
-    ProblemKind,
-    PruneReport,
-    VerifyReport,
-    connect,
-    parse_duration,
-    prune,
-    resolve_session,
-)
+from mxm_dataio_async._store._cleanup import GcReport, PruneReport, prune
+from mxm_dataio_async._store._maintenance import connect, parse_duration, resolve_session
+from mxm_dataio_async._store._verify import ProblemKind, VerifyReport
 
 pytestmark = pytest.mark.anyio
 
