@@ -1,0 +1,426 @@
+"""Job commands: ``run`` (an ingestion job from its file) and ``tail`` (responses since a
+checkpoint, as JSON lines)."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import anyio
+import typer
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from mxm_dataio_async._cli._common import (
+    BUSY_TIMEOUT,
+    JsonOption,
+    RootOption,
+    VerboseOption,
+    _errors,
+    _print_json,
+    _root,
+    _rows,
+    _run,
+    app,
+    console,
+    err_console,
+)
+from mxm_dataio_async._exceptions import StoreError
+from mxm_dataio_async._store._maintenance import connection
+
+if TYPE_CHECKING:
+    from mxm_dataio_async._models import Response
+    from mxm_dataio_async.jobs import JobPlan, JobSummary, SourceSummary
+
+T = TypeVar("T")
+
+EXIT_FAILED, EXIT_INVALID_JOB, EXIT_LEASE_HELD, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+
+class _RateColumn(ProgressColumn):
+    """Finished requests per second (rich's own speed estimate over the last 30 s)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("-/s" if speed is None else f"{speed:,.0f}/s", style="progress.data.speed")
+
+
+def _job_progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("cached {task.fields[cached]}"),
+        TextColumn("failed {task.fields[failed]}"),
+        _RateColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    )
+
+
+async def _on_signals(
+    fn: Callable[[anyio.Event], Awaitable[T]], *, cancel: bool
+) -> tuple[T | None, bool]:
+    """Run ``fn(stop)``; Ctrl-C (or SIGTERM) sets ``stop`` (and with ``cancel=True`` also
+    cancels ``fn``). Returns ``(result, interrupted)``. A second Ctrl-C interrupts at once."""
+    stop = anyio.Event()
+    outcome: list[T] = []
+    failure: list[Exception] = []
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    stop.set()
+                    if cancel:
+                        tg.cancel_scope.cancel()
+                    return  # the default handler is back: a second Ctrl-C raises at once
+
+        tg.start_soon(watch)
+        try:
+            outcome.append(await fn(stop))
+        except Exception as exc:  # re-raised below, not wrapped in an ExceptionGroup
+            failure.append(exc)
+        finally:
+            tg.cancel_scope.cancel()
+    if failure:
+        raise failure[0]
+    return (outcome[0] if outcome else None), stop.is_set()
+
+
+def _plan_json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, default=str, separators=(",", ":"))
+
+
+def _print_dry_run(plan: JobPlan, store_root: Path, show: int, as_json: bool) -> None:
+    import itertools
+
+    first = [p.to_json() for p in itertools.islice(plan, show)]
+    per_source = {name: plan.count(name) for name in plan.sources}
+    if as_json:
+        _print_json(
+            {
+                "job": plan.config.job,
+                "store": str(store_root),
+                "total": plan.total,
+                "sources": per_source,
+                "first": first,
+            }
+        )
+        return
+    counts = ", ".join(f"{name}: {n:,}" for name, n in per_source.items())
+    console.print(
+        f"job {escape(plan.config.job)}: {plan.total:,} requests ({escape(counts)}) "
+        f"into {escape(str(store_root))}; dry run, nothing called",
+        soft_wrap=True,
+    )
+    if not first:
+        return
+    table = Table(title=f"first {len(first)}")
+    for col in ("#", "source", "kind", "method", "endpoint", "params", "as_of_bucket", "cache"):
+        table.add_column(col, overflow="fold")
+    for i, r in enumerate(first):
+        table.add_row(
+            str(i + 1),
+            escape(r["source"]),
+            escape(r["kind"]),
+            r["method"],
+            escape(r["endpoint"] or ""),
+            escape(_plan_json(r["params"]) if r["params"] else ""),
+            escape(r["as_of_bucket"] or ""),
+            r["cache_mode"],
+        )
+    console.print(table)
+
+
+def _print_summary(summary: JobSummary) -> None:
+    table = Table(title=f"job {escape(summary.job)} into {escape(str(summary.root))}")
+    columns = ("source", "requests", "fetched", "from cache", "failed", "req/s", "elapsed",
+               "session")  # fmt: skip
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("source", "session") else "right")
+    for s in summary.sources.values():
+        rate = s.done / s.elapsed if s.elapsed > 0 else 0.0
+        table.add_row(
+            escape(s.source),
+            f"{s.total:,}" if s.total is not None else "?",
+            f"{s.fetched:,}",
+            f"{s.from_cache:,}",
+            f"{s.failed:,}",
+            f"{rate:,.0f}",
+            f"{s.elapsed:,.1f}s",
+            s.session_id or "",
+        )
+    console.print(table)
+    for s in summary.sources.values():
+        for line in s.errors[:10]:
+            err_console.print(
+                f"[red]failed[/red] {escape(s.source)}: {escape(line)}", soft_wrap=True
+            )
+        if s.failed > 10:
+            err_console.print(f"... and {s.failed - 10:,} more failures of {escape(s.source)}")
+    verdict = "ok" if summary.ok else f"{summary.failed:,} failed"
+    console.print(
+        f"{summary.done:,} of {summary.total:,} requests: {summary.fetched:,} fetched, "
+        f"{summary.from_cache:,} from cache, {verdict}, in {summary.elapsed:,.1f}s",
+        soft_wrap=True,
+    )
+
+
+@app.command("run")
+def run_command(
+    job_file: Annotated[Path, typer.Argument(help="The job file (YAML); see the README, Jobs.")],
+    root: Annotated[
+        Path | None,
+        typer.Option(
+            "--root",
+            help="Store directory (default: the job's store:, else $MXM_DATAIO_ROOT, "
+            "else ./dataio).",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Count the requests, list the first ones; call nothing."),
+    ] = False,
+    limit: Annotated[
+        int | None, typer.Option(min=0, help="Only the first N requests, in file order.")
+    ] = None,
+    only: Annotated[
+        list[str] | None, typer.Option("--only", help="Only this source (repeatable).")
+    ] = None,
+    wait: Annotated[
+        bool,
+        typer.Option("--wait", help="If this job is running already, wait for it (else refuse)."),
+    ] = False,
+    allow_failures: Annotated[
+        bool, typer.Option("--allow-failures", help="Exit 0 even if some requests failed.")
+    ] = False,
+    show: Annotated[int, typer.Option(min=0, help="--dry-run: how many requests to list.")] = 10,
+    as_json: JsonOption = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Run an ingestion job: every request its file describes, through the cache.
+
+    Rerunning fetches only what is missing or stale. Exit status: 0 every request ended OK
+    (or --allow-failures), 1 some failed (or an error), 2 the job file is invalid (nothing ran),
+    3 the job is running already (its lease is held; --wait waits), 130 interrupted.
+    """
+    from mxm_dataio_async._exceptions import LeaseHeld
+    from mxm_dataio_async.jobs import JobConfigError, JobPlan, load_job, resolve_root, run_job
+
+    with _errors(verbose):
+        try:
+            config = load_job(job_file)
+            store_root = resolve_root(config, root)
+            if dry_run:
+                plan = JobPlan(config, limit=limit, only=only)
+                _print_dry_run(plan, store_root, show, as_json)
+                return
+            if as_json:
+                summary, interrupted = _run(
+                    lambda: _on_signals(
+                        lambda stop: run_job(
+                            config, root=store_root, limit=limit, only=only, wait=wait, stop=stop
+                        ),
+                        cancel=False,
+                    )
+                )
+            else:
+                with _job_progress() as progress:
+                    tasks: dict[str, TaskID] = {}
+
+                    def on_progress(s: SourceSummary) -> None:
+                        if s.source not in tasks:
+                            tasks[s.source] = progress.add_task(
+                                s.source, total=s.total, cached=0, failed=0
+                            )
+                        progress.update(
+                            tasks[s.source], completed=s.done, cached=s.from_cache, failed=s.failed
+                        )
+
+                    summary, interrupted = _run(
+                        lambda: _on_signals(
+                            lambda stop: run_job(
+                                config,
+                                root=store_root,
+                                limit=limit,
+                                only=only,
+                                wait=wait,
+                                on_progress=on_progress,
+                                stop=stop,
+                            ),
+                            cancel=False,
+                        )
+                    )
+        except JobConfigError as exc:
+            err_console.print(f"[red]invalid job:[/red] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(EXIT_INVALID_JOB) from None
+        except LeaseHeld as exc:
+            hint = "" if wait else " (--wait waits for it)"
+            err_console.print(f"[red]refused:[/red] job {escape(str(exc))}{hint}", soft_wrap=True)
+            raise typer.Exit(EXIT_LEASE_HELD) from None
+        except KeyboardInterrupt:
+            interrupted, summary = True, None
+    if summary is not None:
+        if as_json:
+            _print_json(summary.to_json())
+        else:
+            _print_summary(summary)
+    if interrupted or summary is None or summary.interrupted:
+        err_console.print(
+            "[yellow]interrupted:[/yellow] what was recorded is kept; run the job again "
+            "to fetch the rest"
+        )
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if not summary.ok and not allow_failures:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _tail_line(resp: Response, request: dict[str, Any] | None) -> str:
+    params = json.loads(request["params"]) if request and request["params"] else {}
+    return json.dumps(
+        {
+            "id": resp.id,
+            "source": request["source"] if request else None,
+            "kind": request["kind"] if request else None,
+            "status": resp.status.value,
+            "checksum": resp.checksum,
+            "size": resp.size_bytes,
+            "fetched_at": resp.fetched_at.isoformat(),
+            "params": params,
+            "endpoint": request["endpoint"] if request else None,
+            "request_id": resp.request_id,
+            "request_hash": resp.request_hash,
+            "session_id": resp.session_id,
+            "as_of_bucket": resp.as_of_bucket,
+            "cache_tag": resp.cache_tag,
+            "transport_status": resp.transport_status,
+            "error": resp.error,
+        },
+        ensure_ascii=False,
+    )
+
+
+async def _tail(
+    store_root: Path,
+    name: str,
+    *,
+    source: str | None,
+    kind: str | None,
+    status: str | None,
+    follow: bool,
+    interval: float,
+    stop_after: float | None,
+) -> int:
+    import time
+
+    from mxm_dataio_async._store import Store
+
+    printed = 0
+    deadline = None if stop_after is None else time.monotonic() + stop_after
+    async with Store(store_root) as store:
+        with connection(store_root, BUSY_TIMEOUT) as conn:
+            cursor = await store.read_checkpoint(name)
+            while True:
+                async for resp in store.iter_responses(
+                    source=source, kind=kind, status=status, after=cursor
+                ):
+                    found = _rows(
+                        conn,
+                        "SELECT source, kind, endpoint, params FROM requests WHERE id = ?",
+                        (resp.request_id,),
+                    )
+                    typer.echo(_tail_line(resp, found[0] if found else None))
+                    # After the line is out, and shielded: Ctrl-C never leaves a printed line
+                    # behind the checkpoint (it would be printed again).
+                    with anyio.CancelScope(shield=True):
+                        await store.write_checkpoint(name, resp.id)
+                    cursor = resp.id
+                    printed += 1
+                if not follow:
+                    return printed
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return printed
+                await anyio.sleep(interval if left is None else min(interval, left))
+
+
+@app.command("tail")
+def tail_command(
+    checkpoint: Annotated[
+        str,
+        typer.Option(
+            "--checkpoint", help="Consumer name: resume after the last response it was shown."
+        ),
+    ],
+    root: RootOption = None,
+    source: Annotated[str | None, typer.Option(help="Only responses of this source.")] = None,
+    kind: Annotated[str | None, typer.Option(help="Only responses of this kind.")] = None,
+    status: Annotated[
+        str | None, typer.Option(help="Only responses with this status (ok, error, ...).")
+    ] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep polling for new responses (Ctrl-C ends).")
+    ] = False,
+    interval: Annotated[
+        float, typer.Option(min=0.01, help="--follow: seconds between polls.")
+    ] = 1.0,
+    timeout: Annotated[
+        float | None, typer.Option(min=0, help="--follow: stop after this many seconds.")
+    ] = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Print responses recorded since this consumer's checkpoint, as JSON lines, in the order
+    they were recorded; the checkpoint advances after each line is written.
+
+    Each line: id, source, kind, status, checksum, size, fetched_at, params (the request's),
+    endpoint, request_id, request_hash, session_id, as_of_bucket, cache_tag, transport_status,
+    error. Use one checkpoint name per consumer (and per set of filters). Cache hits add no
+    response, so they are not shown.
+    """
+    store_root = _root(root)
+    with _errors(verbose):
+        if not (store_root / "dataio.sqlite").is_file():
+            raise StoreError(f"no store at {store_root} (no dataio.sqlite there)")
+        if status is not None:
+            from mxm_dataio_async._models import ResponseStatus
+
+            allowed = ", ".join(s.value for s in ResponseStatus)
+            if status not in {s.value for s in ResponseStatus}:
+                raise ValueError(f"unknown status {status!r}; use one of: {allowed}")
+        try:
+            _run(
+                lambda: _on_signals(
+                    lambda _: _tail(
+                        store_root,
+                        checkpoint,
+                        source=source,
+                        kind=kind,
+                        status=status,
+                        follow=follow,
+                        interval=interval,
+                        stop_after=timeout,
+                    ),
+                    cancel=True,
+                )
+            )
+        except KeyboardInterrupt:
+            return
