@@ -2,19 +2,35 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import uuid
 
 from mxm_dataio_async._models import new_id
 
 
-def test_ids_are_uuid4_text_and_unique() -> None:
+def test_ids_are_uuid7_text_unique_and_time_ordered() -> None:
+    before = time.time_ns() // 1_000_000
     ids = [new_id() for _ in range(5_000)]
+    after = time.time_ns() // 1_000_000
     assert len(set(ids)) == len(ids)
     for text in ids:
         parsed = uuid.UUID(text)
-        assert parsed.version == 4
+        assert parsed.version == 7
         assert parsed.variant == uuid.RFC_4122
         assert str(parsed) == text
+        assert before <= parsed.int >> 80 <= after  # the first 48 bits: Unix time in ms
+    # Later ids never sort before earlier ones across a millisecond boundary.
+    stamps = [uuid.UUID(text).int >> 80 for text in ids]
+    assert stamps == sorted(stamps)
+
+
+def test_id_random_bits_vary_within_one_millisecond() -> None:
+    ids = [uuid.UUID(new_id()) for _ in range(2_000)]
+    # Everything after the timestamp, version and variant: 74 random bits per id.
+    random_bits = {(u.int >> 64 & 0xFFF, u.int & ((1 << 62) - 1)) for u in ids}
+    assert len(random_bits) == len(ids)
+    low_bits = [u.int & 1 for u in ids]
+    assert 700 < sum(low_bits) < 1300  # a fair coin, far from a stuck bit
 
 
 _FORK_SCRIPT = """
