@@ -37,9 +37,10 @@ class _Flight(Generic[T]):
     __slots__ = ("done", "error", "has_result", "result", "task", "traceback", "waiters")
 
     def __init__(self) -> None:
-        self.done = asyncio.Event()
+        self.done = False
         self.task: asyncio.Task[None] | None = None
-        self.waiters = 0
+        # One future per waiting caller: cancelling a caller cancels only its own future.
+        self.waiters: set[asyncio.Future[None]] = set()
         self.has_result = False
         self.result: T | None = None
         self.error: Exception | None = None
@@ -91,34 +92,38 @@ class Coalescer(Generic[K, T]):
     def waiters(self, key: K) -> int:
         """The number of callers currently waiting for ``key`` (0 if nothing is in flight)."""
         flight = self._flights.get(key)
-        return 0 if flight is None else flight.waiters
+        return 0 if flight is None else len(flight.waiters)
 
     async def run(self, key: K, factory: Callable[[], Awaitable[T]]) -> T:
         """Return the outcome of the producer for ``key``, starting ``factory()`` if none runs."""
         flight = self._flights.get(key)
+        loop = asyncio.get_running_loop()
         if flight is None:
             if self._closed:
                 raise DataIOError("cannot start the request: the session is closed")
             flight = _Flight()
-            task = asyncio.get_running_loop().create_task(self._produce(flight, factory))
+            task = loop.create_task(self._produce(key, flight, factory))
             flight.task = task
             self._tasks.add(task)
-            # A done-callback, not a finally: a task cancelled before its first step never runs
-            # its coroutine, and its waiters must still be released.
+            # A done-callback as well as the producer's own release: a task cancelled before its
+            # first step never runs its coroutine, and its waiters must still be released.
             task.add_done_callback(lambda t: self._finished(key, flight, t))
             self._flights[key] = flight
-        flight.waiters += 1
+        waiter: asyncio.Future[None] = loop.create_future()
+        flight.waiters.add(waiter)
         try:
-            await flight.done.wait()
+            await waiter
         finally:
-            flight.waiters -= 1
-            if not flight.waiters and not flight.done.is_set():
-                # The last caller left early (cancelled): nobody needs the outcome any more. Drop
-                # the key now, so a new caller starts a new producer instead of joining a dying one.
-                if flight.task is not None:
-                    flight.task.cancel()
-                if self._flights.get(key) is flight:
-                    del self._flights[key]
+            if not flight.done:
+                # This caller left early (cancelled). If it was the last one, nobody needs the
+                # outcome any more: cancel the producer and drop the key now, so a new caller
+                # starts a new producer instead of joining a dying one.
+                flight.waiters.discard(waiter)
+                if not flight.waiters:
+                    if flight.task is not None:
+                        flight.task.cancel()
+                    if self._flights.get(key) is flight:
+                        del self._flights[key]
         if flight.error is not None:
             # Shared by all waiters: restart from the producer's traceback on each raise.
             raise flight.error.with_traceback(flight.traceback)
@@ -128,13 +133,24 @@ class Coalescer(Generic[K, T]):
         await anyio.lowlevel.checkpoint_if_cancelled()
         raise DataIOError("in-flight request cancelled: the session is closing")
 
-    def _finished(self, key: K, flight: _Flight[T], task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+    def _release(self, key: K, flight: _Flight[T]) -> None:
+        """The outcome is known: drop the key and wake every waiter."""
+        flight.done = True
         if self._flights.get(key) is flight:
             del self._flights[key]
-        flight.done.set()
+        for waiter in flight.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        flight.waiters.clear()
 
-    async def _produce(self, flight: _Flight[T], factory: Callable[[], Awaitable[T]]) -> None:
+    def _finished(self, key: K, flight: _Flight[T], task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not flight.done:
+            self._release(key, flight)
+
+    async def _produce(
+        self, key: K, flight: _Flight[T], factory: Callable[[], Awaitable[T]]
+    ) -> None:
         try:
             flight.result = await factory()
             flight.has_result = True
@@ -143,3 +159,7 @@ class Coalescer(Generic[K, T]):
             # tear anything down, and nobody awaits the task itself.
             flight.error = exc
             flight.traceback = exc.__traceback__
+        finally:
+            # Wake the waiters from here rather than from the done-callback: one loop iteration
+            # sooner per fetch.
+            self._release(key, flight)
