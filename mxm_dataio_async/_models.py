@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 import time
 from collections.abc import AsyncIterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Final
@@ -238,6 +239,22 @@ class Response:
         if self.ttl_seconds is None:
             return None
         return self.fetched_at + timedelta(seconds=self.ttl_seconds)
+
+
+_RESPONSE_FIELDS: Final = tuple(f.name for f in fields(Response))
+_response_values = operator.attrgetter(*_RESPONSE_FIELDS)
+_FROM_CACHE: Final = _RESPONSE_FIELDS.index("from_cache")
+
+
+def served_from_cache(response: Response) -> Response:
+    """A copy of ``response`` with ``from_cache=True`` (what a cache hit returns).
+
+    Same result as ``dataclasses.replace(response, from_cache=True)`` at half the cost: every
+    cache hit makes one.
+    """
+    values = list(_response_values(response))
+    values[_FROM_CACHE] = True
+    return Response(*values)
 
 
 Body = bytes | AsyncIterable[bytes]

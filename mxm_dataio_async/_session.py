@@ -36,6 +36,7 @@ from mxm_dataio_async._models import (
     SessionStatus,
     UseSessionDefault,
     new_id,
+    served_from_cache,
     utcnow,
 )
 from mxm_dataio_async._policy import Action, Decision, decide, needs_lookup, persists
@@ -377,7 +378,7 @@ class AsyncSession:
             await self._store.record(
                 self._persistable(request), (), served_from=decision.cached.id, wait=False
             )
-            return replace(decision.cached, from_cache=True)
+            return served_from_cache(decision.cached)
         if decision.action is Action.MISS:
             self._counts["errors"] += 1
             raise CacheMiss(

@@ -10,7 +10,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Final, Self
 
 import aiosqlite
 import anyio
@@ -735,32 +735,37 @@ def _response_row(q: Request, r: Response) -> tuple[Any, ...]:
     )
 
 
+_STATUSES: Final = {s.value: s for s in ResponseStatus}
+_CACHE_MODES: Final = {m.value: m for m in CacheMode}
+
+
 def _response_from_row(r: Sequence[Any]) -> Response:
-    fetched = _dt(r[9])
-    assert fetched is not None
+    # Positional, in Response's field order (the cache-hit path builds one per hit; keywords and
+    # Enum(value) calls cost twice as much). tests/store/test_store.py round-trips every field.
     return Response(
-        id=r[0],
-        request_id=r[1],
-        request_hash=bytes(r[2]).hex(),
-        session_id=r[3],
-        status=ResponseStatus(r[6]),
-        checksum=r[7],
-        size_bytes=r[8],
-        fetched_at=fetched,
-        cache_mode=CacheMode(r[10]),
-        ttl_seconds=r[11],
-        as_of_bucket=r[12],
-        cache_tag=r[13],
-        attempts=r[14],
-        attempt=r[15],
-        sequence=r[16],
-        transport_status=r[17],
-        content_type=r[18],
-        encoding=r[19],
-        url=r[20],
-        elapsed_ms=r[21],
-        headers=json.loads(r[22]) if r[22] is not None else None,
-        adapter_meta=json.loads(r[23]) if r[23] is not None else None,
-        error=r[24],
-        revalidated_from=r[25],
+        r[0],  # id
+        r[1],  # request_id
+        bytes(r[2]).hex(),  # request_hash
+        r[3],  # session_id
+        _STATUSES[r[6]],  # status
+        r[7],  # checksum
+        r[8],  # size_bytes
+        datetime.fromisoformat(r[9]),  # fetched_at
+        _CACHE_MODES[r[10]],  # cache_mode
+        r[11],  # ttl_seconds
+        r[12],  # as_of_bucket
+        r[13],  # cache_tag
+        False,  # from_cache
+        r[14],  # attempts
+        r[15],  # attempt
+        r[16],  # sequence
+        r[17],  # transport_status
+        r[18],  # content_type
+        r[19],  # encoding
+        r[20],  # url
+        r[21],  # elapsed_ms
+        json.loads(r[22]) if r[22] is not None else None,  # headers
+        json.loads(r[23]) if r[23] is not None else None,  # adapter_meta
+        r[24],  # error
+        r[25],  # revalidated_from
     )

@@ -413,3 +413,52 @@ async def test_an_unbindable_row_fails_its_job_only(tmp_path: Path) -> None:
         assert [x.checksum async for x in store.iter_responses()] == [
             hashlib.sha256(b"good").hexdigest()
         ]
+
+
+async def test_every_response_field_round_trips(tmp_path: Path) -> None:
+    # Each field gets a value of its own, so a column read into the wrong field shows up.
+    req = build_request(session_id="s1", source="src", kind="k", params={"a": 1})
+    async with Store(tmp_path / "s") as store:
+        staged = await store.stage(b"payload bytes")
+        original = _response(
+            req,
+            staged.checksum,
+            staged.size,
+            cache_mode=CacheMode.REVALIDATE,
+            ttl_seconds=12.5,
+            as_of_bucket="2026-11-23",
+            cache_tag="tag-1",
+            attempts=3,
+            attempt=2,
+            sequence=7,
+            transport_status=203,
+            content_type="text/plain",
+            encoding="latin-1",
+            url="https://example.test/x?y=1",
+            elapsed_ms=4.25,
+            headers={"ETag": '"v1"', "X-Other": "two"},
+            adapter_meta={"content_encoding": "gzip", "n": [1, 2]},
+            error="partial: nothing serious",
+            revalidated_from="01a2-previous",
+        )
+        await store.record(req, [original], [staged])
+        by_id = await store.get_response(original.id)
+        latest = await store.latest_response(req.hash)
+    assert by_id == original and latest == original  # eq compares every field (not payload)
+    assert by_id is not None and by_id.from_cache is False
+    assert by_id.status is ResponseStatus.OK and by_id.cache_mode is CacheMode.REVALIDATE
+
+
+def test_served_from_cache_is_replace_with_from_cache() -> None:
+    from dataclasses import fields, replace
+
+    from mxm_dataio_async._models import served_from_cache
+
+    req = build_request(session_id="s1", source="src", kind="k")
+    original = _response(req, "ab" * 32, 3, headers={"A": "b"}, sequence=4, error="e")
+    served = served_from_cache(original)
+    assert served == replace(original, from_cache=True) and served.from_cache is True
+    assert original.from_cache is False  # the original is untouched
+    for f in fields(Response):
+        if f.name != "from_cache":
+            assert getattr(served, f.name) is getattr(original, f.name)
