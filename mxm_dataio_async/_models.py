@@ -6,6 +6,7 @@ import operator
 import os
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
@@ -25,6 +26,7 @@ __all__ = [
     "SessionStatus",
     "UseSessionDefault",
     "new_id",
+    "new_session_id",
     "utcnow",
 ]
 
@@ -69,6 +71,17 @@ def new_id() -> str:
 
 
 _ID_RANDOM_BYTES = 10
+
+
+def new_session_id() -> str:
+    """A fresh random UUID (version 4), as text: the id of a session.
+
+    Sessions are what people name on the command line (``mxm-dataio show 3f9c``), by a short
+    prefix; a time-ordered id would make every prefix of the same minute alike. One row per run,
+    so index locality does not matter here.
+    """
+    return str(uuid.uuid4())
+
 
 # The first hex digit of the fourth group: RFC 4122 variant bits (10xx) over 2 random bits.
 _VARIANT = "89ab"

@@ -36,6 +36,7 @@ from mxm_dataio_async._models import (
     SessionStatus,
     UseSessionDefault,
     new_id,
+    new_session_id,
     served_from_cache,
     utcnow,
 )
@@ -148,7 +149,7 @@ class AsyncSession:
         self._tg: anyio.abc.TaskGroup | None = None
         self._coalescer: Coalescer[tuple[str, bool], Response] | None = None
         self._record = Session(
-            id=new_id(),
+            id=new_session_id(),
             source=source,
             as_of=as_of,
             started_at=utcnow(),

@@ -189,7 +189,13 @@ def test_show_fetched_and_cached_sessions(store: Path) -> None:
         assert q["as_of_bucket"] in ("2024-01", "2024-02") and q["cache_tag"] == "t"
     out = cli("show", second["id"], "--root", str(store)).stdout
     assert "cache" in out and "served_from" in out and "bucket" in out
-    assert cached["requests"][0]["served_from"][:8] in out
+    served_from = cached["requests"][0]["served_from"]
+    assert served_from[-8:] in out  # the random tail: response ids start with their time
+    # `meta` finds a response by its full id, a unique prefix or its tail as `show` prints it.
+    for handle in (served_from, served_from[:30], served_from[-8:], f"…{served_from[-8:]}"):
+        assert json.loads(cli("meta", handle, "--root", str(store)).stdout)["id"] == served_from
+    same_minute = served_from[:8]  # time-ordered ids: this prefix is shared by the whole run
+    one_error_line(cli("meta", same_minute, "--root", str(store), code=1), "ambiguous")
     out = cli("show", big["id"], "--root", str(store)).stdout
     assert "fetched" in out and "2024-0" in out
 

@@ -58,3 +58,11 @@ def test_a_forked_child_does_not_reuse_the_parents_ids() -> None:
         [sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["50", "0"]
+
+
+def test_session_ids_are_random_uuid4_so_short_prefixes_stay_unique() -> None:
+    from mxm_dataio_async._models import new_session_id
+
+    ids = [new_session_id() for _ in range(2_000)]
+    assert all(uuid.UUID(text).version == 4 for text in ids)
+    assert len({text[:8] for text in ids}) > 1_990  # 32 random bits: collisions are rare

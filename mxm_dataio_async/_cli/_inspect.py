@@ -177,7 +177,7 @@ def show(
                 "" if r["transport_status"] is None else str(r["transport_status"]),
                 f"{r['attempt']}/{r['attempts']}",
                 "cache" if cached else "fetched",
-                r["id"][:8] if cached else "",
+                f"…{r['id'][-8:]}" if cached else "",  # ids start with their time: the tail tells
                 q["cache_mode"],
                 "" if q["ttl_seconds"] is None else f"{q['ttl_seconds']:g}s",
                 q["as_of_bucket"] or "",
@@ -189,22 +189,42 @@ def show(
 
 
 def _resolve_response(conn: sqlite3.Connection, text: str) -> str:
+    """A full response id from itself, a unique prefix, or a unique tail (``…1a2b3c4d``).
+
+    Response ids are time-ordered (UUID version 7), so ids of one run share their first
+    characters and ``show`` prints their random last ones.
+    """
     if conn.execute("SELECT 1 FROM responses WHERE id = ?", (text,)).fetchone():
         return text
-    if len(text) >= 8:
+    tail = text.lstrip("…")
+    if len(tail) >= 8:
+        if tail == text:
+            found = conn.execute(
+                "SELECT id FROM responses WHERE id >= ? AND id < ? LIMIT 2",
+                (text, text + "\uffff"),
+            ).fetchall()
+            if found:
+                return _unique(found, text)
+        like = tail.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         found = conn.execute(
-            "SELECT id FROM responses WHERE id >= ? AND id < ? LIMIT 2", (text, text + "\uffff")
+            "SELECT id FROM responses WHERE id LIKE ? ESCAPE '\\' LIMIT 2", ("%" + like,)
         ).fetchall()
-        if len(found) == 1:
-            return str(found[0][0])
         if found:
-            raise StoreError(f"response prefix {text!r} is ambiguous; give more characters")
+            return _unique(found, text)
     raise StoreError(f"unknown response {text!r}")
+
+
+def _unique(found: list[Any], text: str) -> str:
+    if len(found) > 1:
+        raise StoreError(f"response id {text!r} is ambiguous; give more characters")
+    return str(found[0][0])
 
 
 @app.command()
 def meta(
-    response: Annotated[str, typer.Argument(help="Response id (or a unique prefix of it).")],
+    response: Annotated[
+        str, typer.Argument(help="Response id (or a unique prefix, or its last 8+ characters).")
+    ],
     root: RootOption = None,
     verbose: VerboseOption = False,
 ) -> None:

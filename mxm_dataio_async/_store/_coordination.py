@@ -12,6 +12,7 @@ several hosts need synchronised clocks (NTP); the TTL should be well above their
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import sqlite3
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from typing import TypeVar
 import anyio.to_thread
 
 from mxm_dataio_async._exceptions import LeaseHeld
-from mxm_dataio_async._models import new_id, utcnow
+from mxm_dataio_async._models import utcnow
 from mxm_dataio_async._store._maintenance import connection, transaction
 from mxm_dataio_async._store._writer import sqlite_error
 
@@ -45,7 +46,7 @@ def _ts(dt: datetime) -> str:
 
 def default_holder() -> str:
     """``host:pid:random``: unique per lease holder, readable in the ``leases`` table."""
-    return f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 @dataclass(frozen=True, slots=True)
