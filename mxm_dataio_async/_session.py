@@ -41,6 +41,7 @@ from mxm_dataio_async._models import (
     utcnow,
 )
 from mxm_dataio_async._policy import Action, Decision, decide, needs_lookup, persists
+from mxm_dataio_async._recent import Recent
 from mxm_dataio_async._registry import Registry, SourceEntry, default_registry
 from mxm_dataio_async._request import build_request, check_cache_mode, check_ttl
 from mxm_dataio_async._retry import retry_waits_disabled, run_with_retries
@@ -53,6 +54,9 @@ _MAX_ERROR_TEXT: Final = 2000
 # Recently recorded responses kept per session: the lookup/commit race window is one lookup long,
 # so a few thousand entries cover it under any load (between 4,096 and 8,192 are kept).
 _RECENT_MAX: Final = 4096
+# Inline payloads this session recorded, kept so that read() right after fetch() needs no trip to
+# SQLite's thread: up to 2 x 4 MiB of the most recent ones (the bytes the store hashed).
+_RECENT_PAYLOAD_BYTES: Final = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,10 +146,10 @@ class AsyncSession:
         self.cache_tag = cache_tag
         self._state = _UNOPENED
         self._bulk_scopes: set[anyio.CancelScope] = set()
-        # Two generations of plain dicts: when the young one fills, it becomes the old one and
-        # the old one is dropped. O(1) and ~5x cheaper per insert than an LRU OrderedDict.
-        self._recent: dict[str, Response] = {}
-        self._recent_old: dict[str, Response] = {}
+        self._recent: Recent[str, Response] = Recent(_RECENT_MAX)  # by request hash
+        self._recent_payloads: Recent[str, bytes] = Recent(
+            _RECENT_MAX, max_weight=_RECENT_PAYLOAD_BYTES, weigh=len
+        )  # by checksum
         self._tg: anyio.abc.TaskGroup | None = None
         self._coalescer: Coalescer[tuple[str, bool], Response] | None = None
         self._record = Session(
@@ -251,6 +255,8 @@ class AsyncSession:
             # __aexit__ instead of being wrapped in an ExceptionGroup.
             await tg.__aexit__(None, None, None)
         finally:
+            self._recent.clear()
+            self._recent_payloads.clear()
             try:
                 await self._write_end(exc)
             finally:
@@ -369,7 +375,7 @@ class AsyncSession:
                 cached = await self._store.latest_response(request.hash)
                 # A fetch of the same request may have completed while the lookup ran (it was
                 # committed, but possibly after the lookup's snapshot): prefer the newer one.
-                recent = self._recent.get(request.hash) or self._recent_old.get(request.hash)
+                recent = self._recent.get(request.hash)
                 if recent is not None and (cached is None or recent.fetched_at > cached.fetched_at):
                     cached = recent
             decision = decide(mode, cached, ttl=request.ttl_seconds, now=utcnow())
@@ -397,12 +403,12 @@ class AsyncSession:
             )
         return response
 
-    def _remember(self, response: Response) -> None:
-        """Keep the newest recorded OK responses by hash, to close the lookup/commit race."""
-        recent = self._recent
-        recent[response.request_hash] = response
-        if len(recent) >= _RECENT_MAX:
-            self._recent_old, self._recent = recent, {}
+    def _remember(self, response: Response, staged: StagedPayload | None = None) -> None:
+        """Keep the newest recorded OK responses by hash, to close the lookup/commit race, and
+        their inline payload (committed, so ``read()`` may serve it without asking the store)."""
+        self._recent.put(response.request_hash, response)
+        if staged is not None and staged.data is not None:
+            self._recent_payloads.put(staged.checksum, staged.data)
 
     async def _produce(self, request: Request, decision: Decision) -> Response:
         entry = self._entry
@@ -500,7 +506,7 @@ class AsyncSession:
             assert fetched.staged is not None
             self._counts["responses"] += 1
             await self._store.record(stored_request, [response], [fetched.staged])
-            self._remember(response)
+            self._remember(response, fetched.staged)
         return response
 
     async def _record_upstream_error(
@@ -616,10 +622,18 @@ class AsyncSession:
     # -- read -----------------------------------------------------------------------------------
 
     async def read(self, response: Response) -> bytes:
-        """The exact payload bytes of ``response``, verified (``IntegrityError`` if corrupt)."""
+        """The exact payload bytes of ``response``, verified (``IntegrityError`` if corrupt).
+
+        A small payload this session recorded recently is served from memory: the very bytes whose
+        sha256 was computed when they arrived, committed before ``fetch()`` returned.
+        """
         if response.payload is not None:
             return response.payload
         self._require_open()
+        if response.checksum is not None:
+            recent = self._recent_payloads.get(response.checksum)
+            if recent is not None and len(recent) == response.size_bytes:
+                return recent
         return await self._store.read(response)
 
     # -- send -----------------------------------------------------------------------------------

@@ -528,3 +528,46 @@ async def test_cancelled_from_outside_the_session_still_records_its_end(tmp_path
     assert scope.cancelled_caught
     ((status, ended),) = rows(tmp_path, "SELECT status, ended_at FROM sessions")
     assert status == "error" and ended is not None
+
+
+def _tamper(root: Path, checksum: str) -> None:
+    conn = sqlite3.connect(root / DB_NAME)
+    try:
+        conn.execute(
+            "UPDATE payloads SET data = ? WHERE sha256 = ?", (b"T", bytes.fromhex(checksum))
+        )
+        conn.commit()
+    finally:
+        conn.close()
+
+
+async def test_read_right_after_fetch_is_served_from_the_session_memory(tmp_path: Path) -> None:
+    reg = dio.Registry()
+    reg.register("m", dio.MockAdapter(lambda r: f"payload {r.params}".encode() * 50))
+    async with dio.Store(tmp_path) as store:
+        async with dio.AsyncSession("m", store=store, registry=reg) as s:
+            first = await s.fetch(s.request("k", params={"i": 1}))
+            expected = b"payload {'i': 1}" * 50
+            # The stored row no longer matches: only the session's memory still has the bytes.
+            _tamper(tmp_path, first.checksum or "")
+            assert await s.read(first) == expected
+            with pytest.raises(dio.IntegrityError, match="corrupt"):
+                await store.read(first)
+        async with dio.AsyncSession("m", store=store, registry=reg) as s2:
+            with pytest.raises(dio.IntegrityError, match="corrupt"):
+                await s2.read(first)  # another session reads (and verifies) the stored bytes
+
+
+async def test_the_session_keeps_only_a_bounded_amount_of_recent_payloads(tmp_path: Path) -> None:
+    reg = dio.Registry()
+    reg.register("m", dio.MockAdapter(lambda r: bytes([int(str(r.params["i"])) % 251]) * 60_000))
+    async with dio.Store(tmp_path) as store:
+        async with dio.AsyncSession("m", store=store, registry=reg) as s:
+            first = await s.fetch(s.request("k", params={"i": 0}))
+            _tamper(tmp_path, first.checksum or "")
+            assert await s.read(first) == bytes([0]) * 60_000
+            # 12 MB of newer inline payloads: more than the 2 x 4 MiB the session keeps.
+            for i in range(1, 201):
+                await s.fetch(s.request("k", params={"i": i}))
+            with pytest.raises(dio.IntegrityError, match="corrupt"):
+                await s.read(first)  # evicted: read from the store, which verifies it
