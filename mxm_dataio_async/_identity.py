@@ -129,11 +129,15 @@ def _check(value: object, depth: int) -> JSONValue:
     )
 
 
+# One encoder for every call: json.dumps with non-default options builds a new one each time.
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+)
+
+
 def canonical_json(value: JSONValue) -> str:
     """Serialise already-checked JSON to its canonical text (sorted keys, compact, ASCII)."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    )
+    return _CANONICAL.encode(value)
 
 
 def request_hash(
