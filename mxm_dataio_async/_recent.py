@@ -62,10 +62,6 @@ class Recent(Generic[K, V]):
         ):
             self._old, self._young, self._weight = young, {}, 0
 
-    def discard(self, key: K) -> None:
-        self._young.pop(key, None)
-        self._old.pop(key, None)
-
     def clear(self) -> None:
         self._young.clear()
         self._old.clear()
