@@ -9,8 +9,9 @@ DataIOError
 ├── FetchError                               final failure of one request (request, attempts, cause)
 ├── IntegrityError                           stored bytes do not match their checksum
 ├── LeaseHeld                                another run holds the job's lease
+├── UsageError           (also RuntimeError) misuse: a session entered twice, used when closed
+│   └── StoreClosedError (also StoreError)   the store is not open (never opened, or closed)
 └── StoreError                               the store cannot be opened, read or written
-    └── StoreClosedError                     the store (or session) is not open
 ```
 
 Dependency exceptions (aiohttp, sqlite3/aiosqlite, OSError from payload files) are translated at
@@ -38,6 +39,7 @@ __all__ = [
     "StoreClosedError",
     "StoreError",
     "TransientError",
+    "UsageError",
 ]
 
 
@@ -138,5 +140,10 @@ class StoreError(DataIOError):
     """The store could not be opened, read or written (permissions, disk full, not SQLite...)."""
 
 
-class StoreClosedError(StoreError):
-    """An operation was attempted on a store or session that is not open."""
+class UsageError(DataIOError, RuntimeError):
+    """The API was used out of order: a session entered twice, a closed session or store used,
+    a request built by another session. The message says what to do instead."""
+
+
+class StoreClosedError(UsageError, StoreError):
+    """An operation was attempted on a store that is not open (never opened, or closed)."""

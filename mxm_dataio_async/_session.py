@@ -45,7 +45,7 @@ from mxm_dataio_async._recent import Recent
 from mxm_dataio_async._registry import Registry, SourceEntry, default_registry
 from mxm_dataio_async._request import build_request, check_cache_mode, check_ttl
 from mxm_dataio_async._retry import retry_waits_disabled, run_with_retries
-from mxm_dataio_async._store import StagedPayload, Store
+from mxm_dataio_async._store import Recording, StagedPayload, Store
 
 __all__ = ["AsyncSession"]
 
@@ -137,7 +137,7 @@ class AsyncSession:
         self.source = source
         self._registry = registry if registry is not None else default_registry
         self._entry: SourceEntry = self._registry.entry(source)  # AdapterNotFound early
-        self._store = store if store is not None else Store(root)  # type: ignore[arg-type]
+        self._store = store if store is not None else Store(root)
         self._owns_store = store is None
         self.cache_mode = check_cache_mode(cache_mode)
         self.ttl = check_ttl(ttl)
@@ -204,7 +204,7 @@ class AsyncSession:
                 "the store passed to AsyncSession is not open; use `async with Store(...)`"
             )
         try:
-            await self._store.save_session(self._record)
+            await self._store.metadata.save_session(self._record)
             tg = anyio.create_task_group()
             await tg.__aenter__()
         except BaseException:
@@ -272,7 +272,7 @@ class AsyncSession:
         )
         self._record = end
         with anyio.CancelScope(shield=True):
-            await self._store.save_session(end)
+            await self._store.metadata.save_session(end)
 
     def _require_open(self) -> None:
         if self._state != _OPEN:
@@ -382,8 +382,8 @@ class AsyncSession:
         if decision.action is Action.SERVE:
             assert decision.cached is not None
             self._counts["cache_hits"] += 1
-            await self._store.record(
-                self._persistable(request), (), served_from=decision.cached.id, wait=False
+            await self._store.metadata.record(
+                Recording(self._persistable(request), served_from=decision.cached.id), wait=False
             )
             return served_from_cache(decision.cached)
         if decision.action is Action.MISS:
@@ -398,8 +398,8 @@ class AsyncSession:
             raise
         if response.request_id != request.id and persists(mode):
             # A coalesced duplicate: record that this request was answered by the leader's response.
-            await self._store.record(
-                self._persistable(request), (), served_from=response.id, wait=False
+            await self._store.metadata.record(
+                Recording(self._persistable(request), served_from=response.id), wait=False
             )
         return response
 
@@ -455,7 +455,7 @@ class AsyncSession:
                 return  # already recorded with its payload
             failed = self._failure(request, exc, attempt=n, elapsed_ms=elapsed_s * 1000.0)
             self._counts["responses"] += 1
-            await self._store.record(stored_request, [failed])
+            await self._store.metadata.record(Recording(stored_request, [failed]))
 
         try:
             fetched = await run_with_retries(
@@ -486,7 +486,7 @@ class AsyncSession:
                 encoding=result.encoding or cached.encoding,
             )
             self._counts["responses"] += 1
-            await self._store.record(stored_request, [response])
+            await self._store.metadata.record(Recording(stored_request, [response]))
             self._remember(response)
             return response
         checksum, size = _identity_of(fetched.staged, fetched.data)
@@ -505,7 +505,7 @@ class AsyncSession:
         if persist:
             assert fetched.staged is not None
             self._counts["responses"] += 1
-            await self._store.record(stored_request, [response], [fetched.staged])
+            await self._store.metadata.record(Recording(stored_request, [response], [fetched.staged]))
             self._remember(response, fetched.staged)
         return response
 
@@ -529,7 +529,7 @@ class AsyncSession:
                 error=result.error,
             )
             self._counts["responses"] += 1
-            await self._store.record(stored, [failed], [fetched.staged])
+            await self._store.metadata.record(Recording(stored, [failed], [fetched.staged]))
             response_id = failed.id
         raise FetchError(
             f"{stored!r}: {result.error}",
@@ -666,7 +666,9 @@ class AsyncSession:
             failed = self._failure(request, exc, attempt=1, elapsed_ms=_ms_since(started))
             if persist:
                 self._counts["responses"] += 1
-                await self._store.record(stored, [failed], [sent] if sent else [], sent=sent)
+                await self._store.metadata.record(
+                    Recording(stored, [failed], [sent] if sent else [], sent=sent.checksum if sent else None)
+                )
             if isinstance(exc, DataIOError) and not isinstance(exc, TransientError):
                 raise
             raise FetchError(
@@ -694,7 +696,7 @@ class AsyncSession:
         if persist:
             assert sent is not None and staged is not None
             self._counts["responses"] += 1
-            await self._store.record(stored, [ack], [sent, staged], sent=sent)
+            await self._store.metadata.record(Recording(stored, [ack], [sent, staged], sent=sent.checksum))
         if result.error is not None:
             self._counts["errors"] += 1
             raise FetchError(
@@ -746,7 +748,7 @@ class AsyncSession:
                     self._counts["bytes"] += size
                     if staged is not None:
                         self._counts["responses"] += 1
-                        await self._store.record(stored, [msg], [staged])
+                        await self._store.metadata.record(Recording(stored, [msg], [staged]))
                     yield msg
                     sequence += 1
             except Exception as exc:
@@ -759,7 +761,7 @@ class AsyncSession:
                 if persist:
                     self._counts["responses"] += 1
                     with anyio.CancelScope(shield=True):
-                        await self._store.record(stored, [failed])
+                        await self._store.metadata.record(Recording(stored, [failed]))
                 if isinstance(exc, DataIOError) and not isinstance(exc, TransientError):
                     raise
                 raise FetchError(

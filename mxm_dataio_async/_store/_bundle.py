@@ -1,9 +1,9 @@
-"""Session bundles: one tar file that another machine imports into its store and replays offline.
+"""Session bundles: one tar file that another store imports and replays offline.
 
 Layout (a plain tar; an output named ``*.tar.gz`` or ``*.tgz`` is gzip-compressed)::
 
     manifest.json        format, version, schema version, session id, counts, payload list
-    sessions.jsonl       rows as JSON objects keyed by column (BLOB hashes as hex)
+    sessions.jsonl       rows as JSON objects keyed by column (hashes as hex)
     requests.jsonl
     responses.jsonl
     payloads/<sha256>    the exact bytes of every payload a row names
@@ -11,11 +11,11 @@ Layout (a plain tar; an output named ``*.tar.gz`` or ``*.tgz`` is gzip-compresse
 A session that was served from cache carries the responses it was served (with their requests and
 sessions): replaying it with ``cache_mode="only_if_cached"`` needs them.
 
-Import verifies every payload against its sha256 before any row is written, puts large payloads
-into the file tier first (temp, fsync, rename: as the store itself does, so a failed import can
-leave orphan files for gc, never rows without bytes), then inserts every row in one
-``BEGIN IMMEDIATE`` transaction with ``INSERT OR IGNORE``: ids and checksums are primary keys, so
-importing a bundle twice adds nothing.
+Export and import go through the storage protocols, so a bundle moves a session between any two
+backends. Import verifies every payload against its sha256 before any row is written, puts large
+payloads into the payload store first (so a failed import can leave unreferenced objects for gc,
+never rows without bytes), then inserts every row in one transaction that ignores ids already
+present: importing a bundle twice adds nothing.
 """
 
 from __future__ import annotations
@@ -25,43 +25,32 @@ import hashlib
 import io
 import json
 import os
-import sqlite3
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final
 
+import anyio.from_thread
+import anyio.to_thread
+
 from mxm_dataio_async._exceptions import IntegrityError, StoreError
-from mxm_dataio_async._models import new_id, utcnow
-from mxm_dataio_async._store._maintenance import (
-    DEFAULT_BUSY_TIMEOUT,
-    _batches,
-    _digest_of,
-    _in_thread,
-    _marks,
-    _present,
-    _ts,
-    connection,
-    resolve_session,
-    transaction,
+from mxm_dataio_async._models import utcnow
+from mxm_dataio_async._store._protocols import (
+    TABLES,
+    MetadataStore,
+    PayloadRow,
+    PayloadStore,
+    Table,
 )
-from mxm_dataio_async._store._payloads import PayloadFiles
-from mxm_dataio_async._store._schema import DB_NAME, DEFAULT_INLINE_THRESHOLD, SCHEMA_VERSION
-from mxm_dataio_async._store._writer import REQUEST_COLUMNS, RESPONSE_COLUMNS, SESSION_COLUMNS
+from mxm_dataio_async._store._sqlite import SCHEMA_VERSION
 
 __all__ = ["BUNDLE_FORMAT", "ExportReport", "ImportReport", "export_session", "import_bundle"]
 
 BUNDLE_FORMAT: Final = "mxm-dataio-bundle"
 BUNDLE_VERSION: Final = 1
 _CHUNK: Final = 256 * 1024
-_TABLES: Final = {
-    "sessions": SESSION_COLUMNS.replace(" ", "").split(","),
-    "requests": REQUEST_COLUMNS.replace(" ", "").split(","),
-    "responses": RESPONSE_COLUMNS.replace(" ", "").split(","),
-}
-_BLOBS: Final = {"hash", "request_hash"}  # BLOB columns, carried as hex text
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,55 +85,55 @@ class ImportReport:
 # -- export --------------------------------------------------------------------------------------
 
 
-def _json_row(columns: Sequence[str], row: Sequence[Any]) -> bytes:
-    pairs = zip(columns, row, strict=True)
-    obj = {c: (bytes(v).hex() if isinstance(v, bytes) else v) for c, v in pairs}
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
-
-
 class _Spool:
     """Rows of one table written to a temporary file (a big session never sits in memory)."""
 
-    def __init__(self, table: str, file: IO[bytes]) -> None:
+    def __init__(self, table: Table, file: IO[bytes]) -> None:
         self.table = table
-        self.columns = _TABLES[table]
         self.file = file
         self.count = 0
         self.ids: set[str] = set()
 
-    def select(self, conn: sqlite3.Connection, where: str, params: Sequence[Any]) -> list[Any]:
-        """Write the rows matching ``where`` (skipping ids already written); return them."""
-        rows = conn.execute(
-            f"SELECT {', '.join(self.columns)} FROM {self.table} WHERE {where}", params
-        ).fetchall()
-        fresh = [r for r in rows if r[0] not in self.ids]
-        for row in fresh:
-            self.ids.add(row[0])
-            self.file.write(_json_row(self.columns, row))
+    async def add(self, rows: AsyncIterator[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Write the rows not written yet; return them."""
+        fresh = []
+        async for row in rows:
+            if row["id"] in self.ids:
+                continue
+            self.ids.add(row["id"])
+            self.file.write(json.dumps(row, separators=(",", ":"), ensure_ascii=False).encode())
+            self.file.write(b"\n")
+            fresh.append(row)
         self.count += len(fresh)
         return fresh
 
-    def by_ids(self, conn: sqlite3.Connection, ids: set[str]) -> list[Any]:
-        wanted = sorted(ids - self.ids)
-        out: list[Any] = []
-        for batch in _batches(wanted):
-            out += self.select(conn, f"id IN ({_marks(len(batch))})", batch)
-        return out
+
+async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes:
+    return await chunks.__anext__()
 
 
-class _HashingReader:
-    """Reads a file for tarfile while hashing what it hands over."""
+class _BlockingChunks:
+    """A file-like ``read(n)`` for tarfile (in a worker thread) over an async chunk iterator
+    (on the event loop); an error of the iterator (``IntegrityError``) surfaces in ``read``."""
 
-    def __init__(self, f: IO[bytes]) -> None:
-        self.f = f
-        self.hasher = hashlib.sha256()
-        self.seen = 0
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buffer = bytearray()
+        self._done = False
+
+    def _next(self) -> None:
+        try:
+            self._buffer += anyio.from_thread.run(_next_chunk, self._chunks)
+        except StopAsyncIteration:
+            self._done = True
 
     def read(self, size: int = -1) -> bytes:
-        data = self.f.read(size)
-        self.hasher.update(data)
-        self.seen += len(data)
-        return data
+        while not self._done and (size < 0 or len(self._buffer) < size):
+            self._next()
+        n = len(self._buffer) if size < 0 else min(size, len(self._buffer))
+        out = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return out
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: Any, size: int) -> None:
@@ -156,134 +145,110 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: Any, size: int) -> None:
     tar.addfile(info, io.BytesIO(data) if isinstance(data, bytes) else data)
 
 
-def _export_sync(root: Path, session_ref: str, out: Path, busy_timeout: float) -> ExportReport:
-    files = PayloadFiles(root, 0)
-    part = out.with_name(out.name + ".part")
-    with contextlib.ExitStack() as stack:
-        spools = {t: _Spool(t, stack.enter_context(tempfile.TemporaryFile())) for t in _TABLES}
-        return _export_into(root, files, spools, session_ref, out, part, busy_timeout)
-
-
-def _export_into(
-    root: Path,
-    files: PayloadFiles,
-    spools: dict[str, _Spool],
-    session_ref: str,
-    out: Path,
-    part: Path,
-    busy_timeout: float,
-) -> ExportReport:
-    try:
-        with connection(root, busy_timeout) as conn, transaction(conn, write=False):
-            session_id = resolve_session(conn, session_ref)
-            sessions, requests, responses = spools.values()
-            q_served, q_sent = (requests.columns.index(c) for c in ("served_from", "sent_checksum"))
-            r_req, r_sess, r_sum = (
-                responses.columns.index(c) for c in ("request_id", "session_id", "checksum")
-            )
-            sessions.select(conn, "id = ?", (session_id,))
-            reqs = requests.select(conn, "session_id = ?", (session_id,))
-            resps = responses.select(conn, "session_id = ?", (session_id,))
-            # Cache hits name the responses they were served: carry those (and their requests
-            # and sessions) so the bundle replays.
-            extra = responses.by_ids(conn, {r[q_served] for r in reqs if r[q_served] is not None})
-            requests.by_ids(conn, {r[r_req] for r in extra})
-            sessions.by_ids(conn, {r[r_sess] for r in extra})
-            checksums = {r[r_sum] for r in (*resps, *extra) if r[r_sum] is not None}
-            checksums |= {r[q_sent] for r in reqs if r[q_sent] is not None}
-            digests = sorted(d for c in checksums if (d := _digest_of(c)) is not None)
-            meta: dict[bytes, tuple[int, str]] = {}
-            for batch in _batches(digests):
-                for digest, size, tier in conn.execute(
-                    f"SELECT sha256, size_bytes, tier FROM payloads "
-                    f"WHERE sha256 IN ({_marks(len(batch))})",
-                    batch,
-                ):
-                    meta[bytes(digest)] = (size, tier)
-            missing = sorted(c for c in checksums if _digest_of(c) not in meta)
-            if missing:
-                raise IntegrityError(
-                    f"payload {missing[0]} named by session {session_id} is not in the store "
-                    f"({len(missing)} missing); run `mxm-dataio verify`"
-                )
-            manifest = {
-                "format": BUNDLE_FORMAT,
-                "version": BUNDLE_VERSION,
-                "schema_version": SCHEMA_VERSION,
-                "created_at": _ts(utcnow()),
-                "session_id": session_id,
-                "counts": {t: s.count for t, s in spools.items()},
-                "payloads": [{"sha256": d.hex(), "size": meta[d][0]} for d in digests],
-            }
-            with _open_tar_out(part, gz=out.name.endswith((".gz", ".tgz"))) as tar:
-                body = json.dumps(manifest, indent=2).encode()
-                _add_bytes(tar, "manifest.json", body, len(body))
-                for table, spool in spools.items():
-                    size = spool.file.tell()
-                    spool.file.seek(0)
-                    _add_bytes(tar, f"{table}.jsonl", spool.file, size)
-                total = 0
-                for digest in digests:
-                    total += _add_payload(tar, conn, files, digest, *meta[digest])
-        os.replace(part, out)
-    except OSError as exc:
-        raise StoreError(f"cannot write bundle {out}: {exc.strerror or exc}") from exc
-    finally:
-        with contextlib.suppress(OSError):
-            part.unlink()
-    return ExportReport(
-        out, session_id, sessions.count, requests.count, responses.count, len(digests), total
-    )
-
-
-def _add_payload(
-    tar: tarfile.TarFile,
-    conn: sqlite3.Connection,
-    files: PayloadFiles,
-    digest: bytes,
-    size: int,
-    tier: str,
-) -> int:
-    """Add one payload to the bundle, verified against its sha256; returns its size."""
-    name, hx = f"payloads/{digest.hex()}", digest.hex()
-    if tier == "inline":
-        row = conn.execute("SELECT data FROM payloads WHERE sha256 = ?", (digest,)).fetchone()
-        data = b"" if row is None or row[0] is None else bytes(row[0])
-        if len(data) != size or hashlib.sha256(data).digest() != digest:
-            raise IntegrityError(f"payload {hx} is corrupt in the database; not exported")
-        _add_bytes(tar, name, data, size)
-        return size
-    path = files.path_for(digest)
-    corrupt = IntegrityError(f"payload {hx} is corrupt on disk ({path}); not exported")
-    try:
-        with open(path, "rb") as f:
-            reader = _HashingReader(f)
-            try:
-                _add_bytes(tar, name, reader, size)
-            except OSError:
-                if reader.seen < size:  # tarfile's "unexpected end of data": a short file
-                    raise corrupt from None
-                raise
-    except FileNotFoundError:
-        raise IntegrityError(f"payload {hx} is missing from the file tier ({path})") from None
-    if reader.seen != size or reader.hasher.digest() != digest:
-        raise corrupt
-    return size
-
-
 async def export_session(
-    root: str | os.PathLike[str],
+    metadata: MetadataStore,
+    payloads: PayloadStore,
     session: str,
     path: str | os.PathLike[str],
-    *,
-    busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
 ) -> ExportReport:
     """Write session ``session`` (an id or a unique prefix) as a self-contained bundle at ``path``.
 
     Every payload is verified while it is copied; the file appears only when complete.
     """
     out = Path(path)
-    return await _in_thread(lambda: _export_sync(Path(root), session, out, busy_timeout))
+    session_id = await metadata.resolve_session(session)
+    with contextlib.ExitStack() as stack:
+        spools = {t: _Spool(t, stack.enter_context(tempfile.TemporaryFile())) for t in TABLES}
+        sessions, requests, responses = spools.values()
+        await sessions.add(metadata.iter_rows("sessions", ids=[session_id]))
+        reqs = await requests.add(metadata.iter_rows("requests", session_id=session_id))
+        resps = await responses.add(metadata.iter_rows("responses", session_id=session_id))
+        # Cache hits name the responses they were served: carry those (and their requests and
+        # sessions) so the bundle replays.
+        served = {q["served_from"] for q in reqs if q["served_from"] is not None}
+        extra = await responses.add(metadata.iter_rows("responses", ids=served))
+        await requests.add(metadata.iter_rows("requests", ids={r["request_id"] for r in extra}))
+        await sessions.add(metadata.iter_rows("sessions", ids={r["session_id"] for r in extra}))
+        checksums = {r["checksum"] for r in (*resps, *extra) if r["checksum"] is not None}
+        checksums |= {q["sent_checksum"] for q in reqs if q["sent_checksum"] is not None}
+        rows: list[PayloadRow] = []
+        missing: list[str] = []
+        for checksum in sorted(checksums):
+            row = await metadata.payload(bytes.fromhex(checksum))
+            if row is None:
+                missing.append(checksum)
+            else:
+                rows.append(row)
+        if missing:
+            raise IntegrityError(
+                f"payload {missing[0]} named by session {session_id} is not in the store "
+                f"({len(missing)} missing); run `mxm-dataio verify`"
+            )
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "version": BUNDLE_VERSION,
+            "schema_version": SCHEMA_VERSION,
+            "created_at": utcnow().isoformat(timespec="microseconds"),
+            "session_id": session_id,
+            "counts": {t: s.count for t, s in spools.items()},
+            "payloads": [{"sha256": r.digest.hex(), "size": r.size} for r in rows],
+        }
+        chunks = {
+            r.digest: payloads.iter(r.digest, r.size) for r in rows if r.tier != "inline"
+        }
+        part = out.with_name(out.name + ".part")
+        try:
+            total = await anyio.to_thread.run_sync(
+                lambda: _write_tar(part, out, manifest, spools, rows, chunks)
+            )
+            os.replace(part, out)
+        except OSError as exc:
+            raise StoreError(f"cannot write bundle {out}: {exc.strerror or exc}") from exc
+        finally:
+            for it in chunks.values():
+                with anyio.CancelScope(shield=True):
+                    await it.aclose()  # type: ignore[attr-defined]
+            with contextlib.suppress(OSError):
+                part.unlink()
+    return ExportReport(
+        out, session_id, sessions.count, requests.count, responses.count, len(rows), total
+    )
+
+
+def _write_tar(
+    part: Path,
+    out: Path,
+    manifest: dict[str, Any],
+    spools: dict[Table, _Spool],
+    rows: list[PayloadRow],
+    chunks: dict[bytes, AsyncIterator[bytes]],
+) -> int:
+    """Runs in a worker thread; the payload store's chunks are pulled from the event loop."""
+    total = 0
+    with _open_tar_out(part, gz=out.name.endswith((".gz", ".tgz"))) as tar:
+        body = json.dumps(manifest, indent=2).encode()
+        _add_bytes(tar, "manifest.json", body, len(body))
+        for table, spool in spools.items():
+            size = spool.file.tell()
+            spool.file.seek(0)
+            _add_bytes(tar, f"{table}.jsonl", spool.file, size)
+        for row in rows:
+            name, hx = f"payloads/{row.digest.hex()}", row.digest.hex()
+            if row.tier == "inline":
+                data = row.data or b""
+                if len(data) != row.size or hashlib.sha256(data).digest() != row.digest:
+                    raise IntegrityError(f"payload {hx} is corrupt in the database; not exported")
+                _add_bytes(tar, name, data, row.size)
+            else:
+                reader = _BlockingChunks(chunks[row.digest])
+                try:
+                    _add_bytes(tar, name, reader, row.size)
+                except OSError:  # tarfile's "unexpected end of data": a short object
+                    raise IntegrityError(f"payload {hx} is corrupt in the payload store") from None
+                if reader.read(1):  # a longer object: iterating to the end verifies it
+                    raise IntegrityError(f"payload {hx} is corrupt in the payload store")
+            total += row.size
+    return total
 
 
 # -- import --------------------------------------------------------------------------------------
@@ -311,6 +276,14 @@ def _member(tar: tarfile.TarFile, name: str) -> IO[bytes]:
     if f is None:
         raise StoreError(f"not a valid bundle: {name} is not a regular file")
     return f
+
+
+def _digest_of(text: str) -> bytes | None:
+    try:
+        digest = bytes.fromhex(text)
+    except ValueError:
+        return None
+    return digest if len(digest) == 32 else None
 
 
 def _manifest(tar: tarfile.TarFile) -> tuple[dict[str, Any], list[tuple[bytes, int]]]:
@@ -361,29 +334,13 @@ def _read_verified(
     return b"".join(kept)
 
 
-def _stage_file(tar: tarfile.TarFile, files: PayloadFiles, digest: bytes, size: int) -> bool:
-    """Verify a large payload and put it in the file tier; False if it was already there."""
-    final = files.path_for(digest)
-    if final.exists():
-        _read_verified(tar, digest, size, lambda _chunk: None)
-        return False
-    files.tmp.mkdir(parents=True, exist_ok=True)
-    temp = files.tmp / f"{os.getpid()}-{new_id()}.part"
-    try:
-        with open(temp, "wb") as f:
-            _read_verified(tar, digest, size, f.write)
-            f.flush()
-            os.fsync(f.fileno())
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(temp, final)
-    finally:
-        with contextlib.suppress(OSError):
-            temp.unlink()
-    return True
+async def _member_chunks(tar: tarfile.TarFile, name: str) -> AsyncIterator[bytes]:
+    src = await anyio.to_thread.run_sync(_member, tar, name)
+    while chunk := await anyio.to_thread.run_sync(src.read, _CHUNK):
+        yield chunk
 
 
-def _rows(tar: tarfile.TarFile, table: str) -> Iterator[tuple[Any, ...]]:
-    columns = _TABLES[table]
+def _rows(tar: tarfile.TarFile, table: Table) -> Iterator[dict[str, Any]]:
     for n, line in enumerate(_member(tar, f"{table}.jsonl"), start=1):
         if not line.strip():
             continue
@@ -391,102 +348,77 @@ def _rows(tar: tarfile.TarFile, table: str) -> Iterator[tuple[Any, ...]]:
             obj = json.loads(line)
         except ValueError as exc:
             raise StoreError(f"not a valid bundle: {table}.jsonl line {n}: {exc}") from None
-        if not isinstance(obj, dict) or set(obj) != set(columns):
-            raise StoreError(f"not a valid bundle: {table}.jsonl line {n} has other columns")
-        try:
-            yield tuple(
-                bytes.fromhex(obj[c]) if c in _BLOBS and obj[c] is not None else obj[c]
-                for c in columns
-            )
-        except (TypeError, ValueError):
-            raise StoreError(f"not a valid bundle: {table}.jsonl line {n}: bad hash") from None
+        if not isinstance(obj, dict):
+            raise StoreError(f"not a valid bundle: {table}.jsonl line {n} is not an object")
+        yield obj
 
 
-def _insert_rows(conn: sqlite3.Connection, tar: tarfile.TarFile, table: str) -> int:
-    columns = _TABLES[table]
-    sql = f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) VALUES ({_marks(len(columns))})"
-    named_by = {"responses": "checksum", "requests": "sent_checksum"}.get(table)
-    ref = None if named_by is None else columns.index(named_by)
-    added = 0
-    batch: list[tuple[Any, ...]] = []
-
-    def flush() -> int:
-        if ref is not None:
-            named = {r[ref] for r in batch if r[ref] is not None}
-            known = _present(
-                conn, [d for c in named if (d := _digest_of(c)) is not None], tier=None
-            )
-            lost = sorted(c for c in named if _digest_of(c) not in known)
-            if lost:
-                raise IntegrityError(f"bundle rows name payload {lost[0]}, which it does not hold")
-        before = conn.total_changes
-        conn.executemany(sql, batch)
-        batch.clear()
-        return conn.total_changes - before
-
-    for row in _rows(tar, table):
-        batch.append(row)
-        if len(batch) >= 500:
-            added += flush()
-    if batch:
-        added += flush()
-    return added
+def _inline_rows(
+    tar: tarfile.TarFile, payloads: list[tuple[bytes, int]], threshold: int
+) -> Iterator[PayloadRow]:
+    """The payload rows to insert, read again from the bundle (verified) as they are needed."""
+    for digest, size in payloads:
+        if size <= threshold:
+            yield PayloadRow(digest, size, "inline", _read_verified(tar, digest, size))
+        else:
+            yield PayloadRow(digest, size, "file")
 
 
-def _import_sync(
-    root: Path, path: Path, inline_threshold: int, busy_timeout: float
+async def import_bundle(
+    metadata: MetadataStore,
+    payloads: PayloadStore,
+    path: str | os.PathLike[str],
+    *,
+    inline_threshold: int,
 ) -> ImportReport:
-    files = PayloadFiles(root, inline_threshold)
-    with _open_tar_in(path) as tar:
-        manifest, payloads = _manifest(tar)
-        # 1. Every payload verified (large ones written to the file tier) before any row.
+    """Import a bundle made by :func:`export_session`. Idempotent; nothing is written unless
+    every payload matches its sha256."""
+    path = Path(path)
+    tar = await anyio.to_thread.run_sync(_open_tar_in, path)
+    try:
+        manifest, listed = await anyio.to_thread.run_sync(_manifest, tar)
+        # 1. Every payload verified (large ones put into the payload store) before any row.
         written = verified = 0
-        for digest, size in payloads:
-            if size > inline_threshold:
-                written += _stage_file(tar, files, digest, size)
-            else:
-                _read_verified(tar, digest, size, lambda _chunk: None)
-            verified += size
-        # 2. Every row in one transaction; INSERT OR IGNORE makes a second import a no-op.
-        now = _ts(utcnow())
-        with connection(root, busy_timeout) as conn, transaction(conn, write=True):
-            before = conn.total_changes
-            for digest, size in payloads:
-                inline = size <= inline_threshold
-                data = _read_verified(tar, digest, size) if inline else None
-                conn.execute(
-                    "INSERT OR IGNORE INTO payloads (sha256, size_bytes, tier, data, created_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (digest, size, "inline" if inline else "file", data, now),
+        for digest, size in listed:
+            if size <= inline_threshold:
+                await anyio.to_thread.run_sync(
+                    lambda d=digest, n=size: _read_verified(tar, d, n, lambda _chunk: None)  # type: ignore[misc]
                 )
-            added_payloads = conn.total_changes - before
-            # Sessions and requests first: a reader never sees a response without its request.
-            counts = {t: _insert_rows(conn, tar, t) for t in ("sessions", "requests", "responses")}
+            else:
+                existed = await payloads.stat(digest) is not None
+                got = await payloads.put_stream(_member_chunks(tar, f"payloads/{digest.hex()}"))
+                if got != (digest, size):
+                    raise IntegrityError(
+                        f"bundle payload {digest.hex()} does not match its sha256 ({got[1]} "
+                        f"bytes, {size} listed); nothing was imported"
+                    )
+                written += not existed
+            verified += size
+        # 2. Every row in one transaction; ids already present are ignored.
+        added = await metadata.import_rows(
+            _LazyRows(lambda: _inline_rows(tar, listed, inline_threshold)),
+            {table: _LazyRows(lambda t=table: _rows(tar, t)) for table in TABLES},  # type: ignore[misc]
+        )
+    finally:
+        await anyio.to_thread.run_sync(tar.close)
     return ImportReport(
         path,
         str(manifest.get("session_id")),
-        counts["sessions"],
-        counts["requests"],
-        counts["responses"],
-        added_payloads,
+        added["sessions"],
+        added["requests"],
+        added["responses"],
+        added["payloads"],
         written,
         verified,
     )
 
 
-async def import_bundle(
-    root: str | os.PathLike[str],
-    path: str | os.PathLike[str],
-    *,
-    inline_threshold: int = DEFAULT_INLINE_THRESHOLD,
-    busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
-) -> ImportReport:
-    """Import a bundle made by :func:`export_session` into the store at ``root`` (created if need
-    be). Idempotent; nothing is written unless every payload matches its sha256."""
-    root = Path(root)
-    if not (root / DB_NAME).exists():
-        from mxm_dataio_async._store._store import Store  # here: _store imports this module
+class _LazyRows:
+    """An iterable made only when iterated (in the metadata store's own thread, where it may
+    block on reading the bundle)."""
 
-        async with Store(root, inline_threshold=inline_threshold):
-            pass  # creates the folders and the schema
-    return await _in_thread(lambda: _import_sync(root, Path(path), inline_threshold, busy_timeout))
+    def __init__(self, make: Callable[[], Iterator[Any]]) -> None:
+        self._make = make
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._make()

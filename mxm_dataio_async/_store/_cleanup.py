@@ -1,46 +1,35 @@
-"""``gc`` and ``prune``: free what no row names, delete old responses; each decides and deletes
-in one ``BEGIN IMMEDIATE`` transaction (see ``_maintenance.py``)."""
+"""``gc`` and ``prune`` through the storage protocols (any backend).
+
+gc is safe beside running writers. The unreferenced payload rows are deleted by the metadata store
+in one transaction that re-checks they are still unreferenced (a fetch's payload and response rows
+commit together, so no in-flight fetch loses its payload), and objects are deleted only when older
+than ``grace``: an object is put before the row naming it commits. Each object is re-checked for a
+row just before it is removed. One narrow window remains: a fetch whose bytes already sit in the
+payload store as an *old* unreferenced object re-uses it (a local file is touched, so its age
+shows the reuse; an object store may not), and if gc removes it between that fetch's staging and
+its commit, ``verify`` reports the payload missing.
+"""
 
 from __future__ import annotations
 
-import os
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
-from mxm_dataio_async._exceptions import StoreError
-from mxm_dataio_async._models import utcnow
-from mxm_dataio_async._store._maintenance import (
-    DEFAULT_BUSY_TIMEOUT,
-    Duration,
-    _age,
-    _in_thread,
-    _payload_file_rows,
-    _present,
-    _seconds,
-    _size,
-    _temp_leftovers,
-    _ts,
-    connection,
-    transaction,
+from mxm_dataio_async._durations import Duration, seconds_of
+from mxm_dataio_async._store._protocols import (
+    MetadataStore,
+    PayloadRow,
+    PayloadStore,
+    StoredObject,
 )
-from mxm_dataio_async._store._payloads import PayloadFiles
 
 __all__ = ["DEFAULT_GC_GRACE", "GcReport", "PruneReport", "gc", "prune"]
 
-#: Files younger than this (seconds) may belong to a write whose row has not committed yet.
+#: Objects younger than this (seconds) may belong to a write whose row has not committed yet.
 DEFAULT_GC_GRACE: Final = 3600.0
-
-# Checksums some row still names: what gc must keep. NOT IN materialises the set once.
-_REFERENCED: Final = (
-    "SELECT checksum FROM responses WHERE checksum IS NOT NULL "
-    "UNION SELECT sent_checksum FROM requests WHERE sent_checksum IS NOT NULL"
-)
-_UNREFERENCED: Final = (
-    f"SELECT sha256, size_bytes, tier FROM payloads WHERE lower(hex(sha256)) NOT IN ({_REFERENCED})"
-)
+_PAGE: Final = 500
 
 
 # -- gc ------------------------------------------------------------------------------------------
@@ -84,91 +73,95 @@ class GcReport:
         }
 
 
-def _unlink(path: Path) -> bool:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        raise StoreError(f"cannot remove {path}: {exc.strerror or exc}") from exc
-    return True
-
-
-def _gc_sync(root: Path, busy_timeout: float, dry_run: bool, grace: float) -> GcReport:
-    files = PayloadFiles(root, 0)
-    now = time.time()
-    rows = byte_count = kept = 0
-    doomed_files: list[tuple[bytes, Path]] = []
-    with connection(root, busy_timeout) as conn:
-        with transaction(conn, write=True, commit=not dry_run):
-            doomed: list[bytes] = []
-            for digest_raw, size, tier in conn.execute(_UNREFERENCED).fetchall():
-                digest = bytes(digest_raw)
-                if tier == "file":
-                    path = files.path_for(digest)
-                    age = _age(path, now)
-                    if age is not None and age[0] < grace:
-                        kept += 1  # a fetch may be re-using this file right now
-                        continue
-                    if age is not None:
-                        doomed_files.append((digest, path))
-                doomed.append(digest)
-                rows += 1
-                byte_count += size
-            conn.executemany("DELETE FROM payloads WHERE sha256 = ?", [(d,) for d in doomed])
-        removed: list[Path] = []
-        for digest, path in doomed_files:
-            if dry_run:
-                removed.append(path)
-                continue
-            # After the commit: a crash here leaves an orphan file (removed next time), never a
-            # row without its file. Re-check: a fetch of the same bytes may have re-added the row.
-            if _present(conn, [digest], tier=None):
-                continue
-            current = _age(path, time.time())
-            if current is not None and current[0] >= grace and _unlink(path):
-                removed.append(path)
-        orphans: list[Path] = []
-        orphan_bytes = 0
-        for path, seconds, size, owned in _payload_file_rows(conn, files, now):
-            if owned:
-                continue
-            if seconds < grace:
-                kept += 1  # possibly a file whose row is about to commit
-            elif dry_run or _unlink(path):
-                orphans.append(path)
-                orphan_bytes += size
-    temps: list[Path] = []
-    temp_bytes = 0
-    for path in _temp_leftovers(files, grace, now):
-        size = _size(path)
-        if dry_run or _unlink(path):
-            temps.append(path)
-            temp_bytes += size
-    return GcReport(
-        dry_run, rows, byte_count, removed, orphans, orphan_bytes, temps, temp_bytes, kept
-    )
-
-
 async def gc(
-    root: str | os.PathLike[str],
+    metadata: MetadataStore,
+    payloads: PayloadStore,
     *,
     dry_run: bool = False,
     grace: Duration = DEFAULT_GC_GRACE,
-    busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
 ) -> GcReport:
-    """Remove payloads nothing names (rows and files), orphan files and temp leftovers.
+    """Remove payloads nothing names (rows and objects), orphan objects and temp leftovers."""
+    grace_s = seconds_of(grace)
+    kept = 0
+    candidates: list[PayloadRow] = []
+    objects: dict[bytes, StoredObject] = {}
+    for row in await metadata.unreferenced_payloads():
+        if row.tier == "file":
+            obj = await payloads.stat(row.digest)
+            if obj is not None and obj.age < grace_s:
+                kept += 1  # a fetch may be re-using this object right now
+                continue
+            if obj is not None:
+                objects[row.digest] = obj
+        candidates.append(row)
+    if dry_run:
+        deleted = candidates
+        removed = [Path(o.location) for o in objects.values()]
+    else:
+        gone = set(await metadata.delete_payloads([r.digest for r in candidates]))
+        deleted = [r for r in candidates if r.digest in gone]
+        removed = []
+        for row in deleted:
+            obj = objects.get(row.digest)
+            if obj is None:
+                continue
+            # After the rows' commit: a crash here leaves an orphan object (removed next time),
+            # never a row without its bytes. Re-check: a fetch of the same bytes may have
+            # re-added the row, or re-used the object.
+            if await metadata.present_payloads([row.digest]):
+                continue
+            current = await payloads.stat(row.digest)
+            if current is not None and current.age >= grace_s and await payloads.delete(row.digest):
+                removed.append(Path(obj.location))
+    orphans, orphan_bytes, young = await _orphans(metadata, payloads, grace_s, dry_run)
+    temps: list[Path] = []
+    temp_bytes = 0
+    async for obj in payloads.leftovers(grace_s):
+        if dry_run or await payloads.delete(obj):
+            temps.append(Path(obj.location))
+            temp_bytes += obj.size
+    return GcReport(
+        dry_run,
+        len(deleted),
+        sum(r.size for r in deleted),
+        removed,
+        orphans,
+        orphan_bytes,
+        temps,
+        temp_bytes,
+        kept + young,
+    )
 
-    Safe beside running writers: the unreferenced payload rows are found and deleted in one
-    ``BEGIN IMMEDIATE`` transaction (a fetch's payload and response rows commit together, so no
-    in-flight fetch loses its payload), and files are deleted only when older than ``grace``
-    (a file is written before the row naming it commits). A file is re-checked for a row just
-    before it is unlinked. One narrow window remains: a fetch whose bytes already sit on disk as
-    an *old* unreferenced file re-uses that file without rewriting it, so its age does not show
-    the reuse; if gc unlinks it between that fetch's staging and its commit, ``verify`` reports
-    the payload missing.
-    """
-    return await _in_thread(lambda: _gc_sync(Path(root), busy_timeout, dry_run, _seconds(grace)))
+
+async def _orphans(
+    metadata: MetadataStore, payloads: PayloadStore, grace: float, dry_run: bool
+) -> tuple[list[Path], int, int]:
+    """Objects no payload row names: removed when older than ``grace``, counted when younger."""
+    orphans: list[Path] = []
+    orphan_bytes = young = 0
+    page: list[StoredObject] = []
+
+    async def flush() -> None:
+        nonlocal orphan_bytes, young
+        owned = await metadata.present_payloads(
+            [o.digest for o in page if o.digest is not None], tier="file"
+        )
+        for obj in page:
+            if obj.digest in owned:
+                continue
+            if obj.age < grace:
+                young += 1  # possibly an object whose row is about to commit
+            elif dry_run or await payloads.delete(obj):
+                orphans.append(Path(obj.location))
+                orphan_bytes += obj.size
+        page.clear()
+
+    async for obj in payloads.list():
+        page.append(obj)
+        if len(page) >= _PAGE:
+            await flush()
+    await flush()
+    return orphans, orphan_bytes, young
 
 
 # -- prune ---------------------------------------------------------------------------------------
@@ -201,60 +194,14 @@ class PruneReport:
         }
 
 
-def _prune_sync(
-    root: Path,
-    busy_timeout: float,
-    cutoff: datetime,
-    source: str | None,
-    bucket: str | None,
-    dry_run: bool,
-) -> PruneReport:
-    where, params = ["fetched_at < ?"], [_ts(cutoff)]
-    if source is not None:
-        where.append("source = ?")
-        params.append(source)
-    if bucket is not None:
-        where.append("as_of_bucket = ?")
-        params.append(bucket)
-    with (
-        connection(root, busy_timeout) as conn,
-        transaction(conn, write=True, commit=not dry_run),
-    ):
-        conn.execute("CREATE TEMP TABLE doomed (id TEXT PRIMARY KEY, request_id TEXT)")
-        conn.execute(
-            f"INSERT INTO temp.doomed SELECT id, request_id FROM responses "
-            f"WHERE {' AND '.join(where)}",
-            params,
-        )
-        responses, response_bytes = conn.execute(
-            "SELECT count(*), coalesce(sum(size_bytes), 0) FROM responses "
-            "WHERE id IN (SELECT id FROM temp.doomed)"
-        ).fetchone()
-        conn.execute("DELETE FROM responses WHERE id IN (SELECT id FROM temp.doomed)")
-        # Requests left with no response of their own, and cache hits (and coalesced
-        # duplicates) that were served a deleted response.
-        requests = conn.execute(
-            "DELETE FROM requests WHERE (id IN (SELECT request_id FROM temp.doomed) "
-            "AND id NOT IN (SELECT request_id FROM responses "
-            "WHERE request_id IN (SELECT request_id FROM temp.doomed))) "
-            "OR served_from IN (SELECT id FROM temp.doomed)"
-        ).rowcount
-        garbage, garbage_bytes = conn.execute(
-            f"SELECT count(*), coalesce(sum(size_bytes), 0) FROM ({_UNREFERENCED})"
-        ).fetchone()
-        conn.execute("DROP TABLE temp.doomed")
-    return PruneReport(dry_run, cutoff, responses, response_bytes, requests, garbage, garbage_bytes)
-
-
 async def prune(
-    root: str | os.PathLike[str],
+    metadata: MetadataStore,
     *,
     older_than: Duration,
     source: str | None = None,
     bucket: str | None = None,
     dry_run: bool = False,
-    now: datetime | None = None,
-    busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+    now: datetime,
 ) -> PruneReport:
     """Delete responses fetched before ``now - older_than`` (of ``source`` and ``as_of_bucket``
     ``bucket``, if given) and the requests left without a response, in one transaction.
@@ -262,13 +209,19 @@ async def prune(
     Sessions are kept (the record of what ran). The payloads the deleted rows named become garbage
     for :func:`gc`. ``older_than`` is a timedelta, seconds, or a text like ``"30d"``.
     """
-    seconds = _seconds(older_than)
+    seconds = seconds_of(older_than)
     if seconds < 0:
         raise ValueError("older_than must not be negative")
-    moment = now if now is not None else utcnow()
-    if moment.tzinfo is None:
+    if now.tzinfo is None:
         raise ValueError("now must be timezone-aware (e.g. datetime.now(UTC))")
-    cutoff = moment - timedelta(seconds=seconds)
-    return await _in_thread(
-        lambda: _prune_sync(Path(root), busy_timeout, cutoff, source, bucket, dry_run)
+    cutoff = now - timedelta(seconds=seconds)
+    counts = await metadata.prune(cutoff=cutoff, source=source, bucket=bucket, dry_run=dry_run)
+    return PruneReport(
+        dry_run,
+        cutoff,
+        counts.responses,
+        counts.response_bytes,
+        counts.requests,
+        counts.garbage_payloads,
+        counts.garbage_bytes,
     )

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mxm_dataio_async._store._maintenance import (
-    DEFAULT_BUSY_TIMEOUT,
-    _in_thread,
-    _size,
-    connection,
-    transaction,
-)
-from mxm_dataio_async._store._schema import DB_NAME
+from mxm_dataio_async._store._protocols import MetadataStore
 
 __all__ = ["SourceStats", "StoreStats", "stats"]
 
@@ -92,41 +84,21 @@ class StoreStats:
         }
 
 
-def _stats_sync(root: Path, busy_timeout: float) -> StoreStats:
-    per: dict[str, dict[str, int]] = {}
-
-    def add(source: str, **values: int) -> None:
-        per.setdefault(source, {}).update(values)
-
-    with connection(root, busy_timeout) as conn, transaction(conn, write=False):
-        for src, n in conn.execute("SELECT source, count(*) FROM sessions GROUP BY source"):
-            add(src, sessions=n)
-        for src, n, hits in conn.execute(
-            "SELECT source, count(*), count(served_from) FROM requests GROUP BY source"
-        ):
-            add(src, requests=n, cache_hits=hits)
-        for src, n, errors, nbytes, fetched in conn.execute(
-            "SELECT source, count(*), sum(status = 'error'), coalesce(sum(size_bytes), 0), "
-            "count(DISTINCT request_id) FROM responses GROUP BY source"
-        ):
-            add(src, responses=n, errors=errors, bytes=nbytes, fetched=fetched)
-        tiers = {
-            tier: (n, b)
-            for tier, n, b in conn.execute(
-                "SELECT tier, count(*), coalesce(sum(size_bytes), 0) FROM payloads GROUP BY tier"
-            )
-        }
-    names = ("sessions", "requests", "cache_hits", "fetched", "responses", "errors", "bytes")
-    sources = [
-        SourceStats(src, *(int(v.get(k) or 0) for k in names)) for src, v in sorted(per.items())
-    ]
-    db_bytes = sum(_size(root / (DB_NAME + suffix)) for suffix in ("", "-wal", "-shm"))
-    inline, file = tiers.get("inline", (0, 0)), tiers.get("file", (0, 0))
-    return StoreStats(root, sources, *inline, *file, db_bytes)
-
-
-async def stats(
-    root: str | os.PathLike[str], *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT
-) -> StoreStats:
+async def stats(metadata: MetadataStore, *, root: Path) -> StoreStats:
     """Counts and bytes per source, hit and error rates, payload tiers, database size."""
-    return await _in_thread(lambda: _stats_sync(Path(root), busy_timeout))
+    counts = await metadata.stats()
+    sources = [
+        SourceStats(
+            c.source,
+            c.sessions,
+            c.requests,
+            c.cache_hits,
+            c.fetched,
+            c.responses,
+            c.error_responses,
+            c.bytes,
+        )
+        for c in counts.sources
+    ]
+    inline, file = counts.tiers.get("inline", (0, 0)), counts.tiers.get("file", (0, 0))
+    return StoreStats(root, sources, *inline, *file, counts.size_bytes)

@@ -1,39 +1,31 @@
 """``verify``: the integrity walk over every payload row, every row naming a payload and every
-file (how it reaches SQLite, and why young files are spared: ``_maintenance.py``)."""
+object in the payload store, through the storage protocols (any backend).
+
+A payload is put in the payload store before the row naming it commits, so on a store being
+written an object may exist briefly without its row: objects younger than ``grace`` are not
+reported as orphans or leftovers.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import os
-import sqlite3
-import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
-from mxm_dataio_async._store._maintenance import (
-    _IN_BATCH,
-    DEFAULT_BUSY_TIMEOUT,
-    Duration,
-    ProgressCallback,
-    _digest_of,
-    _drive,
-    _hash_file,
-    _payload_file_rows,
-    _present,
-    _seconds,
-    _temp_leftovers,
-    connect,
-    connection,
-    transaction,
-)
-from mxm_dataio_async._store._payloads import PayloadFiles
+from mxm_dataio_async._durations import Duration, seconds_of
+from mxm_dataio_async._exceptions import IntegrityError, StoreError
+from mxm_dataio_async._store._protocols import MetadataStore, PayloadRow, PayloadStore
 
-__all__ = ["Problem", "ProblemKind", "VerifyReport", "verify"]
+__all__ = ["ProblemKind", "Problem", "ProgressCallback", "VerifyReport", "verify"]
+
+ProgressCallback = Callable[[str, int, "int | None"], None]
+"""``on_progress(phase, done, total)``: called on the event loop between steps of a walk."""
 
 _PAGE: Final = 256  # payload rows per step of the walk (inline rows are at most inline_threshold)
+_FILES_PAGE: Final = 500  # objects checked against payload rows per query
 
 
 class ProblemKind(StrEnum):
@@ -124,161 +116,157 @@ class VerifyReport:
 
 
 class _Verifier:
-    def __init__(self, root: Path, busy_timeout: float, grace: float) -> None:
-        self.root = root
-        self.busy_timeout = busy_timeout
+    def __init__(
+        self,
+        metadata: MetadataStore,
+        payloads: PayloadStore,
+        root: Path,
+        grace: float,
+        on_progress: ProgressCallback | None,
+    ) -> None:
+        self.metadata = metadata
+        self.payloads = payloads
         self.grace = grace
-        self.files = PayloadFiles(root, 0)
+        self.progress = on_progress or (lambda phase, done, total: None)
         self.report = VerifyReport(root)
         self.counts = {"payloads": 0, "bytes": 0, "responses": 0, "requests": 0, "files": 0}
 
     def _problem(self, bucket: list[Problem], kind: ProblemKind, detail: str, **kw: Any) -> None:
         bucket.append(Problem(kind, detail, **kw))
 
-    def _check_payload(self, digest: bytes, size: int, tier: str, data: bytes | None) -> None:
-        rep, hx = self.report, digest.hex()
-        if tier == "inline":
-            raw = b"" if data is None else bytes(data)
+    async def run(self) -> VerifyReport:
+        await self._payload_rows()
+        await self._references()
+        await self._objects()
+        return self.result()
+
+    async def _payload_rows(self) -> None:
+        total = await self.metadata.count_rows("payloads")
+        self.progress("payloads", 0, total)
+        async for row in self.metadata.iter_payload_rows(page_size=_PAGE):
+            await self._check_payload(row)
+            self.counts["payloads"] += 1
+            if self.counts["payloads"] % _PAGE == 0:
+                self.progress("payloads", self.counts["payloads"], total)
+        self.progress("payloads", self.counts["payloads"], total)
+
+    async def _check_payload(self, row: PayloadRow) -> None:
+        rep, hx = self.report, row.digest.hex()
+        if row.tier == "inline":
+            raw = b"" if row.data is None else row.data
             self.counts["bytes"] += len(raw)
-            if len(raw) != size or hashlib.sha256(raw).digest() != digest:
+            if len(raw) != row.size or hashlib.sha256(raw).digest() != row.digest:
                 self._problem(
                     rep.corrupt_payloads,
                     ProblemKind.CORRUPT_PAYLOAD,
-                    f"inline payload {hx} is corrupt: {len(raw)} bytes stored, {size} recorded, "
-                    "sha256 does not match",
+                    f"inline payload {hx} is corrupt: {len(raw)} bytes stored, {row.size} "
+                    "recorded, sha256 does not match",
                     checksum=hx,
                 )
             return
-        path = self.files.path_for(digest)
-        if tier != "file":
-            self._problem(
+        if row.tier != "file":  # a row from a newer release
+            self._problem(  # type: ignore[unreachable]
                 rep.corrupt_payloads,
                 ProblemKind.CORRUPT_PAYLOAD,
-                f"payload {hx} has an unknown tier {tier!r}",
+                f"payload {hx} has an unknown tier {row.tier!r}",
                 checksum=hx,
             )
             return
-        try:
-            found, seen = _hash_file(path)
-        except FileNotFoundError:
+        stored = await self.payloads.stat(row.digest)
+        if stored is None:
             self._problem(
                 rep.missing_payloads,
                 ProblemKind.MISSING_PAYLOAD,
-                f"payload {hx} is missing from the file tier ({path})",
+                f"payload {hx} is missing from the payload store ({self.payloads.location})",
                 checksum=hx,
-                path=path,
             )
             return
-        except OSError as exc:
-            self._problem(
-                rep.corrupt_payloads,
-                ProblemKind.CORRUPT_PAYLOAD,
-                f"payload {hx} cannot be read ({path}): {exc.strerror or exc}",
-                checksum=hx,
-                path=path,
-            )
-            return
-        self.counts["bytes"] += seen
-        if seen != size or found != digest:
-            self._problem(
-                rep.corrupt_payloads,
-                ProblemKind.CORRUPT_PAYLOAD,
-                f"payload {hx} is corrupt on disk ({path}): {seen} bytes, {size} recorded, "
-                "sha256 does not match",
-                checksum=hx,
-                path=path,
-            )
-
-    def _check_references(self, conn: sqlite3.Connection, table: str, column: str) -> Iterator[int]:
-        """Walk ``table`` by rowid; report rows whose ``column`` names no payload row."""
-        last = 0
-        while True:
-            rows = conn.execute(
-                f"SELECT rowid, id, {column} FROM {table} WHERE rowid > ? ORDER BY rowid LIMIT ?",
-                (last, _IN_BATCH),
-            ).fetchall()
-            if not rows:
-                return
-            last = rows[-1][0]
-            named = {c: _digest_of(c) for _, _, c in rows if c is not None}
-            known = _present(conn, [d for d in named.values() if d is not None], tier=None)
-            what = "response" if table == "responses" else "request"
-            for _, row_id, checksum in rows:
-                if checksum is None or named[checksum] in known:
-                    continue
-                self._problem(
-                    self.report.missing_references,
-                    ProblemKind.MISSING_REFERENCE,
-                    f"{what} {row_id} names payload {checksum}, which is not in the store",
-                    checksum=checksum,
-                    row=f"{what} {row_id}",
-                )
-            yield len(rows)
-
-    def steps(self) -> Generator[tuple[str, int, int | None]]:
-        conn = connect(self.root, busy_timeout=self.busy_timeout)
+        where = Path(stored.location)
+        seen = 0
         try:
-            # One read snapshot for the row phases: rows and the payloads they name agree.
-            with transaction(conn, write=False):
-                yield from self._row_phases(conn)
+            async for chunk in self.payloads.iter(row.digest, row.size):
+                seen += len(chunk)
+        except IntegrityError:
+            self._problem(
+                rep.corrupt_payloads,
+                ProblemKind.CORRUPT_PAYLOAD,
+                f"payload {hx} is corrupt on disk ({where}): {seen} bytes, {row.size} "
+                "recorded, sha256 does not match",
+                checksum=hx,
+                path=where,
+            )
+            return
+        except StoreError as exc:
+            self._problem(
+                rep.corrupt_payloads,
+                ProblemKind.CORRUPT_PAYLOAD,
+                f"payload {hx} cannot be read ({where}): {exc}",
+                checksum=hx,
+                path=where,
+            )
+            return
         finally:
-            conn.close()
-        # Files are checked against current rows (not the snapshot): a file whose row committed
-        # during the walk is not an orphan.
-        now = time.time()
-        yield "files", 0, None
-        with connection(self.root, self.busy_timeout) as conn:
-            for path, age, _size, owned in _payload_file_rows(conn, self.files, now):
-                self.counts["files"] += 1
-                if not owned and age >= self.grace:
-                    self._problem(
-                        self.report.orphan_files,
-                        ProblemKind.ORPHAN_FILE,
-                        f"orphan file {path}: no payload row names it (gc removes it)",
-                        path=path,
-                    )
-                if self.counts["files"] % _IN_BATCH == 0:
-                    yield "files", self.counts["files"], None
-        yield "files", self.counts["files"], self.counts["files"]
-        for path in _temp_leftovers(self.files, self.grace, now):
+            self.counts["bytes"] += seen
+
+    async def _references(self) -> None:
+        totals: dict[Literal["responses", "requests"], int] = {}
+        tables: tuple[Literal["responses", "requests"], ...] = ("responses", "requests")
+        for table in tables:
+            totals[table] = await self.metadata.count_rows(table)
+            self.progress(table, 0, totals[table])
+        async for ref in self.metadata.iter_dangling_references():
+            what = "response" if ref.table == "responses" else "request"
+            self._problem(
+                self.report.missing_references,
+                ProblemKind.MISSING_REFERENCE,
+                f"{what} {ref.row_id} names payload {ref.checksum}, which is not in the store",
+                checksum=ref.checksum,
+                row=f"{what} {ref.row_id}",
+            )
+        for table, total in totals.items():
+            self.counts[table] = total
+            self.progress(table, total, total)
+
+    async def _objects(self) -> None:
+        # Objects are checked against current rows: an object whose row committed during the
+        # walk is not an orphan.
+        self.progress("files", 0, None)
+        page: list[Any] = []
+        async for obj in self.payloads.list():
+            page.append(obj)
+            if len(page) >= _FILES_PAGE:
+                await self._check_objects(page)
+        await self._check_objects(page)
+        self.progress("files", self.counts["files"], self.counts["files"])
+        async for obj in self.payloads.leftovers(self.grace):
             self._problem(
                 self.report.temp_leftovers,
                 ProblemKind.TEMP_LEFTOVER,
-                f"temp leftover {path}: an interrupted write (gc removes it)",
-                path=path,
+                f"temp leftover {obj.location}: an interrupted write (gc removes it)",
+                path=Path(obj.location),
             )
 
-    def _row_phases(self, conn: sqlite3.Connection) -> Iterator[tuple[str, int, int | None]]:
-        total = conn.execute("SELECT count(*) FROM payloads").fetchone()[0]
-        yield "payloads", 0, total
-        last = b""
-        while True:
-            rows = conn.execute(
-                "SELECT sha256, size_bytes, tier, data FROM payloads WHERE sha256 > ? "
-                "ORDER BY sha256 LIMIT ?",
-                (last, _PAGE),
-            ).fetchall()
-            if not rows:
-                break
-            for digest, size, tier, data in rows:
-                self._check_payload(bytes(digest), size, tier, data)
-            last = bytes(rows[-1][0])
-            self.counts["payloads"] += len(rows)
-            yield "payloads", self.counts["payloads"], total
-        for table, column, counter in (
-            ("responses", "checksum", "responses"),
-            ("requests", "sent_checksum", "requests"),
-        ):
-            total = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-            yield table, 0, total
-            for n in self._check_references(conn, table, column):
-                self.counts[counter] += n
-                yield table, self.counts[counter], total
+    async def _check_objects(self, page: list[Any]) -> None:
+        if not page:
+            return
+        digests = [o.digest for o in page if o.digest is not None]
+        owned = await self.metadata.present_payloads(digests, tier="file")
+        for obj in page:
+            self.counts["files"] += 1
+            if obj.digest not in owned and obj.age >= self.grace:
+                self._problem(
+                    self.report.orphan_files,
+                    ProblemKind.ORPHAN_FILE,
+                    f"orphan file {obj.location}: no payload row names it (gc removes it)",
+                    path=Path(obj.location),
+                )
+        page.clear()
+        self.progress("files", self.counts["files"], None)
 
     def result(self) -> VerifyReport:
         c, r = self.counts, self.report
         return VerifyReport(
-            self.root,
+            r.root,
             c["payloads"],
             c["bytes"],
             c["responses"],
@@ -293,18 +281,18 @@ class _Verifier:
 
 
 async def verify(
-    root: str | os.PathLike[str],
+    metadata: MetadataStore,
+    payloads: PayloadStore,
     *,
+    root: Path,
     grace: Duration = 0.0,
-    busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
     on_progress: ProgressCallback | None = None,
 ) -> VerifyReport:
-    """Walk every payload row (re-hashing its bytes), every row naming a payload, every file.
+    """Walk every payload row (re-hashing its bytes), every row naming a payload, every object.
 
-    Streaming: payload rows are read a page at a time and files hashed in chunks, so memory stays
-    bounded. Files younger than ``grace`` seconds are not reported as orphans or leftovers (on a
-    store being written, a file exists briefly before its row commits).
+    Streaming: payload rows are read a page at a time and objects hashed in chunks, so memory
+    stays bounded. Objects younger than ``grace`` seconds are not reported as orphans or
+    leftovers (on a store being written, an object exists briefly before its row commits).
     """
-    walker = _Verifier(Path(root), busy_timeout, _seconds(grace))
-    await _drive(walker.steps(), on_progress)
-    return walker.result()
+    walker = _Verifier(metadata, payloads, root, seconds_of(grace), on_progress)
+    return await walker.run()

@@ -12,7 +12,7 @@ import pytest
 
 import mxm_dataio_async as dio
 from mxm_dataio_async._store import DB_NAME
-from mxm_dataio_async._store._schema import MIGRATIONS, SCHEMA_VERSION
+from mxm_dataio_async._store._sqlite._schema import MIGRATIONS, SCHEMA_VERSION
 
 pytestmark = pytest.mark.anyio
 

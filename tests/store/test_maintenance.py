@@ -16,8 +16,8 @@ import anyio
 import pytest
 
 import mxm_dataio_async as dio
+from mxm_dataio_async._durations import parse_duration
 from mxm_dataio_async._store._cleanup import GcReport, PruneReport, prune
-from mxm_dataio_async._store._maintenance import connect, parse_duration, resolve_session
 from mxm_dataio_async._store._verify import ProblemKind, VerifyReport
 
 pytestmark = pytest.mark.anyio
@@ -205,8 +205,9 @@ async def test_prune_then_gc(tmp_path: Path) -> None:
 async def test_prune_now_must_be_aware(tmp_path: Path) -> None:
     async with dio.Store(tmp_path):
         pass
-    with pytest.raises(ValueError, match="timezone-aware"):
-        await prune(tmp_path, older_than=1, now=datetime(2024, 1, 1))
+    async with dio.Store(tmp_path, create=False) as store:
+        with pytest.raises(ValueError, match="timezone-aware"):
+            await prune(store.metadata, older_than=1, now=datetime(2024, 1, 1))
 
 
 async def test_stats(tmp_path: Path) -> None:
@@ -239,8 +240,8 @@ async def test_bundle_through_the_store_api(tmp_path: Path) -> None:
         assert (await b.verify()).ok
         session = await b.get_session(session_id)
         assert session is not None and session.requests == 7
-    with closing(connect(tmp_path / "b")) as conn:
-        assert resolve_session(conn, session_id[:6]) == session_id
+    async with dio.Store(tmp_path / "b", read_only=True) as b:
+        assert await b.resolve_session(session_id[:6]) == session_id
 
 
 async def test_export_refuses_a_corrupt_payload(tmp_path: Path) -> None:
@@ -269,25 +270,28 @@ def test_parse_duration() -> None:
 async def test_session_ids_and_prefixes(tmp_path: Path) -> None:
     async with dio.Store(tmp_path) as store:
         for suffix in ("1111", "2222", "3333"):
-            await store.save_session(
+            await store.metadata.save_session(
                 dio.Session(
                     id=f"abcd-{suffix}", source="s", as_of=None, started_at=datetime.now(UTC)
                 )
             )
-    with closing(connect(tmp_path)) as conn:
-        assert resolve_session(conn, "abcd-2222") == "abcd-2222"
-        assert resolve_session(conn, "abcd-3") == "abcd-3333"
+    async with dio.Store(tmp_path, read_only=True) as store:
+        assert await store.resolve_session("abcd-2222") == "abcd-2222"
+        assert await store.resolve_session("abcd-3") == "abcd-3333"
         with pytest.raises(dio.StoreError, match="ambiguous"):
-            resolve_session(conn, "abcd")
+            await store.resolve_session("abcd")
         with pytest.raises(dio.StoreError, match="unknown session"):
-            resolve_session(conn, "abc")  # too short to be taken as a prefix
+            await store.resolve_session("abc")  # too short to be taken as a prefix
         with pytest.raises(dio.StoreError, match="unknown session"):
-            resolve_session(conn, "zzzzzzzz")
+            await store.resolve_session("zzzzzzzz")
 
 
 async def test_maintenance_needs_an_existing_store(tmp_path: Path) -> None:
-    with pytest.raises(dio.StoreError, match="no store at"):
-        connect(tmp_path / "missing")
+    for mode in ({"read_only": True}, {"create": False}):
+        with pytest.raises(dio.StoreError, match="no store at"):
+            async with dio.Store(tmp_path / "missing", **mode):  # type: ignore[arg-type]
+                pass
+        assert not (tmp_path / "missing").exists()
     async with dio.Store(tmp_path / "s") as store:
         await store.aclose()
         with pytest.raises(dio.StoreClosedError):

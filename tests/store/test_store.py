@@ -24,8 +24,8 @@ from mxm_dataio_async._models import (
     utcnow,
 )
 from mxm_dataio_async._request import build_request
-from mxm_dataio_async._store import DB_NAME, Store
-from mxm_dataio_async._store._schema import SCHEMA_VERSION
+from mxm_dataio_async._store import DB_NAME, Recording, SqliteMetadata, Store
+from mxm_dataio_async._store._sqlite._schema import SCHEMA_VERSION
 
 pytestmark = pytest.mark.anyio
 
@@ -56,7 +56,7 @@ def _response(req: Request, checksum: str, size: int, **kw: object) -> Response:
 async def _put(store: Store, req: Request, data: bytes, **kw: object) -> Response:
     staged = await store.stage(data)
     resp = _response(req, staged.checksum, staged.size, **kw)
-    await store.record(req, [resp], [staged])
+    await store.metadata.record(Recording(req, [resp], [staged]))
     return resp
 
 
@@ -79,7 +79,7 @@ async def test_creates_schema_with_wal_and_version(tmp_path: Path) -> None:
 async def test_inline_and_file_tiers_roundtrip_and_dedupe(tmp_path: Path) -> None:
     async with Store(tmp_path, inline_threshold=1024) as store:
         s = _session()
-        await store.save_session(s)
+        await store.metadata.save_session(s)
         req = build_request(session_id=s.id, source="src", kind="k")
         small = await _put(store, req, b"small")
         big_bytes = os.urandom(5000)
@@ -144,7 +144,7 @@ async def test_failed_stream_leaves_no_temp_file(tmp_path: Path) -> None:
 async def test_corrupt_payloads_raise_integrity_error(tmp_path: Path) -> None:
     async with Store(tmp_path, inline_threshold=100) as store:
         s = _session()
-        await store.save_session(s)
+        await store.metadata.save_session(s)
         req = build_request(session_id=s.id, source="src", kind="k")
         inline = await _put(store, req, b"inline bytes")
         big = await _put(store, req, b"x" * 1000)
@@ -171,8 +171,8 @@ async def test_corrupt_payloads_raise_integrity_error(tmp_path: Path) -> None:
 async def test_lookup_and_iteration(tmp_path: Path) -> None:
     async with Store(tmp_path) as store:
         s1, s2 = _session("a"), _session("b")
-        await store.save_session(s1)
-        await store.save_session(s2)
+        await store.metadata.save_session(s1)
+        await store.metadata.save_session(s2)
         r1 = build_request(session_id=s1.id, source="a", kind="quote")
         r2 = build_request(session_id=s2.id, source="b", kind="bars")
         old = await _put(store, r1, b"old", fetched_at=utcnow() - timedelta(hours=2))
@@ -214,12 +214,13 @@ async def test_lookup_and_iteration(tmp_path: Path) -> None:
 async def test_group_commit_batches_concurrent_writes(tmp_path: Path) -> None:
     async with Store(tmp_path) as store:
         s = _session()
-        await store.save_session(s)
+        await store.metadata.save_session(s)
         req = build_request(session_id=s.id, source="src", kind="k")
         async with anyio.create_task_group() as tg:
             for i in range(300):
                 tg.start_soon(_put, store, req, str(i).encode())
-        writer = store._writer
+        assert isinstance(store.metadata, SqliteMetadata)
+        writer = store.metadata._writer  # the SQLite backend's group-commit writer
         assert writer is not None
         assert writer.jobs == 301
         assert writer.batches < 100  # many rows per transaction
@@ -286,7 +287,7 @@ async def test_temp_leftovers_of_dead_processes_removed(tmp_path: Path) -> None:
 async def test_reopen_from_new_process(tmp_path: Path) -> None:
     async with Store(tmp_path, inline_threshold=10) as store:
         s = _session()
-        await store.save_session(s)
+        await store.metadata.save_session(s)
         req = build_request(session_id=s.id, source="src", kind="k", params={"p": 1})
         a = await _put(store, req, b"payload-in-a-file")
         b = await _put(store, req, b"inline")
@@ -322,12 +323,12 @@ async def test_bad_constructor_args(tmp_path: Path) -> None:
 async def test_public_per_statement_commit_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mxm_dataio_async._store import _writer
+    from mxm_dataio_async._store._sqlite import _writer
 
     monkeypatch.setattr(_writer, "ONE_HOP_COMMIT", False)
     async with Store(tmp_path) as store:
         s = _session()
-        await store.save_session(s)
+        await store.metadata.save_session(s)
         req = build_request(session_id=s.id, source="src", kind="k")
         async with anyio.create_task_group() as tg:
             for i in range(50):
@@ -338,7 +339,7 @@ async def test_public_per_statement_commit_path(
 async def test_batched_reads_answer_each_caller(tmp_path: Path) -> None:
     async with Store(tmp_path) as store:
         s = _session()
-        await store.save_session(s)
+        await store.metadata.save_session(s)
         reqs = [
             build_request(session_id=s.id, source="src", kind="k", params={"i": i})
             for i in range(20)
@@ -361,7 +362,8 @@ async def test_batched_reads_answer_each_caller(tmp_path: Path) -> None:
         assert {h: r.id for h, r in found.items() if r} == {h: r.id for h, r in stored.items()}
         assert bodies == {r.hash: f"body{i}".encode() for i, r in enumerate(reqs)}
         assert await store.latest_response(missing.hash) is None
-        reader = store._batch_reader
+        assert isinstance(store.metadata, SqliteMetadata)
+        reader = store.metadata._batch_reader
         assert reader is not None and reader.batches < 40
 
 
@@ -369,7 +371,7 @@ async def test_text_with_lone_surrogates_is_stored_escaped(tmp_path: Path) -> No
     """Undecodable header bytes arrive as lone surrogates: they must not kill the writer."""
     async with Store(tmp_path) as store:
         s = _session()
-        await store.save_session(s)
+        await store.metadata.save_session(s)
         req = build_request(session_id=s.id, source="src", kind="k")
         resp = await _put(
             store,
@@ -392,7 +394,7 @@ async def test_text_with_lone_surrogates_is_stored_escaped(tmp_path: Path) -> No
 async def test_an_unbindable_row_fails_its_job_only(tmp_path: Path) -> None:
     async with Store(tmp_path) as store:
         s = _session()
-        await store.save_session(s)
+        await store.metadata.save_session(s)
         req = build_request(session_id=s.id, source="src", kind="k")
         bad_staged = await store.stage(b"bad")
         bad = _response(req, bad_staged.checksum, bad_staged.size, elapsed_ms=object())
@@ -400,7 +402,7 @@ async def test_an_unbindable_row_fails_its_job_only(tmp_path: Path) -> None:
 
         async def record_bad() -> None:
             try:
-                await store.record(req, [bad], [bad_staged])
+                await store.metadata.record(Recording(req, [bad], [bad_staged]))
                 results.append(None)
             except StoreError as exc:
                 results.append(exc)
@@ -441,7 +443,7 @@ async def test_every_response_field_round_trips(tmp_path: Path) -> None:
             error="partial: nothing serious",
             revalidated_from="01a2-previous",
         )
-        await store.record(req, [original], [staged])
+        await store.metadata.record(Recording(req, [original], [staged]))
         by_id = await store.get_response(original.id)
         latest = await store.latest_response(req.hash)
     assert by_id == original and latest == original  # eq compares every field (not payload)

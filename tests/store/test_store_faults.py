@@ -110,7 +110,7 @@ async def test_vanished_root_mid_run(tmp_path: Path) -> None:
 async def test_failing_fsync_simulated_enospc(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mxm_dataio_async._store import _payloads
+    from mxm_dataio_async._store import _local as _payloads
 
     root = tmp_path / "store"
     reg = _registry(100_000)

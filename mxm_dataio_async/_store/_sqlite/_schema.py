@@ -17,12 +17,10 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
-__all__ = ["DB_NAME", "DEFAULT_INLINE_THRESHOLD", "MIGRATIONS", "SCHEMA_VERSION"]
+__all__ = ["DB_NAME", "MIGRATIONS", "SCHEMA_VERSION"]
 
 #: The database file under a store root.
 DB_NAME = "dataio.sqlite"
-#: Payloads up to this many bytes are stored inline in SQLite by default.
-DEFAULT_INLINE_THRESHOLD = 64 * 1024
 
 _V1 = """
 CREATE TABLE sessions (

@@ -19,26 +19,16 @@ import aiosqlite
 import anyio
 
 from mxm_dataio_async._exceptions import StoreClosedError, StoreError
+from mxm_dataio_async._store._sqlite._rows import (
+    REQUEST_COLUMNS,
+    RESPONSE_COLUMNS,
+    SESSION_COLUMNS,
+)
+from mxm_dataio_async._store._sqlite._sql import is_busy, sqlite_error
 
-__all__ = ["SQL", "Writer", "sqlite_error"]
+__all__ = ["SQL", "Row", "Writer"]
 
 log = logging.getLogger("mxm_dataio_async.store")
-
-SESSION_COLUMNS: Final = (
-    "id, source, as_of, started_at, ended_at, status, cache_mode, requests, responses, "
-    "cache_hits, errors, bytes_fetched, error"
-)
-REQUEST_COLUMNS: Final = (
-    "id, session_id, hash, source, kind, method, endpoint, params, body, headers, as_of_bucket, "
-    "cache_tag, cache_mode, ttl_seconds, created_at, served_from, sent_checksum"
-)
-RESPONSE_COLUMNS: Final = (
-    "id, request_id, request_hash, session_id, source, kind, status, checksum, size_bytes, "
-    "fetched_at, cache_mode, ttl_seconds, as_of_bucket, cache_tag, attempts, attempt, sequence, "
-    "transport_status, content_type, encoding, url, elapsed_ms, headers, adapter_meta, error, "
-    "revalidated_from"
-)
-
 
 def _placeholders(columns: str) -> str:
     return ", ".join("?" for _ in columns.split(","))
@@ -69,27 +59,7 @@ _ORDER: Final = tuple(SQL)
 
 Row = tuple[str, Sequence[Any]]
 
-_BUSY_CODES: Final = {5, 6}  # SQLITE_BUSY, SQLITE_LOCKED
 _BUSY_RETRIES: Final = 20
-
-
-def sqlite_error(action: str, exc: sqlite3.Error) -> StoreError:
-    """Translate a sqlite3 error into a StoreError with a message a user can act on."""
-    text = str(exc)
-    if "not a database" in text:
-        return StoreError(f"cannot {action}: the file is not an SQLite database ({text})")
-    if "readonly" in text or "read-only" in text:
-        return StoreError(f"cannot {action}: the store is read-only ({text})")
-    if "disk is full" in text or "full" in text.lower():
-        return StoreError(f"cannot {action}: disk full ({text})")
-    return StoreError(f"cannot {action}: {text}")
-
-
-def _is_busy(exc: sqlite3.Error) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return (code & 0xFF) in _BUSY_CODES
-    return "locked" in str(exc) or "busy" in str(exc)
 
 
 class _Job:
@@ -206,7 +176,7 @@ class Writer:
             except sqlite3.Error as exc:
                 # busy_timeout already waited inside SQLite; a few more tries ride out a long
                 # checkpoint or a slow writer in another process.
-                if _is_busy(exc) and attempt < _BUSY_RETRIES:
+                if is_busy(exc) and attempt < _BUSY_RETRIES:
                     await anyio.sleep(delay)
                     delay = min(delay * 2, 0.5)
                     continue

@@ -16,7 +16,7 @@ from typing import Any, Final
 import aiosqlite
 
 from mxm_dataio_async._exceptions import StoreClosedError
-from mxm_dataio_async._store._writer import sqlite_error
+from mxm_dataio_async._store._sqlite._sql import sqlite_error
 
 __all__ = ["BatchReader", "LATEST_SQL_PREFIX"]
 

@@ -1,0 +1,550 @@
+"""``SqliteMetadata``: the embedded :class:`MetadataStore`, one ``dataio.sqlite`` file.
+
+The hot path has two connections, each served by one task: the group-commit writer (``_writer``)
+and the batched reader (``_reader``), so a commit and a lookup each cost one hop to SQLite's thread
+per batch, not per call. Everything else (checkpoints, leases, inspection, maintenance) is rare and
+runs on a short-lived connection in a worker thread (``_queries``, ``_coordination``).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import aiosqlite
+import anyio
+import anyio.to_thread
+
+from mxm_dataio_async._clock import SYSTEM_CLOCK, Clock
+from mxm_dataio_async._exceptions import StoreError, UsageError
+from mxm_dataio_async._lifecycle import State
+from mxm_dataio_async._models import Response, ResponseStatus, Session
+from mxm_dataio_async._store._protocols import (
+    DanglingReference,
+    Lease,
+    MetadataStats,
+    PayloadRow,
+    PruneCounts,
+    Recording,
+    Table,
+    Tier,
+)
+from mxm_dataio_async._store._sqlite import _coordination, _queries
+from mxm_dataio_async._store._sqlite._reader import BatchReader
+from mxm_dataio_async._store._sqlite._rows import (
+    RESPONSE_COLUMNS,
+    SESSION_COLUMNS,
+    request_row,
+    response_from_row,
+    response_row,
+    session_from_row,
+    session_row,
+)
+from mxm_dataio_async._store._sqlite._schema import DB_NAME, MIGRATIONS, SCHEMA_VERSION
+from mxm_dataio_async._store._sqlite._sql import (
+    configure,
+    connection,
+    sqlite_error,
+    transaction,
+    ts,
+)
+from mxm_dataio_async._store._sqlite._writer import Row, Writer
+
+__all__ = ["SqliteMetadata"]
+
+T = TypeVar("T")
+
+
+def _prepare(db: Path, busy_timeout: float, *, create: bool, read_only: bool) -> None:
+    """Check (and unless read-only, create and migrate) the database. Runs in a worker thread."""
+    if not create and not db.is_file():
+        root = db.parent
+        if not root.exists():
+            raise StoreError(
+                f"no store at {root}: the directory does not exist "
+                "(pass --root or set MXM_DATAIO_ROOT)"
+            )
+        if not root.is_dir():
+            raise StoreError(f"no store at {root}: not a directory")
+        raise StoreError(f"no store at {root}: {DB_NAME} is missing")
+    try:
+        conn = sqlite3.connect(db, isolation_level=None, timeout=busy_timeout)
+    except sqlite3.Error as exc:
+        raise sqlite_error(f"open {db}", exc) from exc
+    try:
+        configure(conn, busy_timeout)
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{db} has schema version {version}, newer than this release supports "
+                f"({SCHEMA_VERSION}); upgrade mxm-dataio-async"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        if not create and version == 0:
+            raise StoreError(f"{db} is not an mxm-dataio store (schema version 0)")
+        if read_only:
+            raise StoreError(
+                f"{db} has schema version {version}; open it once writable to migrate it "
+                f"to {SCHEMA_VERSION}"
+            )
+        # WAL: readers never block the writer and vice versa; the setting persists in the file.
+        conn.execute("PRAGMA journal_mode=WAL")
+        with transaction(conn, write=True):
+            # Re-read under the write lock: another process may have migrated meanwhile.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            while version < SCHEMA_VERSION:
+                MIGRATIONS[version](conn)
+                version += 1
+            conn.execute(f"PRAGMA user_version={version}")
+    except sqlite3.Error as exc:
+        raise sqlite_error(f"open {db}", exc) from exc
+    finally:
+        conn.close()
+
+
+async def _shielded(loop: Callable[[], Awaitable[None]]) -> None:
+    # The writer and reader serve until aclose() stops them, not until the opener is cancelled:
+    # code holding the store open under a cancelled scope still has its final writes (a
+    # session's end row) to make on the way out.
+    with anyio.CancelScope(shield=True):
+        await loop()
+
+
+async def _shielded_close(conn: aiosqlite.Connection) -> None:
+    with anyio.CancelScope(shield=True):
+        await conn.close()
+
+
+class SqliteMetadata:
+    """Metadata in ``<root>/dataio.sqlite`` (WAL, one writer with group commit, batched reads).
+
+    ``create=False`` opens only an existing store; ``read_only=True`` also refuses every write
+    (inspection commands use it: they never create or change a store by mistake).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        busy_timeout: float = 10.0,
+        create: bool = True,
+        read_only: bool = False,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        if not busy_timeout >= 0:
+            raise ValueError("busy_timeout must be >= 0 seconds")
+        self.root = Path(root)
+        self.db_path = self.root / DB_NAME
+        self.busy_timeout = float(busy_timeout)
+        self.create = create and not read_only
+        self.read_only = read_only
+        self.clock = clock
+        self._state = State.UNOPENED
+        self._stack: AsyncExitStack | None = None
+        self._writer: Writer | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._batch_reader: BatchReader | None = None
+
+    def __repr__(self) -> str:
+        mode = " read-only" if self.read_only else ""
+        return f"<SqliteMetadata {str(self.db_path)!r}{mode} state={self._state}>"
+
+    @property
+    def location(self) -> str:
+        return str(self.db_path)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._state is State.OPEN:
+            return
+        if self._state is State.CLOSED:
+            raise UsageError("this metadata store was closed; create a new one")
+        stack = AsyncExitStack()
+        try:
+            await self._open(stack)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await stack.aclose()
+            raise
+        self._stack = stack
+        self._state = State.OPEN
+
+    async def _open(self, stack: AsyncExitStack) -> None:
+        await anyio.to_thread.run_sync(
+            lambda: _prepare(
+                self.db_path, self.busy_timeout, create=self.create, read_only=self.read_only
+            )
+        )
+        try:
+            rconn = await aiosqlite.connect(self.db_path, isolation_level=None)
+            stack.push_async_callback(_shielded_close, rconn)
+            await rconn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+            # The reader never writes; query_only turns a bug into an error instead of a lock.
+            await rconn.execute("PRAGMA query_only=1")
+            wconn = None
+            if not self.read_only:
+                wconn = await aiosqlite.connect(self.db_path, isolation_level=None)
+                stack.push_async_callback(_shielded_close, wconn)
+                await wconn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+                # A commit survives a process crash; only an OS crash may lose the last few.
+                await wconn.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as exc:
+            raise sqlite_error(f"open {self.db_path}", exc) from exc
+        self._reader = rconn
+        batch_reader = BatchReader(rconn, RESPONSE_COLUMNS)
+        # The writer and reader tasks live in a task group entered here and exited by aclose():
+        # open and close happen in the same task, in LIFO order with other scopes (anyio's rule).
+        tg = await stack.enter_async_context(anyio.create_task_group())
+        if wconn is not None:
+            writer = Writer(wconn)
+            tg.start_soon(_shielded, writer.run)
+            self._writer = writer
+        tg.start_soon(_shielded, batch_reader.run)
+        self._batch_reader = batch_reader
+
+    async def aclose(self) -> None:
+        """Commit what is queued, then close. Safe to call twice."""
+        if self._state is not State.OPEN:
+            self._state = State.CLOSED
+            return
+        self._state = State.CLOSED
+        stack, self._stack = self._stack, None
+        if self._writer is not None:
+            self._writer.drain_and_stop()
+        if self._batch_reader is not None:
+            self._batch_reader.stop()
+        if stack is not None:
+            await stack.aclose()  # exiting the task group waits for the writer's last commit
+        self._writer = None
+        self._reader = None
+        self._batch_reader = None
+
+    def _require_open(self) -> None:
+        if self._state is not State.OPEN:
+            from mxm_dataio_async._exceptions import StoreClosedError
+
+            raise StoreClosedError(
+                f"the store at {self.root} {self._state.describe()}; use `async with Store(...)`"
+            )
+
+    def _require_writer(self) -> Writer:
+        self._require_open()
+        if self._writer is None:
+            raise UsageError(f"the store at {self.root} was opened read-only")
+        return self._writer
+
+    async def _in_thread(
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        action: str,
+        *,
+        write: bool = False,
+    ) -> T:
+        """Run ``fn`` on a short-lived connection of its own, in a worker thread."""
+        self._require_open()
+        if write and self.read_only:
+            raise UsageError(f"cannot {action}: the store at {self.root} was opened read-only")
+
+        def run() -> T:
+            with connection(self.db_path, self.busy_timeout, read_only=not write) as conn:
+                return fn(conn)
+
+        try:
+            return await anyio.to_thread.run_sync(run)
+        except sqlite3.Error as exc:
+            raise sqlite_error(action, exc) from exc
+
+    # -- writing --------------------------------------------------------------------------------
+
+    async def save_session(self, session: Session) -> None:
+        await self._require_writer().write([("session", session_row(session))])
+
+    async def record(self, recording: Recording, *, wait: bool = True) -> None:
+        writer = self._require_writer()
+        request = recording.request
+        now = ts(self.clock.now())
+        rows: list[Row] = [
+            ("payload", (p.digest, p.size, p.tier, p.data, now)) for p in recording.payloads
+        ]
+        rows.append(("request", request_row(request, recording.served_from, recording.sent)))
+        rows.extend(("response", response_row(request, r)) for r in recording.responses)
+        fut = writer.submit(rows, wait=wait)
+        if fut is not None:
+            await fut
+
+    # -- reading --------------------------------------------------------------------------------
+
+    async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        self._require_open()
+        assert self._reader is not None
+        try:
+            return list(await self._reader.execute_fetchall(sql, params))
+        except sqlite3.Error as exc:
+            raise sqlite_error("read from the store", exc) from exc
+
+    async def latest_response(
+        self, request_hash: str, *, statuses: Sequence[ResponseStatus] = (ResponseStatus.OK,)
+    ) -> Response | None:
+        if len(statuses) == 1 and statuses[0] is ResponseStatus.OK:
+            self._require_open()
+            assert self._batch_reader is not None
+            row = await self._batch_reader.latest(bytes.fromhex(request_hash))
+            return response_from_row(row) if row is not None else None
+        sql = (
+            f"SELECT {RESPONSE_COLUMNS} FROM responses WHERE request_hash = ? "
+            f"AND status IN ({', '.join('?' for _ in statuses)}) ORDER BY fetched_at DESC LIMIT 1"
+        )
+        rows = await self._fetchall(sql, [bytes.fromhex(request_hash), *(s.value for s in statuses)])
+        return response_from_row(rows[0]) if rows else None
+
+    async def get_response(self, response_id: str) -> Response | None:
+        rows = await self._fetchall(
+            f"SELECT {RESPONSE_COLUMNS} FROM responses WHERE id = ?", (response_id,)
+        )
+        return response_from_row(rows[0]) if rows else None
+
+    async def get_session(self, session_id: str) -> Session | None:
+        rows = await self._fetchall(
+            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?", (session_id,)
+        )
+        return session_from_row(rows[0]) if rows else None
+
+    async def list_sessions(
+        self, *, source: str | None = None, limit: int | None = None
+    ) -> list[Session]:
+        sql = f"SELECT {SESSION_COLUMNS} FROM sessions"
+        params: list[Any] = []
+        if source is not None:
+            sql += " WHERE source = ?"
+            params.append(source)
+        sql += " ORDER BY started_at DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        return [session_from_row(r) for r in await self._fetchall(sql, params)]
+
+    async def iter_responses(
+        self,
+        *,
+        source: str | None = None,
+        kind: str | None = None,
+        session_id: str | None = None,
+        status: ResponseStatus | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        after: str | None = None,
+        page_size: int = 500,
+    ) -> AsyncIterator[Response]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, value in (("source", source), ("kind", kind), ("session_id", session_id)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if status is not None:
+            clauses.append("status = ?")
+            params.append(status.value)
+        if since is not None:
+            clauses.append("fetched_at >= ?")
+            params.append(ts(since.astimezone(UTC)))
+        if until is not None:
+            clauses.append("fetched_at < ?")
+            params.append(ts(until.astimezone(UTC)))
+        where = " AND ".join(clauses) if clauses else "1"
+        last = 0
+        if after is not None:
+            last = await self._in_thread(
+                lambda conn: _coordination.position_of(conn, after), "find the cursor"
+            )
+        while True:
+            rows = await self._fetchall(
+                f"SELECT rowid, {RESPONSE_COLUMNS} FROM responses WHERE rowid > ? AND {where} "
+                "ORDER BY rowid LIMIT ?",
+                [last, *params, page_size],
+            )
+            for row in rows:
+                yield response_from_row(row[1:])
+            if len(rows) < page_size:
+                return
+            last = rows[-1][0]
+
+    async def payload(self, digest: bytes) -> PayloadRow | None:
+        self._require_open()
+        assert self._batch_reader is not None
+        found = await self._batch_reader.payload(digest)
+        if found is None:
+            return None
+        size, tier, data = found
+        return PayloadRow(digest, size, tier, None if data is None else bytes(data))  # type: ignore[arg-type]
+
+    async def present_payloads(
+        self, digests: Iterable[bytes], *, tier: Tier | None = None
+    ) -> set[bytes]:
+        wanted = list(digests)
+        return await self._in_thread(
+            lambda conn: _queries.present(conn, wanted, tier=tier), "read payload rows"
+        )
+
+    # -- consumers and jobs ---------------------------------------------------------------------
+
+    async def read_checkpoint(self, name: str) -> str | None:
+        return await self._in_thread(
+            lambda conn: _coordination.read_checkpoint(conn, name), "read a checkpoint"
+        )
+
+    async def write_checkpoint(self, name: str, cursor: str) -> None:
+        now = self.clock.now()
+        await self._in_thread(
+            lambda conn: _coordination.write_checkpoint(conn, name, cursor, now),
+            "write a checkpoint",
+            write=True,
+        )
+
+    async def acquire_lease(self, name: str, holder: str, ttl: float) -> Lease:
+        now = self.clock.now()
+        return await self._in_thread(
+            lambda conn: _coordination.acquire_lease(conn, name, holder, ttl, now),
+            f"acquire the lease {name!r}",
+            write=True,
+        )
+
+    async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
+        now = self.clock.now()
+        return await self._in_thread(
+            lambda conn: _coordination.renew_lease(conn, lease, ttl, now),
+            f"renew the lease {lease.name!r}",
+            write=True,
+        )
+
+    async def release_lease(self, lease: Lease) -> None:
+        await self._in_thread(
+            lambda conn: _coordination.release_lease(conn, lease),
+            f"release the lease {lease.name!r}",
+            write=True,
+        )
+
+    # -- inspection and maintenance -------------------------------------------------------------
+
+    async def resolve_session(self, text: str) -> str:
+        return await self._in_thread(
+            lambda conn: _queries.resolve_session(conn, text), "find the session"
+        )
+
+    async def resolve_response(self, text: str) -> str:
+        return await self._in_thread(
+            lambda conn: _queries.resolve_response(conn, text), "find the response"
+        )
+
+    async def iter_rows(
+        self,
+        table: Table,
+        *,
+        session_id: str | None = None,
+        ids: Iterable[str] | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        if table not in _queries.COLUMNS:
+            raise ValueError(f"unknown table {table!r}; one of: {', '.join(_queries.COLUMNS)}")
+        id_batches: list[list[str] | None] = [None]
+        if ids is not None:
+            wanted = sorted(set(ids))
+            id_batches = [wanted[i : i + 500] for i in range(0, len(wanted), 500)]
+        for batch in id_batches:
+            last = 0
+            while True:
+                last, rows = await self._in_thread(
+                    lambda conn, after=last, batch=batch: _queries.rows_page(  # type: ignore[misc]
+                        conn, table, after=after, limit=500, session_id=session_id, ids=batch
+                    ),
+                    f"read {table}",
+                )
+                for row in rows:
+                    yield row
+                if len(rows) < 500:
+                    break
+
+    async def count_rows(self, table: Table | Literal["payloads"]) -> int:
+        if table not in (*_queries.COLUMNS, "payloads"):
+            raise ValueError(f"unknown table {table!r}")
+        return await self._in_thread(
+            lambda conn: int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]),
+            f"count {table}",
+        )
+
+    async def iter_payload_rows(self, *, page_size: int = 256) -> AsyncIterator[PayloadRow]:
+        last = b""
+        while True:
+            page = await self._in_thread(
+                lambda conn, after=last: _queries.payload_page(conn, after, page_size),  # type: ignore[misc]
+                "read payload rows",
+            )
+            for row in page:
+                yield row
+            if len(page) < page_size:
+                return
+            last = page[-1].digest
+
+    async def iter_dangling_references(self) -> AsyncIterator[DanglingReference]:
+        for table in ("responses", "requests"):
+            last = 0
+            while True:
+                last, seen, found = await self._in_thread(
+                    lambda conn, t=table, after=last: _queries.dangling_page(  # type: ignore[misc]
+                        conn, t, after, 500
+                    ),
+                    f"check {table}",
+                )
+                for ref in found:
+                    yield ref
+                if seen < 500:
+                    break
+
+    async def unreferenced_payloads(self) -> list[PayloadRow]:
+        return await self._in_thread(_queries.unreferenced, "find unreferenced payloads")
+
+    async def delete_payloads(self, digests: Sequence[bytes]) -> list[bytes]:
+        doomed = list(digests)
+        return await self._in_thread(
+            lambda conn: _queries.delete_unreferenced(conn, doomed),
+            "delete payload rows",
+            write=True,
+        )
+
+    async def prune(
+        self,
+        *,
+        cutoff: datetime,
+        source: str | None = None,
+        bucket: str | None = None,
+        dry_run: bool = False,
+    ) -> PruneCounts:
+        return await self._in_thread(
+            lambda conn: _queries.prune(conn, cutoff, source, bucket, dry_run),
+            "prune the store",
+            write=True,
+        )
+
+    async def stats(self) -> MetadataStats:
+        sources, tiers = await self._in_thread(_queries.source_counts, "count the store")
+        size = 0
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                size += (self.root / (DB_NAME + suffix)).stat().st_size
+            except OSError:
+                pass
+        return MetadataStats(sources, tiers, size)
+
+    async def import_rows(
+        self, payloads: Iterable[PayloadRow], rows: Mapping[Table, Iterable[dict[str, Any]]]
+    ) -> dict[str, int]:
+        now = self.clock.now()
+        return await self._in_thread(
+            lambda conn: _queries.import_rows(conn, payloads, rows, now),
+            "import rows",
+            write=True,
+        )
