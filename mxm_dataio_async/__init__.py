@@ -17,6 +17,7 @@ from mxm_dataio_async._exceptions import (
     StoreClosedError,
     StoreError,
     TransientError,
+    UsageError,
 )
 from mxm_dataio_async._limits import LimiterStatistics, RateLimit, SourceLimiter
 from mxm_dataio_async._models import (
@@ -94,6 +95,7 @@ __all__ = [
     "Streamer",
     "TransientError",
     "USE_SESSION_DEFAULT",
+    "UsageError",
     "VerifyReport",
     "default_registry",
     "disable_retry_waits",

@@ -7,10 +7,13 @@ cancelled, since nobody needs it any more. Outcomes are never remembered: the ke
 soon as its producer finishes, so a failure is seen only by the callers that waited for it, and
 the next call starts afresh.
 
-Producers are plain asyncio tasks owned by the coalescer, and the session awaits (or cancels) them
-all in ``aclose()`` before it exits, so none outlives it. Not an anyio task group: spawning there
-costs ~21 µs per task here (measured, anyio 4.16) against ~3 µs for ``loop.create_task``, and a
-producer is spawned for every cache miss.
+One coalescer serves every session that shares a Registry and a Store (``Registry.coalescer``),
+so concurrent duplicates coalesce across sessions, not only within one. Each producer remembers
+the ``owner`` (the session) that started it: a session awaits its own producers in ``join()``
+before it records its end, so none outlives it, while a producer another session still waits for
+is not cut short by the first session leaving. Producers are plain asyncio tasks, not an anyio task
+group: spawning there costs ~21 µs per task here (measured, anyio 4.16) against ~3 µs for
+``loop.create_task``, and a producer is spawned for every cache miss.
 """
 
 from __future__ import annotations
@@ -18,25 +21,47 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable
 from types import TracebackType
-from typing import Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, cast
 
 import anyio
 import anyio.lowlevel
 
 from mxm_dataio_async._exceptions import DataIOError
 
-__all__ = ["Coalescer"]
+if TYPE_CHECKING:
+    from mxm_dataio_async._models import Response
+
+__all__ = ["Coalescer", "RequestCoalescer"]
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 
 
+class RequestCoalescer(Protocol):
+    """What the pipeline needs of single-flight, keyed by ``(request hash, persists)``: run one
+    producer per key, count the waiters of a key, and let an owner wait for the producers it
+    started. A cross-process implementation (Redis ``SET NX`` + publish) offers the same."""
+
+    async def run(
+        self,
+        key: tuple[str, bool],
+        factory: Callable[[], Awaitable[Response]],
+        *,
+        owner: object,
+    ) -> Response: ...
+
+    def waiters(self, key: tuple[str, bool]) -> int: ...
+
+    async def join(self, owner: object, *, cancel: bool = False) -> None: ...
+
+
 class _Flight(Generic[T]):
     """One in-flight producer and what its waiters need to see its outcome."""
 
-    __slots__ = ("done", "error", "has_result", "result", "task", "traceback", "waiters")
+    __slots__ = ("done", "error", "has_result", "owner", "result", "task", "traceback", "waiters")
 
-    def __init__(self) -> None:
+    def __init__(self, owner: object) -> None:
+        self.owner = owner
         self.done = False
         self.task: asyncio.Task[None] | None = None
         # One future per waiting caller: cancelling a caller cancels only its own future.
@@ -52,32 +77,29 @@ class Coalescer(Generic[K, T]):
 
     ```python
     coalescer: Coalescer[str, Response] = Coalescer()
-    response = await coalescer.run(request.hash, lambda: fetch_and_store(request))
+    response = await coalescer.run(request.hash, lambda: fetch_and_store(request), owner=session)
     ...
-    await coalescer.aclose()  # waits for running producers (cancel=True: cancels them)
+    await coalescer.join(session)  # waits for the producers this session started
     ```
 
     A failure (``Exception``) is raised in every caller that waited for it: the same exception
     object, each time restarting from the producer's traceback so tracebacks do not grow with the
-    number of waiters. If a producer is cancelled by ``aclose(cancel=True)`` (the session is
-    closing), waiters get ``DataIOError`` instead of hanging, unless they are being cancelled
-    themselves.
+    number of waiters. If a producer is cancelled from outside (``join(owner, cancel=True)``),
+    its waiters get ``DataIOError`` instead of hanging, unless they are being cancelled themselves.
     """
 
-    __slots__ = ("_closed", "_flights", "_tasks")
+    __slots__ = ("_flights", "_tasks")
 
     def __init__(self) -> None:
         self._flights: dict[K, _Flight[T]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._closed = False
+        self._tasks: dict[object, set[asyncio.Task[None]]] = {}  # by owner
 
-    async def aclose(self, *, cancel: bool = False) -> None:
-        """Refuse new producers and wait for the running ones (cancelling them if ``cancel``).
+    async def join(self, owner: object, *, cancel: bool = False) -> None:
+        """Wait for the producers ``owner`` started (cancelling them first if ``cancel``).
 
-        The wait is shielded: a cancelled caller still leaves no producer behind.
+        The wait is shielded: a cancelled caller still leaves no producer of its owner behind.
         """
-        self._closed = True
-        tasks = list(self._tasks)
+        tasks = list(self._tasks.get(owner, ()))
         if cancel:
             for task in tasks:
                 task.cancel()
@@ -94,17 +116,21 @@ class Coalescer(Generic[K, T]):
         flight = self._flights.get(key)
         return 0 if flight is None else len(flight.waiters)
 
-    async def run(self, key: K, factory: Callable[[], Awaitable[T]]) -> T:
-        """Return the outcome of the producer for ``key``, starting ``factory()`` if none runs."""
+    async def run(
+        self, key: K, factory: Callable[[], Awaitable[T]], *, owner: object = None
+    ) -> T:
+        """Return the outcome of the producer for ``key``, starting ``factory()`` (on behalf of
+        ``owner``) if none runs."""
         flight = self._flights.get(key)
         loop = asyncio.get_running_loop()
         if flight is None:
-            if self._closed:
-                raise DataIOError("cannot start the request: the session is closed")
-            flight = _Flight()
+            flight = _Flight(owner)
             task = loop.create_task(self._produce(key, flight, factory))
             flight.task = task
-            self._tasks.add(task)
+            tasks = self._tasks.get(owner)
+            if tasks is None:
+                tasks = self._tasks[owner] = set()
+            tasks.add(task)
             # A done-callback as well as the producer's own release: a task cancelled before its
             # first step never runs its coroutine, and its waiters must still be released.
             task.add_done_callback(lambda t: self._finished(key, flight, t))
@@ -129,9 +155,9 @@ class Coalescer(Generic[K, T]):
             raise flight.error.with_traceback(flight.traceback)
         if flight.has_result:
             return cast("T", flight.result)
-        # The producer was cancelled from outside: the session is closing.
+        # The producer was cancelled from outside: its session is closing.
         await anyio.lowlevel.checkpoint_if_cancelled()
-        raise DataIOError("in-flight request cancelled: the session is closing")
+        raise DataIOError("in-flight request cancelled: the session that started it is closing")
 
     def _release(self, key: K, flight: _Flight[T]) -> None:
         """The outcome is known: drop the key and wake every waiter."""
@@ -144,7 +170,11 @@ class Coalescer(Generic[K, T]):
         flight.waiters.clear()
 
     def _finished(self, key: K, flight: _Flight[T], task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+        tasks = self._tasks.get(flight.owner)
+        if tasks is not None:
+            tasks.discard(task)
+            if not tasks:
+                del self._tasks[flight.owner]
         if not flight.done:
             self._release(key, flight)
 

@@ -25,11 +25,11 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final
+from typing import Final, Protocol, runtime_checkable
 
 import anyio
 
-__all__ = ["LimiterStatistics", "RateLimit", "SourceLimiter"]
+__all__ = ["LimiterStatistics", "RateGate", "RateLimit", "SourceLimiter"]
 
 _NEG_INF: Final = float("-inf")
 
@@ -92,6 +92,22 @@ class LimiterStatistics:
     """Grants that had to wait (for concurrency, a cooldown or the rate)."""
     cooldown_remaining: float
     """Seconds until the current cooldown ends (0 if none)."""
+
+
+@runtime_checkable
+class RateGate(Protocol):
+    """What the pipeline needs of a source's admission control: a slot per real upstream attempt,
+    a source-wide pause after a Retry-After, and a snapshot for monitoring.
+
+    :class:`SourceLimiter` is the in-process gate; a gate shared between processes (Redis)
+    implements the same three methods and is passed to ``Registry.register(gate=...)``.
+    """
+
+    def slot(self) -> AbstractAsyncContextManager[None]: ...
+
+    def cooldown(self, seconds: float) -> None: ...
+
+    def statistics(self) -> LimiterStatistics: ...
 
 
 class _Waiter:

@@ -1,7 +1,8 @@
 """The cache decision: a pure function of the mode, the stored response, the TTL and the time.
 
 No I/O and no loop, so every rule is unit-testable in isolation (hishel's ``_core/_spec.py`` is the
-model). The session does the lookups and acts on the returned :class:`Decision`.
+model). The pipeline does the lookups and acts on the returned :class:`Decision`; every cache
+decision is made here, including when a duplicate joins a fetch in flight instead of looking up.
 """
 
 from __future__ import annotations
@@ -12,7 +13,15 @@ from enum import StrEnum
 
 from mxm_dataio_async._models import CacheMode, Response
 
-__all__ = ["Action", "Decision", "decide", "is_fresh", "needs_lookup", "persists"]
+__all__ = [
+    "Action",
+    "Decision",
+    "decide",
+    "is_fresh",
+    "joins_in_flight",
+    "needs_lookup",
+    "persists",
+]
 
 
 class Action(StrEnum):
@@ -29,9 +38,18 @@ class Decision:
     reason: str
 
 
-def needs_lookup(mode: CacheMode) -> bool:
-    """Whether the mode looks at stored responses at all (bypass and never do not)."""
-    return mode is not CacheMode.BYPASS and mode is not CacheMode.NEVER
+def joins_in_flight(mode: CacheMode, in_flight: bool) -> bool:
+    """A duplicate of a fetch in flight joins it without a lookup of its own (default mode: the
+    fetch in flight is at least as fresh as anything stored)."""
+    return in_flight and mode is CacheMode.DEFAULT
+
+
+def needs_lookup(mode: CacheMode, *, in_flight: bool = False) -> bool:
+    """Whether to look at stored responses: not for bypass and never, nor for a default-mode
+    duplicate that joins a fetch in flight."""
+    if mode is CacheMode.BYPASS or mode is CacheMode.NEVER:
+        return False
+    return not joins_in_flight(mode, in_flight)
 
 
 def persists(mode: CacheMode) -> bool:
@@ -46,9 +64,17 @@ def is_fresh(cached: Response, ttl: float | None, now: datetime) -> bool:
 
 
 def decide(
-    mode: CacheMode, cached: Response | None, *, ttl: float | None, now: datetime
+    mode: CacheMode,
+    cached: Response | None,
+    *,
+    ttl: float | None,
+    now: datetime,
+    in_flight: bool = False,
 ) -> Decision:
-    """What to do for one fetch. ``cached`` is the newest stored OK response, if any."""
+    """What to do for one fetch. ``cached`` is the newest stored OK response, if any;
+    ``in_flight``: a fetch of the same request is running (see :func:`joins_in_flight`)."""
+    if joins_in_flight(mode, in_flight):
+        return Decision(Action.FETCH, None, "joining an in-flight fetch")
     if mode is CacheMode.DEFAULT:
         if cached is None:
             return Decision(Action.FETCH, None, "not stored")

@@ -1,22 +1,29 @@
-"""Which adapter serves which source, with that source's limits and retry policy.
+"""Which adapter serves which source, with that source's rate gate and retry policy.
 
-A source's limiter lives here, on its registration, so every session of that source in the process
-shares one budget.
+A source's rate gate lives here, on its registration, so every session of that source in the
+process shares one budget; and the registry keeps one coalescer per Store it is used with, so
+every session on the same Registry and Store joins every other's in-flight duplicates.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import anyio
 
+from mxm_dataio_async._clock import SYSTEM_CLOCK, Clock
+from mxm_dataio_async._coalesce import Coalescer
 from mxm_dataio_async._exceptions import AdapterNotFound
-from mxm_dataio_async._limits import RateLimit, SourceLimiter
+from mxm_dataio_async._limits import RateGate, RateLimit, SourceLimiter
 from mxm_dataio_async._redact import Redaction
 from mxm_dataio_async._retry import RetryPolicy
 from mxm_dataio_async.adapters.base import Closable, Fetcher, Revalidator, Sender, Streamer
+
+if TYPE_CHECKING:
+    from mxm_dataio_async._models import Response
 
 __all__ = [
     "Registry",
@@ -33,11 +40,11 @@ DEFAULT_RETRY = RetryPolicy()
 
 @dataclass(frozen=True, slots=True)
 class SourceEntry:
-    """A registered source: its adapter, capabilities (checked once), limiter and retry policy."""
+    """A registered source: its adapter, capabilities (checked once), rate gate and retry policy."""
 
     name: str
     adapter: Any
-    limiter: SourceLimiter
+    gate: RateGate
     retry: RetryPolicy
     redaction: Redaction
     can_fetch: bool = field(default=False)
@@ -55,11 +62,15 @@ class Registry:
                       rate_limit=RateLimit(10, per=1.0, burst=1), max_concurrency=8,
                       retry=RetryPolicy(max_attempts=5))
     ```
-    Used as ``async with Registry() as registry:``, it closes its adapters on exit.
+    Used as ``async with Registry() as registry:``, it closes its adapters on exit. ``clock``
+    drives the rate gates it builds and the retry waits and TTL decisions of its sessions.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.clock = clock
         self._entries: dict[str, SourceEntry] = {}
+        self._coalescers: weakref.WeakKeyDictionary[object, Coalescer[tuple[str, bool], Response]]
+        self._coalescers = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"<Registry {', '.join(self._entries) or '(empty)'}>"
@@ -78,8 +89,14 @@ class Registry:
         rate_limit: RateLimit | None = None,
         max_concurrency: int | None = None,
         retry: RetryPolicy | None = None,
+        gate: RateGate | None = None,
     ) -> None:
-        """Register ``adapter`` under ``name``. A taken name raises ``ValueError``."""
+        """Register ``adapter`` under ``name``. A taken name raises ``ValueError``.
+
+        ``rate_limit`` and ``max_concurrency`` build the source's in-process gate (a
+        :class:`SourceLimiter` on the registry's clock); ``gate`` passes one of your own instead
+        (any :class:`RateGate`, e.g. one shared between processes).
+        """
         if not isinstance(name, str) or not name:
             raise TypeError(f"source name must be a non-empty str, got {name!r}")
         if "\x00" in name:
@@ -90,6 +107,13 @@ class Registry:
             raise TypeError(f"rate_limit must be a RateLimit, got {type(rate_limit).__name__}")
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise TypeError(f"retry must be a RetryPolicy, got {type(retry).__name__}")
+        if gate is not None:
+            if not isinstance(gate, RateGate):
+                raise TypeError(
+                    f"gate must have slot(), cooldown() and statistics(), got {type(gate).__name__}"
+                )
+            if rate_limit is not None or max_concurrency is not None:
+                raise ValueError("pass either gate= or rate_limit=/max_concurrency=, not both")
         caps = {
             "can_fetch": isinstance(adapter, Fetcher),
             "can_send": isinstance(adapter, Sender),
@@ -106,7 +130,11 @@ class Registry:
         self._entries[name] = SourceEntry(
             name=name,
             adapter=adapter,
-            limiter=SourceLimiter(rate_limit, max_concurrency),
+            gate=gate
+            if gate is not None
+            else SourceLimiter(
+                rate_limit, max_concurrency, clock=self.clock.monotonic, sleep=self.clock.sleep
+            ),
             retry=retry if retry is not None else DEFAULT_RETRY,
             redaction=redaction,
             **caps,
@@ -125,6 +153,10 @@ class Registry:
         except KeyError:
             raise AdapterNotFound(name, self.list_registered()) from None
 
+    def gate(self, name: str) -> RateGate:
+        """The rate gate of source ``name`` (``gate(name).statistics()`` for monitoring)."""
+        return self.entry(name).gate
+
     def resolve_adapter(self, name: str) -> object:
         """The adapter registered under ``name``; ``AdapterNotFound`` lists the known names."""
         return self.entry(name).adapter
@@ -132,12 +164,26 @@ class Registry:
     def list_registered(self) -> list[str]:
         return sorted(self._entries)
 
+    def coalescer(self, store: object) -> Coalescer[tuple[str, bool], Response]:
+        """The single-flight of every session using this registry with ``store``."""
+        found = self._coalescers.get(store)
+        if found is None:
+            found = self._coalescers[store] = Coalescer()
+        return found
+
     async def aclose(self) -> None:
-        """Close every adapter that has ``aclose()`` (shielded from cancellation)."""
+        """Close every adapter that has ``aclose()``, shielded from cancellation; one that fails
+        does not keep the others open (the first error is raised after all were tried)."""
+        errors: list[Exception] = []
         with anyio.CancelScope(shield=True):
             for entry in list(self._entries.values()):
                 if isinstance(entry.adapter, Closable):
-                    await entry.adapter.aclose()
+                    try:
+                        await entry.adapter.aclose()
+                    except Exception as exc:
+                        errors.append(exc)
+        if errors:
+            raise errors[0]
 
     async def __aenter__(self) -> Self:
         return self

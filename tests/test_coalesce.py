@@ -51,15 +51,15 @@ class Producer:
 
 @asynccontextmanager
 async def coalescer() -> AsyncIterator[Coalescer[Any, Any]]:
-    """A coalescer closed on exit, as the session closes its own."""
+    """A coalescer whose producers (owner None) are joined on exit, as a session joins its own."""
     co: Coalescer[Any, Any] = Coalescer()
     try:
         yield co
     finally:
-        await co.aclose()
+        await co.join(None)
 
 
-async def test_aclose_waits_for_running_producers() -> None:
+async def test_join_waits_for_running_producers() -> None:
     producer = Producer()
     co: Coalescer[str, object] = Coalescer()
     results: list[object] = []
@@ -70,7 +70,7 @@ async def test_aclose_waits_for_running_producers() -> None:
 
         tg.start_soon(caller)
         await until(lambda: producer.calls == 1)
-        tg.start_soon(co.aclose)
+        tg.start_soon(co.join, None)
         await until(lambda: co.waiters("k") == 1)
         producer.release.set()
     assert results == ["result"] and producer.cancelled == 0
@@ -248,10 +248,11 @@ async def test_session_closing_gives_waiters_a_clear_error() -> None:
         for _ in range(3):
             callers.start_soon(caller, co)
         await until(lambda: co.waiters("k") == 3 and producer.calls == 1)
-        await co.aclose(cancel=True)  # the session is closing
+        await co.join(None, cancel=True)  # the session that started it is closing
     assert producer.cancelled == 1
     assert len(outcomes) == 3
-    assert all(str(e) == "in-flight request cancelled: the session is closing" for e in outcomes)
+    expected = "in-flight request cancelled: the session that started it is closing"
+    assert all(str(e) == expected for e in outcomes)
     assert co.in_flight() == 0
 
 
@@ -273,18 +274,34 @@ async def test_waiter_inside_the_closing_session_sees_its_own_cancellation() -> 
         session.start_soon(caller, co)
         await until(lambda: co.waiters("k") == 1 and producer.calls == 1)
         session.cancel_scope.cancel()
-    await co.aclose(cancel=True)
+    await co.join(None, cancel=True)
     assert seen == ["cancelled"]
     assert co.in_flight() == 0
 
 
-async def test_run_after_the_session_closed() -> None:
-    async with coalescer() as co:
-        pass
-    producer = Producer()
-    with pytest.raises(DataIOError, match="session is closed"):
-        await co.run("k", producer)
-    assert producer.calls == 0
+async def test_join_waits_only_for_the_owners_own_producers() -> None:
+    """Sessions share one coalescer: each joins the producers it started, and a producer started
+    by one session serves a waiter of another after the first one has left."""
+    mine, theirs = Producer(), Producer()
+    co: Coalescer[str, object] = Coalescer()
+    results: list[object] = []
+    async with anyio.create_task_group() as tg:
+
+        async def call(key: str, producer: Producer, owner: str) -> None:
+            results.append(await co.run(key, producer, owner=owner))
+
+        tg.start_soon(call, "a", mine, "session-a")
+        tg.start_soon(call, "b", theirs, "session-b")
+        await until(lambda: mine.calls == 1 and theirs.calls == 1)
+        tg.start_soon(call, "a", Producer(), "session-b")  # joins session-a's flight of "a"
+        await until(lambda: co.waiters("a") == 2)
+        mine.release.set()
+        with anyio.fail_after(30):  # a bound, not a timing assertion
+            await co.join("session-a")  # does not wait for session-b's producer
+        assert co.waiters("b") == 1 and theirs.finished == 0
+        theirs.release.set()
+        await co.join("session-b")
+    assert results == ["result", "result", "result"]
     assert co.in_flight() == 0
 
 

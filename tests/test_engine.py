@@ -72,8 +72,7 @@ async def test_concurrent_duplicates_make_one_adapter_call(tmp_path: Path) -> No
             for _ in range(500):
                 tg.start_soon(one)
             req = s.request("k", params={"x": 1})
-            assert s._coalescer is not None
-            await until(lambda: s._coalescer.waiters((req.hash, True)) == 500)  # type: ignore[union-attr]
+            await until(lambda: reg.coalescer(s.store).waiters((req.hash, True)) == 500)
             gate.release.set()
         assert gate.calls == 1
         assert len({r.id for r in results}) == 1 and len(results) == 500
@@ -99,13 +98,12 @@ async def test_leader_cancelled_followers_still_served(tmp_path: Path) -> None:
                 follower.append(await s.fetch(s.request("k")))
 
             key = (s.request("k").hash, True)
-            assert s._coalescer is not None
             tg.start_soon(leader)
             await until(lambda: gate.calls == 1)
             tg.start_soon(follow)
-            await until(lambda: s._coalescer.waiters(key) == 2)  # type: ignore[union-attr]
+            await until(lambda: reg.coalescer(s.store).waiters(key) == 2)
             leader_scope.cancel()
-            await until(lambda: s._coalescer.waiters(key) == 1)  # type: ignore[union-attr]
+            await until(lambda: reg.coalescer(s.store).waiters(key) == 1)
             await wait_all_tasks_blocked()
             assert gate.cancelled == 0  # the producer outlives its first caller
             gate.release.set()
@@ -123,7 +121,7 @@ async def test_all_waiters_cancelled_cancels_the_producer(tmp_path: Path) -> Non
                 key = (s.request("k").hash, True)
                 for _ in range(3):
                     tg.start_soon(s.fetch, s.request("k"))
-                await until(lambda: s._coalescer.waiters(key) == 3)  # type: ignore[union-attr]
+                await until(lambda: reg.coalescer(s.store).waiters(key) == 3)
                 tg.cancel_scope.cancel()
         assert not outer.cancelled_caught
         await until(lambda: gate.cancelled == 1)
@@ -161,7 +159,7 @@ async def test_failure_reaches_every_waiter_and_is_not_cached(tmp_path: Path) ->
             key = (s.request("k").hash, True)
             for _ in range(5):
                 tg.start_soon(one)
-            await until(lambda: s._coalescer.waiters(key) == 5)  # type: ignore[union-attr]
+            await until(lambda: reg.coalescer(s.store).waiters(key) == 5)
             release.set()
         assert len(errors) == 5 and calls == 1
         resp = await s.fetch(s.request("k"))
@@ -195,10 +193,10 @@ async def test_max_concurrency_enforced_through_sessions(tmp_path: Path) -> None
                 for i in range(10):
                     sess = s1 if i % 2 else s2
                     tg.start_soon(sess.fetch, sess.request("k", params={"i": i}))
-                limiter = reg.entry("g").limiter
+                limiter = reg.gate("g")
                 await until(lambda: limiter.statistics().waiting == 7)
                 await wait_all_tasks_blocked()
-                stats = reg.entry("g").limiter.statistics()
+                stats = reg.gate("g").statistics()
                 assert gate.active == 3 and stats.in_flight == 3 and stats.waiting == 7
                 gate.release.set()
             assert gate.max_active == 3 and gate.calls == 10
@@ -209,7 +207,7 @@ async def test_cache_hits_do_not_spend_rate_budget(tmp_path: Path) -> None:
     reg.register("m", dio.MockAdapter(), rate_limit=dio.RateLimit(1, per=3600, burst=1))
     async with dio.AsyncSession("m", root=str(tmp_path), registry=reg) as s:
         await s.fetch(s.request("k"))  # spends the only token for an hour
-        limiter = reg.entry("m").limiter
+        limiter = reg.gate("m")
         before = limiter.statistics().total_acquired
         with anyio.fail_after(30):  # would block for an hour if a hit touched the limiter
             for _ in range(200):
@@ -236,7 +234,7 @@ async def test_every_retry_attempt_spends_budget_and_retry_after_cools_source(
             with anyio.fail_after(30):
                 resp = await s.fetch(s.request("k"))
             assert resp.attempts == 3
-            stats = reg.entry("m").limiter.statistics()
+            stats = reg.gate("m").statistics()
             assert stats.total_acquired == 3
     # Outside the testing switch, a retry_after pauses the whole source.
     reg2 = dio.Registry()
@@ -252,7 +250,7 @@ async def test_every_retry_attempt_spends_budget_and_retry_after_cools_source(
         with pytest.raises(dio.FetchError) as info:
             await s.fetch(s.request("a"))
         assert info.value.transport_status == 429
-        assert reg2.entry("m").limiter.statistics().cooldown_remaining > 200
+        assert reg2.gate("m").statistics().cooldown_remaining > 200
         with anyio.move_on_after(0.2) as scope:
             await s.fetch(s.request("b"))  # another request of the same source waits
         assert scope.cancelled_caught and calls == 1
@@ -300,7 +298,7 @@ async def test_fetch_many_consumer_cancelled_cleans_up(tmp_path: Path) -> None:
                 scope.cancel()
         await until(lambda: gate.cancelled == 8)
         assert gate.active == 0
-        assert s._coalescer is not None and s._coalescer.in_flight() == 0
+        assert reg.coalescer(s.store).in_flight() == 0
     # The session exited cleanly after the cancelled bulk run.
 
 
@@ -346,7 +344,7 @@ async def test_session_exit_on_error_cancels_in_flight(tmp_path: Path) -> None:
                 await until(lambda: gate.calls == 1)
                 raise RuntimeError("boom")
     assert gate.cancelled == 1
-    assert len(errors) == 1 and "session is closing" in str(errors[0])
+    assert len(errors) == 1 and "session that started it is closing" in str(errors[0])
     assert _count(tmp_path, "SELECT count(*) FROM sessions WHERE status = 'error'") == 1
 
 
@@ -379,4 +377,4 @@ async def test_session_closing_under_a_fetch_many_consumer_is_an_error(tmp_path:
             outer.start_soon(consume)
             await until(lambda: got >= 20)
         # The session has exited while the consumer was still iterating.
-    assert len(errors) == 1 and "session is closing" in str(errors[0])
+    assert len(errors) == 1 and "fetch_many stopped: the session is closing" in str(errors[0])

@@ -358,18 +358,22 @@ async def test_unknown_source_lists_registered(tmp_path: Path, registry: dio.Reg
 
 async def test_closed_session_and_store_refused(tmp_path: Path, registry: dio.Registry) -> None:
     s = dio.AsyncSession("mock", root=str(tmp_path), registry=registry)
-    with pytest.raises(dio.StoreClosedError, match="not open yet"):
+    assert s.state == "unopened"
+    with pytest.raises(dio.UsageError, match="not open yet") as info:
         await s.fetch(s.request("k"))
+    assert isinstance(info.value, RuntimeError) and not isinstance(info.value, dio.StoreError)
     async with s:
+        assert s.state == "open"
         req = s.request("k")
         resp = await s.fetch(req)
-    with pytest.raises(dio.StoreClosedError, match="was closed"):
+    assert s.state == "closed"
+    with pytest.raises(dio.UsageError, match="was closed"):
         await s.fetch(req)
-    with pytest.raises(dio.StoreClosedError, match="was closed"):
+    with pytest.raises(dio.UsageError, match="was closed"):
         s.request("k")
-    with pytest.raises(dio.StoreClosedError, match="was closed"):
+    with pytest.raises(dio.UsageError, match="was closed"):
         await s.read(resp)
-    with pytest.raises(dio.StoreClosedError, match="entered once"):
+    with pytest.raises(dio.UsageError, match="entered once"):
         async with s:
             pass
     store = dio.Store(tmp_path)
@@ -541,24 +545,30 @@ def _tamper(root: Path, checksum: str) -> None:
         conn.close()
 
 
-async def test_read_right_after_fetch_is_served_from_the_session_memory(tmp_path: Path) -> None:
+async def test_read_right_after_fetch_is_served_from_the_stores_memory(tmp_path: Path) -> None:
+    """The store remembers the inline payloads it committed recently: the very bytes hashed on
+    arrival. A read right after the fetch is served from there, by any session of that store;
+    another Store on the same root reads (and verifies) the stored bytes, and so does verify."""
     reg = dio.Registry()
     reg.register("m", dio.MockAdapter(lambda r: f"payload {r.params}".encode() * 50))
     async with dio.Store(tmp_path) as store:
         async with dio.AsyncSession("m", store=store, registry=reg) as s:
             first = await s.fetch(s.request("k", params={"i": 1}))
             expected = b"payload {'i': 1}" * 50
-            # The stored row no longer matches: only the session's memory still has the bytes.
+            # The stored row no longer matches: only the store's memory still has the bytes.
             _tamper(tmp_path, first.checksum or "")
             assert await s.read(first) == expected
-            with pytest.raises(dio.IntegrityError, match="corrupt"):
-                await store.read(first)
+            assert await store.read(first) == expected
         async with dio.AsyncSession("m", store=store, registry=reg) as s2:
-            with pytest.raises(dio.IntegrityError, match="corrupt"):
-                await s2.read(first)  # another session reads (and verifies) the stored bytes
+            assert await s2.read(first) == expected
+        report = await store.verify()
+        assert [p.checksum for p in report.corrupt_payloads] == [first.checksum]
+    async with dio.Store(tmp_path, read_only=True) as other:
+        with pytest.raises(dio.IntegrityError, match="corrupt"):
+            await other.read(first)
 
 
-async def test_the_session_keeps_only_a_bounded_amount_of_recent_payloads(tmp_path: Path) -> None:
+async def test_the_store_keeps_only_a_bounded_amount_of_recent_payloads(tmp_path: Path) -> None:
     reg = dio.Registry()
     reg.register("m", dio.MockAdapter(lambda r: bytes([int(str(r.params["i"])) % 251]) * 60_000))
     async with dio.Store(tmp_path) as store:
@@ -566,8 +576,8 @@ async def test_the_session_keeps_only_a_bounded_amount_of_recent_payloads(tmp_pa
             first = await s.fetch(s.request("k", params={"i": 0}))
             _tamper(tmp_path, first.checksum or "")
             assert await s.read(first) == bytes([0]) * 60_000
-            # 12 MB of newer inline payloads: more than the 2 x 4 MiB the session keeps.
+            # 12 MB of newer inline payloads: more than the 2 x 4 MiB the store keeps.
             for i in range(1, 201):
                 await s.fetch(s.request("k", params={"i": i}))
             with pytest.raises(dio.IntegrityError, match="corrupt"):
-                await s.read(first)  # evicted: read from the store, which verifies it
+                await s.read(first)  # evicted: read from the database, which verifies it

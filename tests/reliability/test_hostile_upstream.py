@@ -210,7 +210,7 @@ async def test_fetch_many_through_a_hostile_upstream(
                         body = await s.read(outcome.response) if outcome.response else None
                         outcomes.append((outcome, body))
                     session_id = s.session.id
-            stats = registry.entry(SOURCE).limiter.statistics()
+            stats = registry.gate(SOURCE).statistics()
             await verify_store(store)
     assert len(outcomes) == REQUESTS
     assert stats.in_flight == 0 and stats.waiting == 0
@@ -309,7 +309,7 @@ async def test_stall_past_the_timeout_is_a_fetch_error_and_frees_the_limiter(
     async with make_server(backend, plan) as server:
         adapter = make_adapter(server.url)
         async with pipeline(root, adapter, retry=retry, max_concurrency=2) as (store, registry):
-            limiter = registry.entry(SOURCE).limiter
+            limiter = registry.gate(SOURCE)
             with disable_retry_waits(), anyio.fail_after(BOUND):
                 async with AsyncSession(SOURCE, store=store, registry=registry) as s:
                     requests = [
@@ -350,7 +350,7 @@ async def test_endless_event_stream_is_bounded_by_its_consumer(
             store,
             registry,
         ):
-            limiter = registry.entry(SOURCE).limiter
+            limiter = registry.gate(SOURCE)
             with anyio.fail_after(BOUND):
                 async with AsyncSession(SOURCE, store=store, registry=registry) as s:
                     silent: list[Response] = []
@@ -405,7 +405,7 @@ async def test_endless_body_is_a_fetch_error_under_a_total_timeout(
                     with pytest.raises(FetchError, match="timed out") as info:
                         await s.fetch(request)
                     session_id = s.session.id
-            assert registry.entry(SOURCE).limiter.statistics().in_flight == 0
+            assert registry.gate(SOURCE).statistics().in_flight == 0
             await verify_store(store)  # the abandoned partial payloads left nothing behind
     assert info.value.attempts == 2
     assert session_status(root, session_id) == "ok"
@@ -429,7 +429,7 @@ async def test_endless_body_is_bounded_by_the_retry_deadline(tmp_path: Path) -> 
                         await s.fetch(request)
                     late = time.monotonic() - started
                     session_id = s.session.id
-            assert registry.entry(SOURCE).limiter.statistics().in_flight == 0
+            assert registry.gate(SOURCE).statistics().in_flight == 0
             await verify_store(store)
     assert late < 4.0, f"the fetch outlived its 1 s retry deadline by {late - 1:.1f} s"
     assert session_status(root, session_id) == "ok"

@@ -4,6 +4,14 @@ The hot path has two connections, each served by one task: the group-commit writ
 and the batched reader (``_reader``), so a commit and a lookup each cost one hop to SQLite's thread
 per batch, not per call. Everything else (checkpoints, leases, inspection, maintenance) is rare and
 runs on a short-lived connection in a worker thread (``_queries``, ``_coordination``).
+
+Read-your-writes across the two connections: a batched lookup's query may have started before a
+commit that completes while the lookup is answered. So the store remembers what it committed
+recently (OK responses by request hash, with the commit's sequence number) and a lookup also
+considers a response committed *after the lookup began*; nothing older is ever taken from memory,
+so the memory never answers for what SQL can see. Inline payloads committed recently are kept
+too (bounded by weight), so ``read()`` right after ``fetch()`` needs no trip to SQLite's thread;
+bytes are immutable by their sha256, and deleting payload rows clears that memory.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import aiosqlite
 import anyio
@@ -23,6 +31,7 @@ from mxm_dataio_async._clock import SYSTEM_CLOCK, Clock
 from mxm_dataio_async._exceptions import StoreError, UsageError
 from mxm_dataio_async._lifecycle import State
 from mxm_dataio_async._models import Response, ResponseStatus, Session
+from mxm_dataio_async._recent import Recent
 from mxm_dataio_async._store._protocols import (
     DanglingReference,
     Lease,
@@ -57,6 +66,12 @@ from mxm_dataio_async._store._sqlite._writer import Row, Writer
 __all__ = ["SqliteMetadata"]
 
 T = TypeVar("T")
+
+# Responses committed recently, by request hash: the window they serve is one lookup long, so a
+# few thousand cover it under any load (between 4,096 and 8,192 are kept).
+_RECENT_RESPONSES: Final = 4096
+# Inline payloads committed recently: up to 2 x 4 MiB of the newest.
+_RECENT_PAYLOAD_BYTES: Final = 4 * 1024 * 1024
 
 
 def _prepare(db: Path, busy_timeout: float, *, create: bool, read_only: bool) -> None:
@@ -149,6 +164,11 @@ class SqliteMetadata:
         self._writer: Writer | None = None
         self._reader: aiosqlite.Connection | None = None
         self._batch_reader: BatchReader | None = None
+        self._commits = 0  # record() calls completed: the order of the memory below
+        self._recent: Recent[str, tuple[int, Response]] = Recent(_RECENT_RESPONSES)
+        self._recent_payloads: Recent[bytes, bytes] = Recent(
+            _RECENT_RESPONSES, max_weight=_RECENT_PAYLOAD_BYTES, weigh=len
+        )
 
     def __repr__(self) -> str:
         mode = " read-only" if self.read_only else ""
@@ -275,8 +295,16 @@ class SqliteMetadata:
         rows.append(("request", request_row(request, recording.served_from, recording.sent)))
         rows.extend(("response", response_row(request, r)) for r in recording.responses)
         fut = writer.submit(rows, wait=wait)
-        if fut is not None:
-            await fut
+        if fut is None:
+            return
+        await fut
+        self._commits = seq = self._commits + 1
+        for response in recording.responses:
+            if response.status is ResponseStatus.OK:
+                self._recent.put(response.request_hash, (seq, response))
+        for payload in recording.payloads:
+            if payload.data is not None:
+                self._recent_payloads.put(payload.digest, payload.data)
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -294,8 +322,14 @@ class SqliteMetadata:
         if len(statuses) == 1 and statuses[0] is ResponseStatus.OK:
             self._require_open()
             assert self._batch_reader is not None
+            began = self._commits
             row = await self._batch_reader.latest(bytes.fromhex(request_hash))
-            return response_from_row(row) if row is not None else None
+            found = response_from_row(row) if row is not None else None
+            recent = self._recent.get(request_hash)
+            if recent is not None and recent[0] > began:  # committed while this lookup ran
+                if found is None or recent[1].fetched_at > found.fetched_at:
+                    return recent[1]
+            return found
         sql = (
             f"SELECT {RESPONSE_COLUMNS} FROM responses WHERE request_hash = ? "
             f"AND status IN ({', '.join('?' for _ in statuses)}) ORDER BY fetched_at DESC LIMIT 1"
@@ -376,6 +410,9 @@ class SqliteMetadata:
 
     async def payload(self, digest: bytes) -> PayloadRow | None:
         self._require_open()
+        recent = self._recent_payloads.get(digest)
+        if recent is not None:
+            return PayloadRow(digest, len(recent), "inline", recent)
         assert self._batch_reader is not None
         found = await self._batch_reader.payload(digest)
         if found is None:
@@ -509,6 +546,7 @@ class SqliteMetadata:
 
     async def delete_payloads(self, digests: Sequence[bytes]) -> list[bytes]:
         doomed = list(digests)
+        self._recent_payloads.clear()
         return await self._in_thread(
             lambda conn: _queries.delete_unreferenced(conn, doomed),
             "delete payload rows",
