@@ -3,11 +3,16 @@
 
 Each command module registers its commands on the one ``app`` as it is imported: shared pieces
 in ``_common.py``; ``demo`` in ``_demo.py``; the read commands in ``_inspect.py``; verify, gc,
-prune, export and import in ``_manage.py``; run and tail in ``_jobs.py``. Read commands open
-``<root>/dataio.sqlite`` with a short-lived connection and never create a store; writing commands
-(gc, prune, import) share the store's maintenance code (``_store/_cleanup.py``,
-``_store/_bundle.py``), which takes SQLite's write lock with ``BEGIN IMMEDIATE`` and waits for a
-writer in another process (``busy_timeout``) rather than failing or interleaving.
+prune, export and import in ``_manage.py``; run and tail in ``_jobs.py``.
+
+Commands reach the store only through the public ``Store`` API (``_common._with_store`` opens
+one, runs the command's coroutine with ``anyio.run`` and closes it); no command knows how the
+store keeps its rows or bytes. The read commands (sessions, show, meta, cat, stats, verify and
+export) open it with ``Store(root, read_only=True)``: nothing is created or changed, and a missing
+store is an error. gc, prune and tail (which writes checkpoints) open an existing store only
+(``create=False``); import creates one if need be. Writes go through the store's own
+transactions, which wait for a writer in another process (``busy_timeout``) rather than failing
+or interleaving.
 """
 
 from mxm_dataio_async._cli._common import app

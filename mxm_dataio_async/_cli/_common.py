@@ -1,16 +1,15 @@
 """Shared by the command modules: the typer ``app``, the consoles, the common options, error
-handling, and formatting helpers."""
+handling, opening the store, and formatting helpers."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import anyio
 
@@ -24,6 +23,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from mxm_dataio_async._exceptions import DataIOError
+from mxm_dataio_async._store import DEFAULT_INLINE_THRESHOLD, Store
 
 app = typer.Typer(
     name="mxm-dataio",
@@ -78,7 +78,8 @@ def _errors(verbose: bool) -> Iterator[None]:
     except Exception as exc:
         if verbose or _verbose:
             err_console.print_exception()
-        expected = isinstance(exc, DataIOError | OSError | ValueError | sqlite3.Error)
+        # The store translates its backends' errors (the database's among them) to StoreError.
+        expected = isinstance(exc, DataIOError | OSError | ValueError)
         text = str(exc) if expected else f"unexpected {type(exc).__name__}: {exc}"
         hint = "" if verbose or _verbose or expected else " (run with --verbose for details)"
         err_console.print(f"[red]error:[/red] {escape(text)}{hint}", soft_wrap=True)
@@ -92,6 +93,42 @@ def _root(root: Path | None) -> Path:
 def _run(fn: Callable[[], Awaitable[T]]) -> T:
     """Run a coroutine function to completion (the CLI is sync; the store API is async)."""
     return anyio.run(fn)
+
+
+Access = Literal["read", "write", "create"]
+"""How a command opens the store: ``read`` an existing one and change nothing (inspection);
+``write`` an existing one (maintenance, checkpoints); ``create`` it if missing (import)."""
+
+
+def _open_store(
+    root: Path | None, access: Access, *, inline_threshold: int = DEFAULT_INLINE_THRESHOLD
+) -> Store:
+    """A ``Store`` at ``--root`` (not yet open). ``read`` and ``write`` never create a store: a
+    missing one is ``StoreError("no store at ...")``, and nothing is made on disk."""
+    return Store(
+        _root(root),
+        read_only=access == "read",
+        create=access == "create",
+        busy_timeout=BUSY_TIMEOUT,
+        inline_threshold=inline_threshold,
+    )
+
+
+def _with_store(
+    root: Path | None,
+    access: Access,
+    fn: Callable[[Store], Awaitable[T]],
+    *,
+    inline_threshold: int = DEFAULT_INLINE_THRESHOLD,
+) -> T:
+    """Open the store (see :func:`_open_store`), run ``fn(store)`` and close it again."""
+    store = _open_store(root, access, inline_threshold=inline_threshold)
+
+    async def run() -> T:
+        async with store:
+            return await fn(store)
+
+    return _run(run)
 
 
 def _print_json(value: Any) -> None:
@@ -115,12 +152,3 @@ def _when(ts: str | None) -> str:
 
 def _rate(x: float | None) -> str:
     return "-" if x is None else f"{x:.1%}"
-
-
-def _rows(conn: sqlite3.Connection, sql: str, params: Any = ()) -> list[dict[str, Any]]:
-    cur = conn.execute(sql, params)
-    names = [d[0] for d in cur.description]
-    return [
-        {k: (bytes(v).hex() if isinstance(v, bytes) else v) for k, v in zip(names, r, strict=True)}
-        for r in cur.fetchall()
-    ]

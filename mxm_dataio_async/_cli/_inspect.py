@@ -1,20 +1,22 @@
-"""Read commands: sessions, show, meta, cat and stats."""
+"""Read commands: sessions, show, meta, cat and stats.
+
+They open the store read-only (``Store(root, read_only=True)``): nothing is created or changed,
+and a missing store is an error.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import sqlite3
+import re
 import sys
-from pathlib import Path
-from typing import Annotated, Any, BinaryIO
+from datetime import UTC, datetime
+from typing import Annotated, Any, BinaryIO, Final
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from mxm_dataio_async._cli._common import (
-    BUSY_TIMEOUT,
     JsonOption,
     RootOption,
     VerboseOption,
@@ -22,22 +24,37 @@ from mxm_dataio_async._cli._common import (
     _print_json,
     _rate,
     _root,
-    _rows,
-    _run,
     _size,
     _when,
+    _with_store,
     app,
     console,
 )
 from mxm_dataio_async._exceptions import IntegrityError, StoreError
-from mxm_dataio_async._store import _stats
-from mxm_dataio_async._store._maintenance import (
-    _digest_of,
-    _hash_file,
-    connection,
-    resolve_session,
-)
-from mxm_dataio_async._store._payloads import PayloadFiles, verify
+from mxm_dataio_async._models import Session
+from mxm_dataio_async._store import Store
+
+
+def _ts(moment: datetime | None) -> str | None:
+    """A time as the store writes it (UTC, ISO 8601, microseconds always present)."""
+    return None if moment is None else moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _session_row(s: Session) -> dict[str, Any]:
+    """A session as ``sessions --json`` prints it (its counts are written when it ends)."""
+    return {
+        "id": s.id,
+        "source": s.source,
+        "as_of": s.as_of,
+        "started_at": _ts(s.started_at),
+        "ended_at": _ts(s.ended_at),
+        "status": s.status.value,
+        "cache_mode": s.cache_mode.value,
+        "requests": s.requests,
+        "responses": s.responses,
+        "bytes": s.bytes_fetched,
+        "error": s.error,
+    }
 
 
 @app.command()
@@ -48,24 +65,15 @@ def sessions(
     as_json: JsonOption = False,
     verbose: VerboseOption = False,
 ) -> None:
-    """List sessions, newest first: id, source, as_of, times, status, requests, bytes."""
-    with _errors(verbose), connection(_root(root), BUSY_TIMEOUT) as conn:
-        sql = (
-            "SELECT id, source, as_of, started_at, ended_at, status, cache_mode, "
-            "(SELECT count(*) FROM requests q WHERE q.session_id = s.id) AS requests, "
-            "(SELECT count(*) FROM responses r WHERE r.session_id = s.id) AS responses, "
-            "(SELECT coalesce(sum(size_bytes), 0) FROM responses r WHERE r.session_id = s.id) "
-            "AS bytes, error FROM sessions s"
+    """List sessions, newest first: id, source, as_of, times, status, requests, bytes.
+
+    The counts are those a session records when it ends (0 while it is still open).
+    """
+    with _errors(verbose):
+        found = _with_store(
+            root, "read", lambda store: store.list_sessions(source=source, limit=limit)
         )
-        params: list[Any] = []
-        if source is not None:
-            sql += " WHERE source = ?"
-            params.append(source)
-        sql += " ORDER BY started_at DESC"
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(limit)
-        rows = _rows(conn, sql, params)
+    rows = [_session_row(s) for s in found]
     if as_json:
         _print_json(rows)
         return
@@ -93,44 +101,49 @@ def sessions(
     console.print(table)
 
 
-_RESPONSE_FIELDS = (
-    "id, request_id, status, transport_status, attempt, attempts, checksum, size_bytes, "
-    "fetched_at, cache_mode, ttl_seconds, as_of_bucket, cache_tag, elapsed_ms, error"
-)
+_REQUEST_FIELDS: Final = (
+    "id", "kind", "method", "endpoint", "params", "hash", "as_of_bucket", "cache_tag",
+    "cache_mode", "ttl_seconds", "created_at", "served_from", "sent_checksum",
+)  # fmt: skip
+_RESPONSE_FIELDS: Final = (
+    "id", "request_id", "status", "transport_status", "attempt", "attempts", "checksum",
+    "size_bytes", "fetched_at", "cache_mode", "ttl_seconds", "as_of_bucket", "cache_tag",
+    "elapsed_ms", "error",
+)  # fmt: skip
 
 
-def _session_detail(conn: sqlite3.Connection, session_id: str) -> dict[str, Any]:
-    session = _rows(conn, "SELECT * FROM sessions WHERE id = ?", (session_id,))[0]
-    requests = _rows(
-        conn,
-        "SELECT id, kind, method, endpoint, params, hash, as_of_bucket, cache_tag, cache_mode, "
-        "ttl_seconds, created_at, served_from, sent_checksum FROM requests "
-        "WHERE session_id = ? ORDER BY created_at, rowid",
-        (session_id,),
-    )
+def _pick(row: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
+    return {k: row[k] for k in fields}
+
+
+async def _session_detail(store: Store, text: str) -> dict[str, Any]:
+    """A session's row, its requests (oldest first) with their responses, and for a cache hit
+    the stored response it was served."""
+    session_id = await store.resolve_session(text)
+    found = [row async for row in store.iter_rows("sessions", ids=[session_id])]
+    if not found:
+        raise StoreError(f"unknown session {text!r}; `mxm-dataio sessions` lists them")
+    requests = [
+        _pick(q, _REQUEST_FIELDS) async for q in store.iter_rows("requests", session_id=session_id)
+    ]
+    requests.sort(key=lambda q: q["created_at"])  # stable: recording order within an instant
     by_request: dict[str, list[dict[str, Any]]] = {}
-    for r in _rows(
-        conn,
-        f"SELECT {_RESPONSE_FIELDS} FROM responses WHERE session_id = ? ORDER BY rowid",
-        (session_id,),
-    ):
+    async for row in store.iter_rows("responses", session_id=session_id):
+        r = _pick(row, _RESPONSE_FIELDS)
         r["from_cache"] = False
         by_request.setdefault(r["request_id"], []).append(r)
     served_ids = sorted({q["served_from"] for q in requests if q["served_from"]})
     served: dict[str, dict[str, Any]] = {}
-    for i in range(0, len(served_ids), 500):
-        batch = served_ids[i : i + 500]
-        marks = ", ".join("?" * len(batch))
-        for r in _rows(
-            conn, f"SELECT {_RESPONSE_FIELDS} FROM responses WHERE id IN ({marks})", batch
-        ):
+    if served_ids:
+        async for row in store.iter_rows("responses", ids=served_ids):
+            r = _pick(row, _RESPONSE_FIELDS)
             r["from_cache"] = True
             served[r["id"]] = r
     for q in requests:
         q["params"] = json.loads(q["params"]) if q["params"] else q["params"]
         q["responses"] = by_request.get(q["id"], [])
         q["served"] = served.get(q["served_from"]) if q["served_from"] else None
-    return {"session": session, "requests": requests}
+    return {"session": found[0], "requests": requests}
 
 
 @app.command()
@@ -145,8 +158,8 @@ def show(
     "fetched" rows are upstream attempts (one row per attempt); "cache" rows were served a stored
     response (served_from names it), with its cache_mode, ttl, bucket and tag.
     """
-    with _errors(verbose), connection(_root(root), BUSY_TIMEOUT) as conn:
-        detail = _session_detail(conn, resolve_session(conn, session))
+    with _errors(verbose):
+        detail = _with_store(root, "read", lambda store: _session_detail(store, session))
     if as_json:
         _print_json(detail)
         return
@@ -188,36 +201,23 @@ def show(
     console.print(table)
 
 
-def _resolve_response(conn: sqlite3.Connection, text: str) -> str:
-    """A full response id from itself, a unique prefix, or a unique tail (``…1a2b3c4d``).
-
-    Response ids are time-ordered (UUID version 7), so ids of one run share their first
-    characters and ``show`` prints their random last ones.
-    """
-    if conn.execute("SELECT 1 FROM responses WHERE id = ?", (text,)).fetchone():
-        return text
-    tail = text.lstrip("…")
-    if len(tail) >= 8:
-        if tail == text:
-            found = conn.execute(
-                "SELECT id FROM responses WHERE id >= ? AND id < ? LIMIT 2",
-                (text, text + "\uffff"),
-            ).fetchall()
-            if found:
-                return _unique(found, text)
-        like = tail.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        found = conn.execute(
-            "SELECT id FROM responses WHERE id LIKE ? ESCAPE '\\' LIMIT 2", ("%" + like,)
-        ).fetchall()
-        if found:
-            return _unique(found, text)
-    raise StoreError(f"unknown response {text!r}")
+def _decode(row: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """Parse the JSON text columns ``keys`` of a raw row (in place)."""
+    for key in keys:
+        if row[key] is not None:
+            row[key] = json.loads(row[key])
+    return row
 
 
-def _unique(found: list[Any], text: str) -> str:
-    if len(found) > 1:
-        raise StoreError(f"response id {text!r} is ambiguous; give more characters")
-    return str(found[0][0])
+async def _response_meta(store: Store, text: str) -> dict[str, Any]:
+    response_id = await store.resolve_response(text)
+    found = [row async for row in store.iter_rows("responses", ids=[response_id])]
+    if not found:
+        raise StoreError(f"unknown response {text!r}")
+    resp = _decode(found[0], "headers", "adapter_meta")
+    requests = [row async for row in store.iter_rows("requests", ids=[resp["request_id"]])]
+    resp["request"] = _decode(requests[0], "params", "body", "headers") if requests else None
+    return resp
 
 
 @app.command()
@@ -229,52 +229,67 @@ def meta(
     verbose: VerboseOption = False,
 ) -> None:
     """A response's metadata as JSON (with its request under "request")."""
-    with _errors(verbose), connection(_root(root), BUSY_TIMEOUT) as conn:
-        resp = _rows(
-            conn, "SELECT * FROM responses WHERE id = ?", (_resolve_response(conn, response),)
-        )[0]
-        for key in ("headers", "adapter_meta"):
-            if resp[key] is not None:
-                resp[key] = json.loads(resp[key])
-        req = _rows(conn, "SELECT * FROM requests WHERE id = ?", (resp["request_id"],))
-        if req:
-            for key in ("params", "body", "headers"):
-                if req[0][key] is not None:
-                    req[0][key] = json.loads(req[0][key])
-        resp["request"] = req[0] if req else None
+    with _errors(verbose):
+        resp = _with_store(root, "read", lambda store: _response_meta(store, response))
     _print_json(resp)
 
 
-def _copy_payload(root: Path, conn: sqlite3.Connection, digest: bytes, out: BinaryIO) -> int:
-    """Write a payload's exact bytes to ``out``, verified before the first byte is written."""
-    hx = digest.hex()
-    row = conn.execute(
-        "SELECT size_bytes, tier, data FROM payloads WHERE sha256 = ?", (digest,)
-    ).fetchone()
-    if row is None:
-        raise IntegrityError(f"payload {hx} is not in the store")
-    size, tier, data = row
-    if tier == "inline":
-        raw = b"" if data is None else bytes(data)
-        verify(raw, digest, size, where=f"inline in {root}")
-        out.write(raw)
-        return len(raw)
-    path = PayloadFiles(root, 0).path_for(digest)
-    corrupt = IntegrityError(f"payload {hx} is corrupt on disk ({path}): sha256 does not match")
+_SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")
+#: ``cat`` holds a payload up to this size in memory between verifying and writing it; a larger
+#: one is read twice (verified first, then written) so memory stays flat.
+_CAT_BUFFER: Final = 8 * 1024 * 1024
+
+
+async def _payload_checksum(store: Store, target: str) -> str:
+    """The checksum ``target`` names: itself (sha256 hex), or a response's (id or handle)."""
+    if _SHA256_HEX.fullmatch(target.lower()):
+        return target.lower()
+    response_id = await store.resolve_response(target)
+    resp = await store.get_response(response_id)
+    if resp is None:
+        raise StoreError(f"unknown response {target!r}")
+    if resp.checksum is None:
+        raise IntegrityError(f"response {response_id} has no payload")
+    return resp.checksum
+
+
+async def _copy_payload(store: Store, checksum: str, out: BinaryIO) -> int:
+    """Write a payload's exact bytes to ``out``, verified before the first byte is written.
+
+    The first pass verifies (``iter_payload`` raises at the end at the latest); a payload that
+    fits in ``_CAT_BUFFER`` is written from that pass, a larger one by a second verified pass.
+    """
+    held: list[bytes] | None = []
+    seen = 0
+    async for chunk in store.iter_payload(checksum):
+        seen += len(chunk)
+        if held is not None:
+            held.append(chunk)
+            if seen > _CAT_BUFFER:
+                held = None  # too big to hold: verify only, then read it again
+    if held is not None:
+        for chunk in held:
+            out.write(chunk)
+        return seen
+    written = 0
     try:
-        if _hash_file(path) != (digest, size):  # first pass: nothing written if corrupt
-            raise corrupt
-        hasher, seen = hashlib.sha256(), 0
-        with open(path, "rb") as f:
-            while chunk := f.read(256 * 1024):
-                hasher.update(chunk)
-                seen += len(chunk)
-                out.write(chunk)
-    except FileNotFoundError:
-        raise IntegrityError(f"payload {hx} is missing from the file tier ({path})") from None
-    if (hasher.digest(), seen) != (digest, size):
-        raise IntegrityError(f"payload {hx} changed while it was being read ({path})")
-    return seen
+        async for chunk in store.iter_payload(checksum):
+            out.write(chunk)
+            written += len(chunk)
+    except IntegrityError as exc:
+        raise IntegrityError(
+            f"payload {checksum} changed while it was being written out ({written} bytes "
+            f"written; do not trust them): {exc}"
+        ) from exc
+    return written
+
+
+async def _cat(store: Store, target: str) -> None:
+    checksum = await _payload_checksum(store, target)
+    sys.stdout.flush()
+    out = sys.stdout.buffer
+    await _copy_payload(store, checksum, out)
+    out.flush()
 
 
 @app.command()
@@ -284,19 +299,8 @@ def cat(
     verbose: VerboseOption = False,
 ) -> None:
     """Write a payload's exact bytes to stdout, verified against its sha256 first."""
-    with _errors(verbose), connection(_root(root), BUSY_TIMEOUT) as conn:
-        digest = _digest_of(target.lower())
-        if digest is None:
-            response_id = _resolve_response(conn, target)
-            row = conn.execute("SELECT checksum FROM responses WHERE id = ?", (response_id,))
-            checksum = row.fetchone()[0]
-            if checksum is None:
-                raise IntegrityError(f"response {response_id} has no payload")
-            digest = bytes.fromhex(checksum)
-        sys.stdout.flush()
-        out = sys.stdout.buffer
-        _copy_payload(_root(root), conn, digest, out)
-        out.flush()
+    with _errors(verbose):
+        _with_store(root, "read", lambda store: _cat(store, target))
 
 
 @app.command()
@@ -309,7 +313,7 @@ def stats(
     error rate = error responses (every failed attempt is one) / all responses.
     """
     with _errors(verbose):
-        st = _run(lambda: _stats.stats(_root(root), busy_timeout=BUSY_TIMEOUT))
+        st = _with_store(root, "read", lambda store: store.stats())
     if as_json:
         _print_json(st.to_json())
         return

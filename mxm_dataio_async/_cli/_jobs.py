@@ -27,24 +27,22 @@ from rich.table import Table
 from rich.text import Text
 
 from mxm_dataio_async._cli._common import (
-    BUSY_TIMEOUT,
     JsonOption,
     RootOption,
     VerboseOption,
     _errors,
+    _open_store,
     _print_json,
     _root,
-    _rows,
     _run,
     app,
     console,
     err_console,
 )
-from mxm_dataio_async._exceptions import StoreError
-from mxm_dataio_async._store._maintenance import connection
 
 if TYPE_CHECKING:
     from mxm_dataio_async._models import Response
+    from mxm_dataio_async._store import Store
     from mxm_dataio_async.jobs import JobPlan, JobSummary, SourceSummary
 
 T = TypeVar("T")
@@ -319,6 +317,22 @@ def _tail_line(resp: Response, request: dict[str, Any] | None) -> str:
     )
 
 
+#: ``tail`` looks up the requests of this many responses at a time (one read, not one each).
+_TAIL_BATCH = 500
+
+
+async def _tail_batch(store: Store, name: str, batch: list[Response]) -> None:
+    """Print a batch of responses (with their requests) in order, checkpointing after each."""
+    wanted = {resp.request_id for resp in batch}
+    requests = {q["id"]: q async for q in store.iter_rows("requests", ids=wanted)}
+    for resp in batch:
+        typer.echo(_tail_line(resp, requests.get(resp.request_id)))
+        # After the line is out, and shielded: Ctrl-C never leaves a printed line behind the
+        # checkpoint (it would be printed again).
+        with anyio.CancelScope(shield=True):
+            await store.write_checkpoint(name, resp.id)
+
+
 async def _tail(
     store_root: Path,
     name: str,
@@ -332,35 +346,29 @@ async def _tail(
 ) -> int:
     import time
 
-    from mxm_dataio_async._store import Store
-
     printed = 0
     deadline = None if stop_after is None else time.monotonic() + stop_after
-    async with Store(store_root) as store:
-        with connection(store_root, BUSY_TIMEOUT) as conn:
-            cursor = await store.read_checkpoint(name)
-            while True:
-                async for resp in store.iter_responses(
-                    source=source, kind=kind, status=status, after=cursor
-                ):
-                    found = _rows(
-                        conn,
-                        "SELECT source, kind, endpoint, params FROM requests WHERE id = ?",
-                        (resp.request_id,),
-                    )
-                    typer.echo(_tail_line(resp, found[0] if found else None))
-                    # After the line is out, and shielded: Ctrl-C never leaves a printed line
-                    # behind the checkpoint (it would be printed again).
-                    with anyio.CancelScope(shield=True):
-                        await store.write_checkpoint(name, resp.id)
-                    cursor = resp.id
-                    printed += 1
-                if not follow:
-                    return printed
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return printed
-                await anyio.sleep(interval if left is None else min(interval, left))
+    # Writable (it writes checkpoints) but never created: a missing store is an error.
+    async with _open_store(store_root, "write") as store:
+        cursor = await store.read_checkpoint(name)
+        while True:
+            batch: list[Response] = []
+            async for resp in store.iter_responses(
+                source=source, kind=kind, status=status, after=cursor, page_size=_TAIL_BATCH
+            ):
+                batch.append(resp)
+                if len(batch) == _TAIL_BATCH:
+                    await _tail_batch(store, name, batch)
+                    cursor, printed, batch = resp.id, printed + len(batch), []
+            if batch:
+                await _tail_batch(store, name, batch)
+                cursor, printed = batch[-1].id, printed + len(batch)
+            if not follow:
+                return printed
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return printed
+            await anyio.sleep(interval if left is None else min(interval, left))
 
 
 @app.command("tail")
@@ -398,8 +406,6 @@ def tail_command(
     """
     store_root = _root(root)
     with _errors(verbose):
-        if not (store_root / "dataio.sqlite").is_file():
-            raise StoreError(f"no store at {store_root} (no dataio.sqlite there)")
         if status is not None:
             from mxm_dataio_async._models import ResponseStatus
 

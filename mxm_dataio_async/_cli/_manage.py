@@ -1,9 +1,13 @@
-"""Maintenance commands: verify, gc, prune, export and import (bundles)."""
+"""Maintenance commands: verify, gc, prune, export and import (bundles).
+
+verify and export open the store read-only; gc and prune open an existing store writable
+(``create=False``); import creates the store if it is missing.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -18,23 +22,24 @@ from rich.progress import (
 from rich.table import Table
 
 from mxm_dataio_async._cli._common import (
-    BUSY_TIMEOUT,
     DryRunOption,
     JsonOption,
     RootOption,
     VerboseOption,
     _errors,
     _print_json,
-    _root,
-    _run,
     _size,
     _when,
+    _with_store,
     app,
     console,
     err_console,
 )
-from mxm_dataio_async._store import DEFAULT_INLINE_THRESHOLD, _bundle, _cleanup, _verify
-from mxm_dataio_async._store._maintenance import parse_duration
+from mxm_dataio_async._durations import parse_duration
+from mxm_dataio_async._store import DEFAULT_INLINE_THRESHOLD
+
+if TYPE_CHECKING:
+    from mxm_dataio_async import GcReport, PruneReport, Store
 
 
 @app.command("verify")
@@ -69,11 +74,9 @@ def verify_command(
                 tasks[phase] = progress.add_task(phase, total=total)
             progress.update(tasks[phase], completed=done, total=total)
 
-        seconds = parse_duration(grace).total_seconds()
-        report = _run(
-            lambda: _verify.verify(
-                _root(root), grace=seconds, busy_timeout=BUSY_TIMEOUT, on_progress=on_progress
-            )
+        age = parse_duration(grace)
+        report = _with_store(
+            root, "read", lambda store: store.verify(grace=age, on_progress=on_progress)
         )
     if as_json:
         _print_json(report.to_json())
@@ -95,7 +98,7 @@ def verify_command(
     raise typer.Exit(report.exit_code)
 
 
-def _gc_lines(report: _cleanup.GcReport, grace: str) -> list[str]:
+def _gc_lines(report: GcReport, grace: str) -> list[str]:
     verb = "would remove" if report.dry_run else "removed"
     lines = [
         f"{verb} {report.payload_rows} unreferenced payloads ({_size(report.payload_bytes)}; "
@@ -131,12 +134,8 @@ def gc_command(
     transaction holding SQLite's write lock, and files younger than --grace are kept.
     """
     with _errors(verbose):
-        seconds = parse_duration(grace).total_seconds()
-        report = _run(
-            lambda: _cleanup.gc(
-                _root(root), dry_run=dry_run, grace=seconds, busy_timeout=BUSY_TIMEOUT
-            )
-        )
+        age = parse_duration(grace)
+        report = _with_store(root, "write", lambda store: store.gc(dry_run=dry_run, grace=age))
     if as_json:
         _print_json(report.to_json())
         return
@@ -166,22 +165,16 @@ def prune_command(
     transaction. Sessions are kept. Their payloads become garbage for `mxm-dataio gc`."""
     with _errors(verbose):
         age = parse_duration(older_than)
-        report = _run(
-            lambda: _cleanup.prune(
-                _root(root),
-                older_than=age,
-                source=source,
-                bucket=bucket,
-                dry_run=dry_run,
-                busy_timeout=BUSY_TIMEOUT,
+        gc_grace = parse_duration(grace) if then_gc and not dry_run else None
+
+        async def prune_then_gc(store: Store) -> tuple[PruneReport, GcReport | None]:
+            pruned = await store.prune(
+                older_than=age, source=source, bucket=bucket, dry_run=dry_run
             )
-        )
-        gc_report = None
-        if then_gc and not dry_run:
-            seconds = parse_duration(grace).total_seconds()
-            gc_report = _run(
-                lambda: _cleanup.gc(_root(root), grace=seconds, busy_timeout=BUSY_TIMEOUT)
-            )
+            freed = None if gc_grace is None else await store.gc(grace=gc_grace)
+            return pruned, freed
+
+        report, gc_report = _with_store(root, "write", prune_then_gc)
     if as_json:
         out = report.to_json()
         out["gc"] = None if gc_report is None else gc_report.to_json()
@@ -221,9 +214,7 @@ def export_command(
     Another machine imports it (`mxm-dataio import`) and replays it with only_if_cached.
     """
     with _errors(verbose):
-        report = _run(
-            lambda: _bundle.export_session(_root(root), session, output, busy_timeout=BUSY_TIMEOUT)
-        )
+        report = _with_store(root, "read", lambda store: store.export_session(session, output))
     console.print(
         f"exported session {report.session_id} to {report.path}: {report.requests} requests, "
         f"{report.responses} responses, {report.payloads} payloads "
@@ -244,10 +235,11 @@ def import_command(
     """Import a bundle into the store (created if missing). Every payload is verified against
     its sha256 before any row is written; importing the same bundle twice adds nothing."""
     with _errors(verbose):
-        report = _run(
-            lambda: _bundle.import_bundle(
-                _root(root), bundle, inline_threshold=inline_threshold, busy_timeout=BUSY_TIMEOUT
-            )
+        report = _with_store(
+            root,
+            "create",
+            lambda store: store.import_bundle(bundle),
+            inline_threshold=inline_threshold,
         )
     console.print(
         f"imported session {report.session_id} from {report.path}: added {report.sessions} "
