@@ -54,7 +54,7 @@ RUNGS: dict[str, str] = {
 
 def _stub_commit(rung: str) -> None:
     """Replace the store's commit for the two middle rungs (nothing is written)."""
-    from mxm_dataio_async._store import _writer
+    from mxm_dataio_async._store._sqlite import _writer
 
     if rung == "nosql":
 

@@ -93,7 +93,7 @@ class Pipeline:
         in_flight = self._coalescer.waiters((request.hash, persists(mode))) > 0
         cached = None
         if needs_lookup(mode, in_flight=in_flight):
-            cached = await self._store.latest_response(request.hash)
+            cached = await self._store.metadata.latest_response(request.hash)
         return decide(
             mode, cached, ttl=request.ttl_seconds, now=self._clock.now(), in_flight=in_flight
         )
@@ -101,12 +101,17 @@ class Pipeline:
     async def _produce(self, request: Request, decision: Decision, persist: bool) -> Response:
         """Attempts until one answers or the retry schedule gives up, then the recorded answer."""
         recorder, clock, entry = self._recorder, self._clock, self._entry
-        retrying = entry.retry.schedule(clock.monotonic())
+        started = clock.monotonic()
+        retrying = entry.retry.schedule(started)
         while True:
             number = retrying.begin()
-            started = clock.monotonic()
             try:
-                attempt = await self._bounded_attempt(request, decision, persist, number, retrying)
+                if retrying.policy.deadline is None:
+                    attempt = await self._attempt(request, decision, persist, number, started)
+                else:
+                    attempt = await self._bounded_attempt(
+                        request, decision, persist, number, started, retrying
+                    )
                 break
             except StoreError:
                 raise  # the store failed, not the upstream: nothing to retry or to record
@@ -126,6 +131,7 @@ class Pipeline:
                 if wait is None:
                     raise retrying.failure(exc, request, response_id=error_id) from exc
                 await clock.sleep(wait)
+                started = clock.monotonic()
         result = attempt.result
         if result.error is not None:
             refused = await recorder.refused(request, attempt, persist=persist)
@@ -147,27 +153,26 @@ class Pipeline:
         decision: Decision,
         persist: bool,
         number: int,
+        started: float,
         retrying: Retrying,
     ) -> Attempt:
         """One attempt, cancelled if the retry deadline passes while it runs."""
-        left = retrying.time_left(self._clock.monotonic())
-        if left is None:
-            return await self._attempt(request, decision, persist, number)
+        left = retrying.time_left(started)
+        assert left is not None  # called only when the policy has a deadline
         with anyio.move_on_after(left):
-            return await self._attempt(request, decision, persist, number)
+            return await self._attempt(request, decision, persist, number, started)
         raise DeadlineExceeded(
             f"the {retrying.policy.deadline:g}s retry deadline passed during attempt {number}; "
             "it was cancelled"
         )
 
     async def _attempt(
-        self, request: Request, decision: Decision, persist: bool, number: int
+        self, request: Request, decision: Decision, persist: bool, number: int, started: float
     ) -> Attempt:
         """The rate gate's slot around the adapter call and the staging of its payload (a
         streamed body is read while the slot, and the connection, are held)."""
         entry = self._entry
         revalidating = decision.action is Action.REVALIDATE and entry.can_revalidate
-        started = self._clock.monotonic()
         async with entry.gate.slot():
             if revalidating:
                 assert decision.cached is not None

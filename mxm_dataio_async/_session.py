@@ -83,8 +83,10 @@ class AsyncSession:
         self.as_of_bucket = as_of_bucket
         self.cache_tag = cache_tag
         self._state = State.UNOPENED
+        self.id = new_session_id()
+        """The session's id (``session.id``): every request it builds carries it."""
         record = Session(
-            id=new_session_id(),
+            id=self.id,
             source=source,
             as_of=as_of,
             started_at=self._clock.now(),
@@ -92,7 +94,7 @@ class AsyncSession:
         )
         # Validates as_of_bucket and cache_tag the way every request will.
         build_request(
-            session_id=record.id,
+            session_id=self.id,
             source=source,
             kind="_check",
             as_of_bucket=as_of_bucket,
@@ -115,7 +117,7 @@ class AsyncSession:
 
     def __repr__(self) -> str:
         return (
-            f"<AsyncSession source={self.source!r} id={self._recorder.session.id} "
+            f"<AsyncSession source={self.source!r} id={self.id} "
             f"state={self._state} cache_mode={self.cache_mode.value}>"
         )
 
@@ -199,7 +201,7 @@ class AsyncSession:
     def _require_open(self) -> None:
         if self._state is not State.OPEN:
             raise UsageError(
-                f"session {self.session.id} ({self.source}) {self._state.describe()}; "
+                f"session {self.id} ({self.source}) {self._state.describe()}; "
                 "use `async with AsyncSession(...)`"
             )
 
@@ -228,7 +230,7 @@ class AsyncSession:
         if self._state is State.CLOSED:
             self._require_open()
         return build_request(
-            session_id=self.session.id,
+            session_id=self.id,
             source=self.source,
             kind=kind,
             endpoint=endpoint,
@@ -250,7 +252,7 @@ class AsyncSession:
             raise TypeError(
                 f"expected a Request from session.request(...), got {type(request).__name__}"
             )
-        if request.session_id != self.session.id:
+        if request.session_id != self.id:
             raise ValueError(
                 f"{request!r} was built by another session ({request.session_id}); "
                 "build it with this session's request()"
