@@ -28,6 +28,7 @@ from typing import Any
 import anyio
 
 import mxm_dataio_async as dio
+from mxm_dataio_async.store import SourceLimiter
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -67,7 +68,7 @@ class _Grants:
         return (self.count - 1) / span if span > 0 else 0.0
 
 
-async def _drive(limiter: dio.SourceLimiter, stop_at: float, workers: int, grants: _Grants) -> None:
+async def _drive(limiter: SourceLimiter, stop_at: float, workers: int, grants: _Grants) -> None:
     async def worker() -> None:
         while time.monotonic() < stop_at:
             async with limiter.slot():
@@ -81,7 +82,7 @@ async def _drive(limiter: dio.SourceLimiter, stop_at: float, workers: int, grant
 async def limiter_precision(seconds: float) -> dict[str, Any]:
     """One source at 1,000/s and 100 sources at 10/s each, driven flat out for ``seconds``."""
     out: dict[str, Any] = {}
-    limiter = dio.SourceLimiter(dio.RateLimit(1000, per=1.0, burst=1))
+    limiter = SourceLimiter(dio.RateLimit(1000, per=1.0, burst=1))
     grants = _Grants()
     await _drive(limiter, time.monotonic() + seconds, 64, grants)
     out["one_source"] = {
@@ -91,7 +92,7 @@ async def limiter_precision(seconds: float) -> dict[str, Any]:
         "grants": grants.count,
         "seconds": round(grants.last - grants.first, 3),
     }
-    limiters = [dio.SourceLimiter(dio.RateLimit(10, per=1.0, burst=1)) for _ in range(100)]
+    limiters = [SourceLimiter(dio.RateLimit(10, per=1.0, burst=1)) for _ in range(100)]
     per_source = [_Grants() for _ in limiters]
     stop_at = time.monotonic() + seconds
     async with anyio.create_task_group() as tg:
@@ -155,9 +156,22 @@ async def coalescing(callers: int, upstream_ms: float) -> dict[str, Any]:
                 for r in reqs:
                     tg.start_soon(one, r)
             total = time.perf_counter() - start
+        one_session_calls, calls = calls, 0
+        # The web-app shape: a session per incoming call, all on one Store and Registry.
+        async with dio.Store(tmp + "/per-caller") as store:
+
+            async def own_session() -> None:
+                async with dio.AsyncSession("m", store=store, registry=reg) as s:
+                    await s.fetch(s.request("k", params={"same": "per caller"}))
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(min(callers, 200)):
+                    tg.start_soon(own_session)
     return {
         "callers": callers,
-        "adapter_calls": calls,
+        "adapter_calls": one_session_calls,
+        "sessions": min(callers, 200),
+        "sessions_adapter_calls": calls,
         "upstream_ms": upstream_ms,
         "time_to_serve_all_ms": round(total * 1000, 1),
         "overhead_beyond_upstream_ms": round(total * 1000 - upstream_ms, 1),

@@ -13,6 +13,7 @@ from anyio import wait_all_tasks_blocked
 
 import mxm_dataio_async as dio
 from mxm_dataio_async._models import Request
+from mxm_dataio_async._request import build_request
 from mxm_dataio_async._store import DB_NAME
 
 pytestmark = pytest.mark.anyio
@@ -79,6 +80,37 @@ async def test_concurrent_duplicates_make_one_adapter_call(tmp_path: Path) -> No
     # One response row; every duplicate's request is recorded as served by it.
     assert _count(tmp_path, "SELECT count(*) FROM responses") == 1
     assert _count(tmp_path, "SELECT count(*) FROM requests") == 500
+
+
+async def test_sessions_sharing_a_store_and_registry_coalesce_with_each_other(
+    tmp_path: Path,
+) -> None:
+    """The web-app shape: a session per incoming call, all on one Store and Registry. 200
+    identical concurrent requests on a cold cache make one upstream call."""
+    gate = Gate()
+    reg = dio.Registry()
+    reg.register("g", gate)
+    served: list[dio.Response] = []
+    async with dio.Store(tmp_path) as store:
+
+        async def handle_one_call() -> None:
+            async with dio.AsyncSession("g", store=store, registry=reg) as s:
+                served.append(await s.fetch(s.request("k", params={"x": 1})))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(200):
+                tg.start_soon(handle_one_call)
+            key = (build_request(session_id="-", source="g", kind="k", params={"x": 1}).hash, True)
+            await until(lambda: reg.coalescer(store).waiters(key) == 200)
+            assert gate.calls == 1 and served == []  # nobody is answered before the one upstream call returns
+            gate.release.set()
+        assert gate.calls == 1
+        assert len(served) == 200 and len({r.id for r in served}) == 1
+        sessions = await store.list_sessions()
+        assert len(sessions) == 200 and all(x.status == "ok" for x in sessions)
+    # One response row; each of the other 199 sessions recorded its request, served by it.
+    assert _count(tmp_path, "SELECT count(*) FROM responses") == 1
+    assert _count(tmp_path, "SELECT count(*) FROM requests WHERE served_from IS NOT NULL") == 199
 
 
 async def test_leader_cancelled_followers_still_served(tmp_path: Path) -> None:
