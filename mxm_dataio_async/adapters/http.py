@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final
 
@@ -19,7 +18,6 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from mxm_dataio_async._exceptions import DataIOError, FetchError, TransientError
-from mxm_dataio_async._identity import JSONValue
 from mxm_dataio_async._models import AdapterResult, Request, Response
 from mxm_dataio_async._redact import REDACTED, Redaction
 from mxm_dataio_async.adapters._http_errors import (
@@ -30,6 +28,14 @@ from mxm_dataio_async.adapters._http_errors import (
     status_text,
     translate,
 )
+from mxm_dataio_async.adapters._http_parts import (
+    BodyStream,
+    header,
+    make_redaction,
+    make_timeout,
+    merge_headers,
+    query,
+)
 from mxm_dataio_async.adapters._sse import SSEDecoder, SSEError
 
 __all__ = ["DEFAULT_STREAM_THRESHOLD", "HttpAdapter", "parse_retry_after"]
@@ -39,158 +45,6 @@ _DEFAULT_CHUNK_SIZE: Final = 1 << 18  # 256 KiB, aiohttp's own read buffer size
 _SMALL_ERROR_BODY: Final = 1 << 16  # read (and so reuse the connection) below this, else drop it
 
 Sleep = Callable[[float], Awaitable[None]]
-
-
-def _query_value(key: str, value: JSONValue) -> str:
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int | float):
-        return str(value)
-    raise FetchError(
-        f"query parameter {key!r} holds a {type(value).__name__}; a query string carries only "
-        "scalars and lists of scalars (send structured data as the JSON body)"
-    )
-
-
-def _query(params: Mapping[str, JSONValue]) -> list[tuple[str, str]]:
-    pairs: list[tuple[str, str]] = []
-    for key, value in params.items():
-        if value is None:
-            continue
-        if isinstance(value, list):
-            pairs.extend((key, _query_value(key, item)) for item in value if item is not None)
-        else:
-            pairs.append((key, _query_value(key, value)))
-    return pairs
-
-
-def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
-    """Case-insensitive lookup in a plain mapping (stored response headers)."""
-    if not headers:
-        return None
-    value = headers.get(name)
-    if value is not None:
-        return value
-    lname = name.lower()
-    for key, value in headers.items():
-        if key.lower() == lname:
-            return value
-    return None
-
-
-def _merge_headers(*layers: Mapping[str, str] | None) -> dict[str, str]:
-    """Later layers override earlier ones, matching names case-insensitively."""
-    out: dict[str, str] = {}
-    lower: dict[str, str] = {}
-    for layer in layers:
-        if not layer:
-            continue
-        for key, value in layer.items():
-            previous = lower.get(key.lower())
-            if previous is not None:
-                del out[previous]
-            lower[key.lower()] = key
-            out[key] = value
-    return out
-
-
-def _make_redaction(
-    redact: Redaction | Iterable[str] | None, redact_params: Iterable[str]
-) -> Redaction:
-    params = [redact_params] if isinstance(redact_params, str) else list(redact_params)
-    if redact is None:
-        return Redaction.extend(params=params) if params else Redaction()
-    if isinstance(redact, Redaction):
-        return redact.merge(
-            Redaction(headers=frozenset(), params=frozenset(p.lower() for p in params))
-        )
-    names = [redact] if isinstance(redact, str) else list(redact)
-    return Redaction.extend(headers=names, params=params)
-
-
-def _make_timeout(timeout: float | aiohttp.ClientTimeout) -> aiohttp.ClientTimeout:
-    if isinstance(timeout, aiohttp.ClientTimeout):
-        return timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-        raise ValueError(
-            f"timeout must be a positive number of seconds or a ClientTimeout, not {timeout!r}"
-        )
-    # Per network wait, like httpx: no total, so a large body takes as long as it needs while a
-    # stalled connection still fails.
-    return aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
-
-
-class _BodyStream:
-    """A response body as an async iterator of chunks; it owns the aiohttp response.
-
-    The response is released at the end of the body and closed by ``aclose()`` or any error, so a
-    consumer that stops early (or never starts) frees the connection either way. A class rather
-    than an async generator because a generator never started cannot run its ``finally``.
-    """
-
-    __slots__ = ("_chunk_size", "_max_body", "_prefix", "_received", "_resp", "_where")
-
-    def __init__(
-        self,
-        resp: aiohttp.ClientResponse,
-        *,
-        prefix: Iterable[bytes] = (),
-        received: int = 0,
-        chunk_size: int,
-        max_body: int | None,
-        where: Where,
-    ) -> None:
-        self._resp: aiohttp.ClientResponse | None = resp
-        self._prefix = deque(prefix)
-        self._received = received
-        self._chunk_size = chunk_size
-        self._max_body = max_body
-        self._where = where
-
-    def __aiter__(self) -> _BodyStream:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._prefix:
-            return self._prefix.popleft()
-        resp = self._resp
-        if resp is None:
-            raise StopAsyncIteration
-        try:
-            chunk = await resp.content.read(self._chunk_size)
-        except BaseException as exc:
-            self._close()
-            if isinstance(exc, CLIENT_ERRORS):
-                raise translate(exc, self._where) from exc
-            raise
-        if not chunk:
-            self._resp = None
-            resp.release()
-            raise StopAsyncIteration
-        self._received += len(chunk)
-        if self._max_body is not None and self._received > self._max_body:
-            self._close()
-            raise FetchError(f"response body from {self._where} exceeds max_body={self._max_body}")
-        return chunk
-
-    async def aclose(self) -> None:
-        """Stop early: drop the connection (its unread rest is useless)."""
-        self._close()
-
-    def _close(self) -> None:
-        self._prefix.clear()
-        resp, self._resp = self._resp, None
-        if resp is not None:
-            resp.close()
-
-    @property
-    def released(self) -> bool:
-        """Whether the response has been let go (consumed, closed or failed)."""
-        return self._resp is None
 
 
 class HttpAdapter:
@@ -272,8 +126,8 @@ class HttpAdapter:
             raise ValueError(f"reconnect_delay must be >= 0 seconds, got {reconnect_delay!r}")
         self.base_url = base_url
         self.headers: dict[str, str] = dict(headers or {})
-        self.timeout = _make_timeout(timeout)
-        self.redaction: Redaction = _make_redaction(redact, redact_params)
+        self.timeout = make_timeout(timeout)
+        self.redaction: Redaction = make_redaction(redact, redact_params)
         self.max_body = max_body
         self.stream_threshold = stream_threshold
         self.chunk_size = chunk_size
@@ -365,13 +219,13 @@ class HttpAdapter:
     ) -> tuple[aiohttp.ClientResponse, Where]:
         url = self.url_for(request)
         where = Where(url, self.redaction)
-        headers = _merge_headers(self.headers, request.headers, extra_headers)
+        headers = merge_headers(self.headers, request.headers, extra_headers)
         data = payload
         if data is None and request.body is not None:
             data = json.dumps(request.body, separators=(",", ":"), ensure_ascii=False).encode()
-            if _header(headers, "content-type") is None:
+            if header(headers, "content-type") is None:
                 headers["Content-Type"] = "application/json"
-        params = _query(request.params) if request.params else None
+        params = query(request.params) if request.params else None
         try:
             resp = await self._client().request(
                 request.method,
@@ -405,10 +259,10 @@ class HttpAdapter:
         response has neither an ETag nor a Last-Modified.
         """
         conditional: dict[str, str] = {}
-        etag = _header(cached.headers, "ETag")
+        etag = header(cached.headers, "ETag")
         if etag:
             conditional["If-None-Match"] = etag
-        last_modified = _header(cached.headers, "Last-Modified")
+        last_modified = header(cached.headers, "Last-Modified")
         if last_modified:
             conditional["If-Modified-Since"] = last_modified
         return await self._exchange(
@@ -456,7 +310,7 @@ class HttpAdapter:
                 return
         resp.release()
 
-    async def _body(self, resp: aiohttp.ClientResponse, where: Where) -> bytes | _BodyStream:
+    async def _body(self, resp: aiohttp.ClientResponse, where: Where) -> bytes | BodyStream:
         max_body = self.max_body
         threshold = self.stream_threshold
         length = resp.content_length
@@ -468,7 +322,7 @@ class HttpAdapter:
                     f"response body from {where} is {length} bytes, above max_body={max_body}"
                 )
             if length > threshold:
-                return _BodyStream(resp, chunk_size=self.chunk_size, max_body=max_body, where=where)
+                return BodyStream(resp, chunk_size=self.chunk_size, max_body=max_body, where=where)
             try:
                 return await resp.read()
             except CLIENT_ERRORS as exc:
@@ -487,7 +341,7 @@ class HttpAdapter:
                     raise FetchError(f"response body from {where} exceeds max_body={max_body}")
                 chunks.append(chunk)
                 if received > threshold:
-                    return _BodyStream(
+                    return BodyStream(
                         resp,
                         prefix=chunks,
                         received=received,
@@ -501,7 +355,7 @@ class HttpAdapter:
     def _result(
         self,
         resp: aiohttp.ClientResponse,
-        data: bytes | _BodyStream,
+        data: bytes | BodyStream,
         started: float,
         *,
         not_modified: bool = False,
@@ -576,7 +430,7 @@ class HttpAdapter:
         Each result also carries the connection's status, redacted URL and headers, and
         ``elapsed_ms`` from the (re)connect to the event. ``max_body`` bounds one event's size.
         """
-        last_id = _header(request.headers, "Last-Event-ID") or ""
+        last_id = header(request.headers, "Last-Event-ID") or ""
         delay = self.reconnect_delay
         failures = 0
         accept = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
