@@ -581,3 +581,52 @@ async def test_the_store_keeps_only_a_bounded_amount_of_recent_payloads(tmp_path
                 await s.fetch(s.request("k", params={"i": i}))
             with pytest.raises(dio.IntegrityError, match="corrupt"):
                 await s.read(first)  # evicted: read from the database, which verifies it
+
+
+class _Closing:
+    """An adapter whose aclose() may fail; records that it was called."""
+
+    def __init__(self, fail: bool) -> None:
+        self.fail = fail
+        self.closed = False
+
+    async def fetch(self, request: dio.Request) -> bytes:
+        return b""
+
+    async def aclose(self) -> None:
+        self.closed = True
+        if self.fail:
+            raise OSError("socket already gone")
+
+
+async def test_registry_aclose_closes_every_adapter_even_if_one_fails() -> None:
+    adapters = [_Closing(fail=False), _Closing(fail=True), _Closing(fail=False)]
+    reg = dio.Registry()
+    for i, adapter in enumerate(adapters):
+        reg.register(f"s{i}", adapter)
+    with pytest.raises(OSError, match="socket already gone"):
+        await reg.aclose()
+    assert [a.closed for a in adapters] == [True, True, True]
+
+
+async def test_a_half_failed_enter_closes_what_it_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session's row cannot be written: the session stays closed, and the store it opened
+    for itself (root=) is closed again rather than left open."""
+    from mxm_dataio_async._store import SqliteMetadata
+
+    async def refuse(self: object, session: dio.Session) -> None:
+        raise dio.StoreError("cannot commit to the store: disk full")
+
+    monkeypatch.setattr(SqliteMetadata, "save_session", refuse)
+    reg = dio.Registry()
+    reg.register("m", dio.MockAdapter(lambda r: b"x"))
+    session = dio.AsyncSession("m", root=str(tmp_path), registry=reg)
+    with pytest.raises(dio.StoreError, match="disk full"):
+        async with session:
+            pass
+    assert session.state == "closed" and session.store.state == "closed"
+    with pytest.raises(dio.UsageError, match="entered once"):
+        async with session:
+            pass
