@@ -215,8 +215,8 @@ class Pipeline:
             if isinstance(exc, StoreError):
                 raise
             elapsed = (self._clock.monotonic() - started) * 1000.0
-            error_id = await recorder.send_failed(
-                request, sent, exc, elapsed_ms=elapsed, persist=persist
+            error_id = await recorder.failed(
+                request, exc, number=1, elapsed_ms=elapsed, persist=persist, sent=sent
             )
             if isinstance(exc, DataIOError) and not isinstance(exc, TransientError):
                 raise

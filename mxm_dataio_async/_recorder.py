@@ -198,8 +198,10 @@ class Recorder:
         elapsed_ms: float,
         persist: bool,
         sequence: int | None = None,
+        sent: StagedPayload | None = None,
     ) -> str:
-        """An attempt that raised: its error row (no payload). Returns the row's id."""
+        """An attempt that raised: its error row (no payload; with the bytes a send tried to
+        send). Returns the row's id."""
         response = self._response(
             request,
             ResponseStatus.ERROR,
@@ -212,7 +214,7 @@ class Recorder:
             transport_status=getattr(exc, "transport_status", None),
             sequence=sequence,
         )
-        await self._commit(request, response, None, persist=persist)
+        await self._commit(request, response, None, persist=persist, sent=sent)
         return response.id
 
     async def acknowledged(
@@ -226,30 +228,6 @@ class Recorder:
         )
         await self._commit(request, response, attempt.staged, persist=persist, sent=sent)
         return response
-
-    async def send_failed(
-        self,
-        request: Request,
-        sent: StagedPayload | None,
-        exc: BaseException,
-        *,
-        elapsed_ms: float,
-        persist: bool,
-    ) -> str:
-        """A send that raised: its error row, with the bytes it tried to send."""
-        response = self._response(
-            request,
-            ResponseStatus.ERROR,
-            None,
-            0,
-            None,
-            number=1,
-            elapsed_ms=elapsed_ms,
-            error=error_text(exc),
-            transport_status=getattr(exc, "transport_status", None),
-        )
-        await self._commit(request, response, None, persist=persist, sent=sent)
-        return response.id
 
     async def message(
         self, request: Request, attempt: Attempt, sequence: int, *, persist: bool

@@ -319,35 +319,36 @@ class Store:
 
     async def read(self, response: Response | str) -> bytes:
         """The exact payload bytes of a response (or a checksum), verified against the sha256."""
-        digest = _digest(response)
-        self._require_open()
-        row = await self.metadata.payload(digest)
-        if row is None:
-            raise IntegrityError(f"payload {digest.hex()} is not in the store")
-        if row.tier == "inline":
-            data = row.data if row.data is not None else b""
-            verify_bytes(data, digest, row.size, where=f"inline in {self.metadata.location}")
-            return data
-        return await self.payloads.get(digest, row.size)
+        digest, size, inline = await self._locate(response)
+        if inline is not None:
+            return inline
+        return await self.payloads.get(digest, size)
 
     async def iter_payload(
         self, response: Response | str, *, chunk_size: int = 256 * 1024
     ) -> AsyncIterator[bytes]:
         """Stream a payload in chunks (large payloads never load whole); ``IntegrityError`` at
         the end at the latest if the bytes do not verify."""
+        digest, size, inline = await self._locate(response)
+        if inline is not None:
+            for i in range(0, len(inline), chunk_size):
+                yield inline[i : i + chunk_size]
+            return
+        async for chunk in self.payloads.iter(digest, size, chunk_size):
+            yield chunk
+
+    async def _locate(self, response: Response | str) -> tuple[bytes, int, bytes | None]:
+        """``(digest, size, bytes)`` of a payload: the bytes (verified) if inline, else None."""
         digest = _digest(response)
         self._require_open()
         row = await self.metadata.payload(digest)
         if row is None:
             raise IntegrityError(f"payload {digest.hex()} is not in the store")
-        if row.tier == "inline":
-            data = row.data if row.data is not None else b""
-            verify_bytes(data, digest, row.size, where=f"inline in {self.metadata.location}")
-            for i in range(0, len(data), chunk_size):
-                yield data[i : i + chunk_size]
-            return
-        async for chunk in self.payloads.iter(digest, row.size, chunk_size):
-            yield chunk
+        if row.tier != "inline":
+            return digest, row.size, None
+        data = row.data if row.data is not None else b""
+        verify_bytes(data, digest, row.size, where=f"inline in {self.metadata.location}")
+        return digest, row.size, data
 
     async def export_payload(self, response: Response | str, path: str | os.PathLike[str]) -> Path:
         """Write a payload's exact bytes to ``path`` as a plain file (verified while copying;
