@@ -211,7 +211,9 @@ class MetadataStore(Protocol):
         ...
 
     async def payload(self, digest: bytes) -> PayloadRow | None:
-        """A payload's row, with its bytes if inline; None if no row names it."""
+        """A payload's row, with its bytes if inline; None if no row names it. An
+        implementation may answer from its memory of what it committed itself moments ago
+        (bytes are immutable by their sha256), even if another process deleted the row since."""
         ...
 
     async def present_payloads(

@@ -96,7 +96,13 @@ class Store:
         self.clock = clock
         self.inline_threshold = inline_threshold
         self.read_only = read_only
-        self.root = Path(root) if root is not None else Path(".")
+        # The folder reports and messages name: the root given, else the metadata backend's own
+        # (SqliteMetadata has one), else its location.
+        if root is not None:
+            self.root = Path(root)
+        else:
+            assert metadata is not None
+            self.root = Path(getattr(metadata, "root", None) or metadata.location)
         if metadata is None:
             metadata = SqliteMetadata(
                 self.root, busy_timeout=busy_timeout, create=create, read_only=read_only,

@@ -86,6 +86,15 @@ def _prepare(db: Path, busy_timeout: float, *, create: bool, read_only: bool) ->
         if not root.is_dir():
             raise StoreError(f"no store at {root}: not a directory")
         raise StoreError(f"no store at {root}: {DB_NAME} is missing")
+    if create:
+        # The metadata store creates its own directory: only Store(root) made it before, so
+        # Store(metadata=SqliteMetadata(new_dir), payloads=...) failed to open (contract suite).
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create store root {db.parent}: {exc.strerror or exc}"
+            ) from exc
     try:
         conn = sqlite3.connect(db, isolation_level=None, timeout=busy_timeout)
     except sqlite3.Error as exc:
@@ -487,23 +496,37 @@ class SqliteMetadata:
     ) -> AsyncIterator[dict[str, Any]]:
         if table not in _queries.COLUMNS:
             raise ValueError(f"unknown table {table!r}; one of: {', '.join(_queries.COLUMNS)}")
-        id_batches: list[list[str] | None] = [None]
         if ids is not None:
+            # Rows for more than one batch of ids must still come in recording order, not batch
+            # by batch (the contract suite caught that): find their rowids first (ints, as many
+            # as the ids given), then read the rows a page of rowids at a time.
             wanted = sorted(set(ids))
-            id_batches = [wanted[i : i + 500] for i in range(0, len(wanted), 500)]
-        for batch in id_batches:
-            last = 0
-            while True:
-                last, rows = await self._in_thread(
-                    lambda conn, after=last, batch=batch: _queries.rows_page(  # type: ignore[misc]
-                        conn, table, after=after, limit=500, session_id=session_id, ids=batch
+            rowids = await self._in_thread(
+                lambda conn: _queries.rowids_of(conn, table, wanted, session_id=session_id),
+                f"read {table}",
+            )
+            for i in range(0, len(rowids), 500):
+                _, rows = await self._in_thread(
+                    lambda conn, page=rowids[i : i + 500]: _queries.rows_page(  # type: ignore[misc]
+                        conn, table, after=0, limit=500, rowids=page
                     ),
                     f"read {table}",
                 )
                 for row in rows:
                     yield row
-                if len(rows) < 500:
-                    break
+            return
+        last = 0
+        while True:
+            last, rows = await self._in_thread(
+                lambda conn, after=last: _queries.rows_page(  # type: ignore[misc]
+                    conn, table, after=after, limit=500, session_id=session_id
+                ),
+                f"read {table}",
+            )
+            for row in rows:
+                yield row
+            if len(rows) < 500:
+                break
 
     async def count_rows(self, table: Table | Literal["payloads"]) -> int:
         if table not in (*_queries.COLUMNS, "payloads"):

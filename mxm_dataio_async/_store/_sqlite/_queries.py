@@ -41,6 +41,7 @@ __all__ = [
     "prune",
     "resolve_response",
     "resolve_session",
+    "rowids_of",
     "rows_page",
     "source_counts",
     "unreferenced",
@@ -133,6 +134,7 @@ def rows_page(
     limit: int,
     session_id: str | None = None,
     ids: Sequence[str] | None = None,
+    rowids: Sequence[int] | None = None,
 ) -> tuple[int, list[dict[str, Any]]]:
     """Up to ``limit`` rows of ``table`` after rowid ``after``, as dicts; returns the last rowid
     seen (``after`` if none)."""
@@ -145,6 +147,9 @@ def rows_page(
     if ids is not None:
         where.append(f"id IN ({marks(len(ids))})")
         params.extend(ids)
+    if rowids is not None:
+        where.append(f"rowid IN ({marks(len(rowids))})")
+        params.extend(rowids)
     rows = conn.execute(
         f"SELECT rowid, {', '.join(columns)} FROM {table} WHERE {' AND '.join(where)} "
         "ORDER BY rowid LIMIT ?",
@@ -153,6 +158,27 @@ def rows_page(
     if not rows:
         return after, []
     return int(rows[-1][0]), [_as_dict(columns, r[1:]) for r in rows]
+
+
+def rowids_of(
+    conn: sqlite3.Connection, table: Table, ids: Sequence[str], *, session_id: str | None
+) -> list[int]:
+    """The rowids of the rows of ``table`` among ``ids`` (of ``session_id``), in recording order."""
+    found: list[int] = []
+    scope, scope_params = "", []
+    if session_id is not None:
+        scope = " AND session_id = ?" if table != "sessions" else " AND id = ?"
+        scope_params = [session_id]
+    for batch in batches(ids):
+        found.extend(
+            int(r[0])
+            for r in conn.execute(
+                f"SELECT rowid FROM {table} WHERE id IN ({marks(len(batch))}){scope}",
+                [*batch, *scope_params],
+            )
+        )
+    found.sort()
+    return found
 
 
 def present(conn: sqlite3.Connection, digests: Iterable[bytes], *, tier: Tier | None) -> set[bytes]:
