@@ -29,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 NEW = HERE.parent
 RESULTS = HERE / "results"
 
+
 def _http_figures(report: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     for row in report["medians"]:
@@ -137,9 +138,19 @@ def main() -> None:
     for r in rows:
         ratio = "-" if r["new_over_old"] is None else f"{r['new_over_old']:.3f}"
         print(f"| {r['figure']} | {r['old']:,.1f} | {r['new']:,.1f} | {ratio} |")
-    print("(medians of", opts.rounds, "alternating rounds; for µs, RSS, ms and error, lower is better)")
+    print(
+        "(medians of",
+        opts.rounds,
+        "alternating rounds; for µs, RSS, ms and error, lower is better)",
+    )
     RESULTS.mkdir(exist_ok=True)
-    report = {"machine": machine(), "old": opts.old, "options": vars(opts), "rows": rows, "runs": runs}
+    report = {
+        "machine": machine(),
+        "old": opts.old,
+        "options": vars(opts),
+        "rows": rows,
+        "runs": runs,
+    }
     (RESULTS / "versus.json").write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, runtime_checkable
 
@@ -22,13 +23,17 @@ __all__ = ["SYSTEM_CLOCK", "Clock", "FakeClock", "SystemClock"]
 
 @runtime_checkable
 class Clock(Protocol):
-    """Where time comes from: ``now()`` (aware UTC), ``monotonic()`` (seconds), ``sleep(s)``."""
+    """Where time comes from: ``now()`` (aware UTC), ``monotonic()`` (seconds), ``sleep(s)``, and
+    ``cancel_after(s)``: a cancel scope whose deadline is ``s`` seconds away on this clock (it
+    bounds an attempt by the retry deadline)."""
 
     def now(self) -> datetime: ...
 
     def monotonic(self) -> float: ...
 
     async def sleep(self, seconds: float) -> None: ...
+
+    def cancel_after(self, seconds: float) -> anyio.CancelScope: ...
 
 
 class SystemClock:
@@ -45,6 +50,9 @@ class SystemClock:
     async def sleep(self, seconds: float) -> None:
         await anyio.sleep(seconds)
 
+    def cancel_after(self, seconds: float) -> anyio.CancelScope:
+        return anyio.move_on_after(seconds)
+
     def __repr__(self) -> str:
         return "SystemClock()"
 
@@ -59,7 +67,8 @@ class FakeClock:
     With ``auto_advance=True`` (the default) a ``sleep(s)`` does not wait: the clock jumps ahead to
     the sleeper's wake-up time (never backwards), so a 30-second Retry-After or a lease's TTL pass
     in one loop iteration while every timestamp still shows them. With ``auto_advance=False``
-    sleepers wait until :meth:`advance` moves the clock past their wake-up time::
+    sleepers wait until :meth:`advance` moves the clock past their wake-up time. A scope from
+    ``cancel_after(s)`` is cancelled when the clock passes its deadline, by either way::
 
         clock = FakeClock()
         registry = Registry(clock=clock)
@@ -76,7 +85,7 @@ class FakeClock:
         self._origin = monotonic
         self._elapsed = 0.0
         self.auto_advance = auto_advance
-        self._sleepers: list[tuple[float, int, anyio.Event]] = []
+        self._due: list[tuple[float, int, Callable[[], object]]] = []  # wake-ups, by time
         self._order = itertools.count()
         self.sleeps: list[float] = []
         """Every sleep requested, in order (seconds): what a test asserts on."""
@@ -109,9 +118,17 @@ class FakeClock:
             await anyio.lowlevel.checkpoint()
             return
         event = anyio.Event()
-        heapq.heappush(self._sleepers, (until, next(self._order), event))
+        heapq.heappush(self._due, (until, next(self._order), event.set))
         await event.wait()
 
+    def cancel_after(self, seconds: float) -> anyio.CancelScope:
+        scope = anyio.CancelScope()
+        if seconds <= 0:
+            scope.cancel()
+        else:
+            heapq.heappush(self._due, (self._elapsed + seconds, next(self._order), scope.cancel))
+        return scope
+
     def _wake(self) -> None:
-        while self._sleepers and self._sleepers[0][0] <= self._elapsed:
-            heapq.heappop(self._sleepers)[2].set()
+        while self._due and self._due[0][0] <= self._elapsed:
+            heapq.heappop(self._due)[2]()

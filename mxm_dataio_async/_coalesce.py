@@ -116,9 +116,7 @@ class Coalescer(Generic[K, T]):
         flight = self._flights.get(key)
         return 0 if flight is None else len(flight.waiters)
 
-    async def run(
-        self, key: K, factory: Callable[[], Awaitable[T]], *, owner: object = None
-    ) -> T:
+    async def run(self, key: K, factory: Callable[[], Awaitable[T]], *, owner: object = None) -> T:
         """Return the outcome of the producer for ``key``, starting ``factory()`` (on behalf of
         ``owner``) if none runs."""
         flight = self._flights.get(key)

@@ -1,5 +1,5 @@
-"""Durations as people write them: ``"30d"``, ``"12h"``, ``"90m"``, ``"1d12h"``, a number of seconds,
-or a ``timedelta``. Shared by the store's maintenance, the command line and job files."""
+"""Durations as people write them: ``"30d"``, ``"12h"``, ``"90m"``, ``"1d12h"``, a number of
+seconds, or a ``timedelta``. Shared by the store's maintenance, the command line and job files."""
 
 from __future__ import annotations
 

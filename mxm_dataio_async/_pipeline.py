@@ -16,6 +16,7 @@ builds one ``Pipeline`` per session.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+
 import anyio
 
 from mxm_dataio_async._clock import Clock
@@ -124,9 +125,9 @@ class Pipeline:
                     elapsed_ms=(now - started) * 1000.0,
                     persist=persist,
                 )
-                if isinstance(exc, TransientError) and exc.retry_after:
-                    if not retry_waits_disabled():
-                        entry.gate.cooldown(exc.retry_after)  # the whole source pauses, not us
+                hint = exc.retry_after if isinstance(exc, TransientError) else None
+                if hint and not retry_waits_disabled():
+                    entry.gate.cooldown(hint)  # the whole source pauses, not only this request
                 wait = retrying.next_wait(exc, now)
                 if wait is None:
                     raise retrying.failure(exc, request, response_id=error_id) from exc
@@ -159,7 +160,7 @@ class Pipeline:
         """One attempt, cancelled if the retry deadline passes while it runs."""
         left = retrying.time_left(started)
         assert left is not None  # called only when the policy has a deadline
-        with anyio.move_on_after(left):
+        with self._clock.cancel_after(left):  # the session's clock, as the retry waits
             return await self._attempt(request, decision, persist, number, started)
         raise DeadlineExceeded(
             f"the {retrying.policy.deadline:g}s retry deadline passed during attempt {number}; "

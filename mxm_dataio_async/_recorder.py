@@ -124,7 +124,9 @@ class Recorder:
             changes["headers"] = red.headers_of(request.headers)
         params = request.params
         if any(red.is_secret_param(k) for k in params):
-            changes["params"] = {k: (REDACTED if red.is_secret_param(k) else v) for k, v in params.items()}
+            changes["params"] = {
+                k: (REDACTED if red.is_secret_param(k) else v) for k, v in params.items()
+            }
         if request.endpoint and "://" in request.endpoint:
             changes["endpoint"] = red.url(request.endpoint)
         return replace(request, **changes) if changes else request
@@ -224,7 +226,13 @@ class Recorder:
         checksum, size = attempt.identity()
         status = ResponseStatus.ERROR if attempt.result.error is not None else ResponseStatus.ACK
         response = self._response(
-            request, status, checksum, size, attempt, error=attempt.result.error, payload=attempt.data
+            request,
+            status,
+            checksum,
+            size,
+            attempt,
+            error=attempt.result.error,
+            payload=attempt.data,
         )
         await self._commit(request, response, attempt.staged, persist=persist, sent=sent)
         return response

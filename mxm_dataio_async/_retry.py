@@ -99,7 +99,6 @@ class RetryPolicy:
             return float(self.max_delay)
         return float(min(delay, self.max_delay))
 
-
     def schedule(self, started: float) -> Retrying:
         """A fresh retry state for one request whose first attempt starts at ``started``
         (monotonic seconds)."""
@@ -230,4 +229,3 @@ class Retrying:
 
 def _describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
-

@@ -100,9 +100,7 @@ class AsyncSession:
             as_of_bucket=as_of_bucket,
             cache_tag=cache_tag,
         )
-        self._recorder = Recorder(
-            self._store.metadata, record, self._entry.redaction, self._clock
-        )
+        self._recorder = Recorder(self._store.metadata, record, self._entry.redaction, self._clock)
         self._pipeline = Pipeline(
             entry=self._entry,
             store=self._store,

@@ -1,64 +1,51 @@
+"""``RetryPolicy`` (configuration) and ``Retrying`` (the pure per-request schedule).
+
+Nothing here needs an event loop: a schedule is asked "how long until the next attempt, or give
+up?" with the time passed in, and builds the final ``FetchError``. The loop that drives it, with
+its recording, sleeping and cancellation, is tested end to end in ``test_pipeline_retry.py``.
+"""
+
 from __future__ import annotations
 
 import math
 
-import anyio
-import anyio.lowlevel
 import pytest
 
 from mxm_dataio_async._exceptions import DataIOError, FetchError, TransientError
+from mxm_dataio_async._models import Request
 from mxm_dataio_async._request import build_request
-from mxm_dataio_async._retry import NO_RETRY, RetryPolicy, disable_retry_waits, run_with_retries
-
-pytestmark = pytest.mark.anyio
+from mxm_dataio_async._retry import (
+    NO_RETRY,
+    DeadlineExceeded,
+    Retrying,
+    RetryPolicy,
+    disable_retry_waits,
+    retry_waits_disabled,
+)
 
 NO_JITTER = RetryPolicy(max_attempts=3, base_delay=0.1, jitter=0)
 
 
-class FakeTime:
-    """A clock and a recording sleep; sleeping advances the clock, nothing really waits."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        assert type(seconds) is float
-        self.sleeps.append(seconds)
-        self.now += seconds
-        await anyio.lowlevel.checkpoint()
+def _request() -> Request:
+    return build_request(session_id="s1", source="example", kind="quote", endpoint="/q")
 
 
-class Script:
-    """An attempt function that plays outcomes in order: raise exceptions, return anything else."""
-
-    def __init__(self, *outcomes: object, time: FakeTime | None = None, took: float = 0.0) -> None:
-        self.outcomes = list(outcomes)
-        self.calls: list[int] = []
-        self.time = time
-        self.took = took
-
-    async def __call__(self, attempt: int) -> object:
-        self.calls.append(attempt)
-        if self.time is not None:
-            self.time.now += self.took
-        outcome = self.outcomes[min(attempt, len(self.outcomes)) - 1]
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
-
-
-class Failures:
-    """An ``on_failure`` hook that records its calls."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[int, BaseException, float]] = []
-
-    async def __call__(self, attempt: int, error: BaseException, elapsed: float) -> None:
-        self.calls.append((attempt, error, elapsed))
+def _waits(
+    policy: RetryPolicy, errors: list[BaseException], *, started: float = 0.0
+) -> tuple[Retrying, list[float | None]]:
+    """Play ``errors`` as the failures of consecutive attempts, each failing at ``started`` plus
+    the waits so far (attempts take no time); the schedule's answer after each one."""
+    retrying = policy.schedule(started)
+    now = started
+    answers: list[float | None] = []
+    for error in errors:
+        retrying.begin()
+        wait = retrying.next_wait(error, now)
+        answers.append(wait)
+        if wait is None:
+            break
+        now += wait
+    return retrying, answers
 
 
 # -- policy -----------------------------------------------------------------------------------
@@ -114,367 +101,293 @@ def test_policy_rejects_wrong_types(kwargs: dict[str, object], match: str) -> No
         RetryPolicy(**kwargs)  # type: ignore[arg-type]
 
 
-# -- retrying ---------------------------------------------------------------------------------
+def test_policy_is_frozen() -> None:
+    with pytest.raises(AttributeError):
+        NO_JITTER.max_attempts = 9  # type: ignore[misc]
 
 
-async def test_first_attempt_success_is_the_fast_path() -> None:
-    time = FakeTime()
-    failures = Failures()
-    script = Script("ok")
-    result = await run_with_retries(
-        NO_JITTER, script, on_failure=failures, sleep=time.sleep, clock=time.clock
-    )
-    assert result == "ok"
-    assert script.calls == [1]
-    assert failures.calls == []
-    assert time.sleeps == []
+# -- the schedule -----------------------------------------------------------------------------
 
 
-async def test_transient_errors_are_retried_until_success() -> None:
-    time = FakeTime()
-    script = Script(TransientError("503"), TransientError("reset"), "ok")
-    result = await run_with_retries(NO_JITTER, script, sleep=time.sleep, clock=time.clock)
-    assert result == "ok"
-    assert script.calls == [1, 2, 3]
-    assert time.sleeps == pytest.approx([0.1, 0.2])
+def test_schedule_starts_fresh_and_counts_attempts() -> None:
+    retrying = NO_JITTER.schedule(12.5)
+    assert isinstance(retrying, Retrying)
+    assert (retrying.policy, retrying.started, retrying.attempts) == (NO_JITTER, 12.5, 0)
+    assert [retrying.begin() for _ in range(3)] == [1, 2, 3]
+    assert retrying.attempts == 3
+    other = NO_JITTER.schedule(0.0)  # schedules of one policy share nothing
+    assert other.attempts == 0
+    assert other.begin() == 1 and retrying.attempts == 3
 
 
-async def test_exhaustion_raises_fetch_error_with_attempts_and_cause() -> None:
-    time = FakeTime()
-    request = build_request(session_id="s1", source="example", kind="quote", endpoint="/q")
-    last = TransientError("503 Service Unavailable", transport_status=503)
-    script = Script(TransientError("timeout"), TransientError("reset"), last)
-    with pytest.raises(FetchError) as info:
-        await run_with_retries(
-            NO_JITTER, script, request=request, sleep=time.sleep, clock=time.clock
-        )
-    err = info.value
-    assert str(err) == "fetch failed after 3 attempts: 503 Service Unavailable"
-    assert err.attempts == 3
-    assert err.__cause__ is last
-    assert err.transport_status == 503
-    assert err.request is request
-    assert script.calls == [1, 2, 3]
-    assert time.sleeps == pytest.approx([0.1, 0.2])  # no wait after the last attempt
-
-
-async def test_no_retry_policy_makes_one_attempt() -> None:
-    time = FakeTime()
-    script = Script(TransientError("503"))
-    with pytest.raises(FetchError, match="fetch failed after 1 attempt: 503") as info:
-        await run_with_retries(NO_RETRY, script, sleep=time.sleep, clock=time.clock)
-    assert info.value.attempts == 1
-    assert script.calls == [1]
-    assert time.sleeps == []
-
-
-async def test_non_transient_error_is_final_at_once() -> None:
-    time = FakeTime()
-    failures = Failures()
-    boom = ValueError("bad payload")
-    script = Script(boom, "never")
-    with pytest.raises(FetchError) as info:
-        await run_with_retries(
-            NO_JITTER, script, on_failure=failures, sleep=time.sleep, clock=time.clock
-        )
-    assert str(info.value) == "fetch failed: bad payload (not retried: ValueError)"
-    assert info.value.attempts == 1
-    assert info.value.__cause__ is boom
-    assert info.value.transport_status is None
-    assert script.calls == [1]
-    assert [(n, e) for n, e, _ in failures.calls] == [(1, boom)]
-    assert time.sleeps == []
-
-
-async def test_non_transient_after_transient_stops_there() -> None:
-    time = FakeTime()
-    boom = KeyError("missing")
-    script = Script(TransientError("503"), boom, "never")
-    with pytest.raises(FetchError) as info:
-        await run_with_retries(NO_JITTER, script, sleep=time.sleep, clock=time.clock)
-    assert str(info.value) == "fetch failed after 2 attempts: 'missing' (not retried: KeyError)"
-    assert info.value.attempts == 2
-    assert info.value.__cause__ is boom
-
-
-async def test_fetch_error_from_attempt_is_reraised_with_attempts() -> None:
-    time = FakeTime()
-    request = build_request(session_id="s1", source="example", kind="quote")
-    root = OSError("disk")
-    final = FetchError("upstream said 404", transport_status=404)
-    final.__cause__ = root
-    script = Script(TransientError("503"), final)
-    with pytest.raises(FetchError) as info:
-        await run_with_retries(
-            NO_JITTER, script, request=request, sleep=time.sleep, clock=time.clock
-        )
-    assert info.value is final
-    assert info.value.attempts == 2
-    assert info.value.__cause__ is root
-    assert info.value.request is request
-    assert info.value.transport_status == 404
-
-
-async def test_error_message_falls_back_to_the_type_name() -> None:
-    time = FakeTime()
-    script = Script(RuntimeError())
-    with pytest.raises(FetchError, match=r"^fetch failed: RuntimeError \(not retried: Runtime"):
-        await run_with_retries(NO_JITTER, script, sleep=time.sleep, clock=time.clock)
-
-
-# -- on_failure -------------------------------------------------------------------------------
-
-
-async def test_on_failure_called_for_every_failed_attempt() -> None:
-    time = FakeTime()
-    failures = Failures()
-    errors = [TransientError("a"), TransientError("b"), TransientError("c")]
-    script = Script(*errors, time=time, took=0.25)
-    with pytest.raises(FetchError):
-        await run_with_retries(
-            NO_JITTER, script, on_failure=failures, sleep=time.sleep, clock=time.clock
-        )
-    assert [(n, e) for n, e, _ in failures.calls] == list(zip([1, 2, 3], errors, strict=True))
-    # elapsed is the attempt's own duration, not counting waits
-    assert [elapsed for *_, elapsed in failures.calls] == pytest.approx([0.25] * 3)
-
-
-async def test_on_failure_runs_before_the_wait() -> None:
-    time = FakeTime()
-    events: list[str] = []
-
-    async def on_failure(attempt: int, error: BaseException, elapsed: float) -> None:
-        events.append(f"failure {attempt}")
-
-    async def sleep(seconds: float) -> None:
-        events.append("sleep")
-
-    script = Script(TransientError("a"), "ok")
-    await run_with_retries(NO_JITTER, script, on_failure=on_failure, sleep=sleep, clock=time.clock)
-    assert events == ["failure 1", "sleep"]
-
-
-async def test_on_failure_error_propagates_unwrapped_and_stops() -> None:
-    time = FakeTime()
-    hook_error = RuntimeError("store is down")
-
-    async def on_failure(attempt: int, error: BaseException, elapsed: float) -> None:
-        if attempt == 2:
-            raise hook_error
-
-    script = Script(TransientError("a"), TransientError("b"), "ok")
-    with pytest.raises(RuntimeError) as info:
-        await run_with_retries(
-            NO_JITTER, script, on_failure=on_failure, sleep=time.sleep, clock=time.clock
-        )
-    assert info.value is hook_error
-    assert info.value.__context__ is None  # no internal plumbing leaks into the chain
-    assert script.calls == [1, 2]
-
-
-# -- cancellation and BaseException -----------------------------------------------------------
-
-
-async def test_cancellation_during_an_attempt_is_not_retried_or_wrapped() -> None:
-    failures = Failures()
-    calls: list[int] = []
-    time = FakeTime()
-
-    async def attempt(n: int) -> str:
-        calls.append(n)
-        if n == 1:
-            raise TransientError("503")
-        await anyio.sleep_forever()
-        raise AssertionError("unreachable")
-
-    outcome: list[str] = []
-
-    async def run() -> None:
-        try:
-            await run_with_retries(
-                NO_JITTER, attempt, on_failure=failures, sleep=time.sleep, clock=time.clock
-            )
-        except anyio.get_cancelled_exc_class():
-            outcome.append("cancelled")
-            raise
-        except BaseException as exc:  # what this test guards against: wrapping the cancellation
-            outcome.append(repr(exc))
-            raise
-
-    with anyio.CancelScope() as scope:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(run)
-            while calls != [1, 2]:
-                await anyio.lowlevel.checkpoint()
-            scope.cancel()
-    assert scope.cancelled_caught
-    assert outcome == ["cancelled"]
-    assert calls == [1, 2]
-    assert [n for n, *_ in failures.calls] == [1]  # never for the cancellation
-
-
-async def test_cancellation_during_a_wait_propagates() -> None:
-    failures = Failures()
-    script = Script(TransientError("503"), "ok")
-    sleeping = anyio.Event()
-
-    async def sleep(seconds: float) -> None:
-        sleeping.set()
-        await anyio.sleep_forever()
-
-    with anyio.CancelScope() as scope:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(
-                lambda: run_with_retries(NO_JITTER, script, on_failure=failures, sleep=sleep)
-            )
-            await sleeping.wait()
-            scope.cancel()
-    assert scope.cancelled_caught
-    assert script.calls == [1]
-    assert [n for n, *_ in failures.calls] == [1]
-
-
-async def test_cancellation_of_the_first_attempt() -> None:
-    with anyio.CancelScope() as scope:
-        scope.cancel()
-        await run_with_retries(NO_JITTER, _sleep_then_fail)
-    assert scope.cancelled_caught
-
-
-async def _sleep_then_fail(attempt: int) -> None:
-    await anyio.sleep_forever()
-
-
-@pytest.mark.parametrize("attempt_number", [1, 2])
-async def test_keyboard_interrupt_passes_through_untouched(attempt_number: int) -> None:
-    time = FakeTime()
-    failures = Failures()
-    interrupt = KeyboardInterrupt()
-    outcomes: list[object] = [TransientError("503")] * (attempt_number - 1) + [interrupt]
-    script = Script(*outcomes)
-    with pytest.raises(KeyboardInterrupt) as info:
-        await run_with_retries(
-            NO_JITTER, script, on_failure=failures, sleep=time.sleep, clock=time.clock
-        )
-    assert info.value is interrupt
-    assert script.calls == list(range(1, attempt_number + 1))
-    assert len(failures.calls) == attempt_number - 1
-
-
-# -- waits ------------------------------------------------------------------------------------
-
-
-async def test_waits_are_exponential_and_capped() -> None:
-    time = FakeTime()
+def test_waits_are_exponential_and_capped_then_attempts_run_out() -> None:
     policy = RetryPolicy(max_attempts=7, base_delay=0.5, multiplier=2, max_delay=3, jitter=0)
-    script = Script(TransientError("503"))
-    with pytest.raises(FetchError, match="after 7 attempts"):
-        await run_with_retries(policy, script, sleep=time.sleep, clock=time.clock)
-    assert time.sleeps == pytest.approx([0.5, 1, 2, 3, 3, 3])
+    retrying, waits = _waits(policy, [TransientError("503")] * 10)
+    # six waits between seven attempts, then no wait after the last: give up
+    assert waits == pytest.approx([0.5, 1, 2, 3, 3, 3, None])
+    assert waits[-1] is None
+    assert retrying.attempts == 7
 
 
-async def test_jitter_stays_within_bounds() -> None:
-    time = FakeTime()
-    policy = RetryPolicy(max_attempts=60, base_delay=1, multiplier=1, max_delay=1, jitter=0.5)
-    script = Script(TransientError("503"))
-    with pytest.raises(FetchError):
-        await run_with_retries(policy, script, sleep=time.sleep, clock=time.clock)
-    assert len(time.sleeps) == 59
-    assert all(1.0 <= s <= 1.5 for s in time.sleeps)
-    assert len(set(time.sleeps)) > 1  # actually random
+def test_the_first_wait_is_base_delay_and_types_are_float() -> None:
+    retrying = NO_JITTER.schedule(0.0)
+    retrying.begin()
+    wait = retrying.next_wait(TransientError("503"), 0.0)
+    assert type(wait) is float
+    assert wait == pytest.approx(0.1)
 
 
-async def test_retry_after_is_never_waited_less_than() -> None:
-    time = FakeTime()
+def test_jitter_stays_within_bounds_after_the_cap() -> None:
+    policy = RetryPolicy(max_attempts=200, base_delay=1, multiplier=2, max_delay=1, jitter=0.5)
+    _, waits = _waits(policy, [TransientError("503")] * 199)
+    assert len(waits) == 199
+    spread = [w for w in waits if w is not None]
+    assert len(spread) == 199
+    assert all(1.0 <= w <= 1.5 for w in spread)  # jitter is added after the cap
+    assert len(set(spread)) > 1  # actually random
+
+
+def test_no_jitter_is_exact() -> None:
+    policy = RetryPolicy(max_attempts=4, base_delay=0.25, multiplier=2, jitter=0)
+    _, first = _waits(policy, [TransientError("503")] * 3)
+    _, second = _waits(policy, [TransientError("503")] * 3)
+    assert first == second == [0.25, 0.5, 1.0]
+
+
+def test_retry_after_is_never_undercut() -> None:
     policy = RetryPolicy(max_attempts=4, base_delay=0.1, max_delay=1.0, jitter=0)
-    script = Script(
-        TransientError("429", retry_after=0.05),  # below the backoff: backoff wins
+    errors: list[BaseException] = [
+        TransientError("429", retry_after=0.05),  # below the backoff: the backoff wins
         TransientError("429", retry_after=0.7),
         TransientError("429", retry_after=30.0),  # far above max_delay: still honoured
-        "ok",
-    )
-    assert await run_with_retries(policy, script, sleep=time.sleep, clock=time.clock) == "ok"
-    assert time.sleeps == pytest.approx([0.1, 0.7, 30.0])
+    ]
+    _, waits = _waits(policy, errors)
+    assert waits == pytest.approx([0.1, 0.7, 30.0])
 
 
-async def test_retry_after_with_jitter() -> None:
-    time = FakeTime()
+def test_retry_after_wins_over_backoff_plus_jitter_and_jitter_over_a_small_hint() -> None:
     policy = RetryPolicy(max_attempts=2, base_delay=0.1, jitter=0.2)
-    script = Script(TransientError("429", retry_after=5), "ok")
-    await run_with_retries(policy, script, sleep=time.sleep, clock=time.clock)
-    assert time.sleeps == [5.0]
+    for _ in range(50):
+        _, (wait,) = _waits(policy, [TransientError("429", retry_after=5)])
+        assert wait == 5.0  # 0.1 + at most 0.2 of jitter is less than the hint
+        _, (small,) = _waits(policy, [TransientError("429", retry_after=0.05)])
+        assert small is not None and 0.1 <= small <= 0.3  # never below the hint either
 
 
-async def test_deadline_gives_up_before_a_wait_that_would_pass_it() -> None:
-    time = FakeTime()
+def test_retry_after_zero_or_negative_adds_nothing() -> None:
+    assert TransientError("429", retry_after=-3).retry_after == 0.0
+    _, waits = _waits(NO_JITTER, [TransientError("429", retry_after=0), TransientError("x")])
+    assert waits == pytest.approx([0.1, 0.2])
+
+
+def test_no_retry_gives_up_after_one_attempt() -> None:
+    retrying, waits = _waits(NO_RETRY, [TransientError("503")])
+    assert waits == [None]
+    assert retrying.attempts == 1
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("bad payload"),
+        KeyError("missing"),
+        FetchError("upstream said 404", transport_status=404),
+        DataIOError("not transient"),
+        KeyboardInterrupt(),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_anything_but_a_transient_error_gives_up_at_once(error: BaseException) -> None:
+    retrying = RetryPolicy(max_attempts=10).schedule(0.0)
+    retrying.begin()
+    assert retrying.next_wait(error, 0.0) is None
+
+
+def test_a_non_transient_error_after_transient_ones_stops_there() -> None:
+    retrying, waits = _waits(NO_JITTER, [TransientError("503"), KeyError("missing")])
+    assert waits == [pytest.approx(0.1), None]
+    assert retrying.attempts == 2
+
+
+def test_deadline_exceeded_is_transient() -> None:
+    assert issubclass(DeadlineExceeded, TransientError)
+    retrying = RetryPolicy(max_attempts=2, jitter=0, deadline=60).schedule(0.0)
+    retrying.begin()
+    assert retrying.next_wait(DeadlineExceeded("attempt cancelled"), 1.0) == pytest.approx(0.1)
+
+
+# -- the deadline -----------------------------------------------------------------------------
+
+
+def test_deadline_gives_up_a_wait_that_would_pass_it() -> None:
     policy = RetryPolicy(max_attempts=10, base_delay=1, multiplier=2, jitter=0, deadline=5)
-    script = Script(TransientError("503", transport_status=503), time=time, took=0.5)
-    with pytest.raises(FetchError) as info:
-        await run_with_retries(policy, script, sleep=time.sleep, clock=time.clock)
-    # attempts end at 0.5, 2.0 (after 1 s wait), 4.5 (after 2 s); a 4 s wait would end at 8.5.
-    assert script.calls == [1, 2, 3]
-    assert time.sleeps == pytest.approx([1, 2])
-    assert info.value.attempts == 3
-    assert str(info.value) == (
+    retrying = policy.schedule(100.0)  # monotonic seconds: only differences matter
+    error = TransientError("503", transport_status=503)
+    # attempts fail 0.5 s after they start: at 100.5, 102.0 (after 1 s), 104.5 (after 2 s)
+    retrying.begin()
+    assert retrying.next_wait(error, 100.5) == 1.0
+    retrying.begin()
+    assert retrying.next_wait(error, 102.0) == 2.0
+    retrying.begin()
+    assert retrying.next_wait(error, 104.5) is None  # a 4 s wait would end at 108.5 > 105
+    failure = retrying.failure(error, None)
+    assert failure.attempts == 3
+    assert str(failure) == (
         "fetch failed after 3 attempts: 503 (gave up: waiting 4s more would pass the 5s retry "
         "deadline)"
     )
-    assert info.value.transport_status == 503
+    assert failure.transport_status == 503
 
 
-async def test_deadline_counts_retry_after() -> None:
-    time = FakeTime()
+def test_a_wait_ending_exactly_at_the_deadline_is_allowed() -> None:
+    policy = RetryPolicy(max_attempts=3, base_delay=1, jitter=0, deadline=3)
+    retrying = policy.schedule(0.0)
+    retrying.begin()
+    assert retrying.next_wait(TransientError("503"), 2.0) == 1.0  # ends at 3.0, the deadline
+    retrying.begin()
+    assert retrying.next_wait(TransientError("503"), 2.5) is None  # 2 s more: 4.5 > 3
+
+
+def test_deadline_counts_retry_after() -> None:
     policy = RetryPolicy(max_attempts=5, jitter=0, deadline=10)
-    script = Script(TransientError("429", retry_after=60), "ok")
-    with pytest.raises(FetchError, match="retry deadline") as info:
-        await run_with_retries(policy, script, sleep=time.sleep, clock=time.clock)
-    assert info.value.attempts == 1
-    assert time.sleeps == []
+    retrying, waits = _waits(policy, [TransientError("429", retry_after=60)])
+    assert waits == [None]
+    failure = retrying.failure(TransientError("429", retry_after=60), None)
+    assert str(failure) == (
+        "fetch failed after 1 attempt: 429 (gave up: waiting 60s more would pass the 10s retry "
+        "deadline)"
+    )
 
 
-async def test_deadline_allows_retries_that_fit() -> None:
-    time = FakeTime()
+def test_deadline_allows_the_retries_that_fit() -> None:
     policy = RetryPolicy(max_attempts=3, base_delay=1, jitter=0, deadline=10)
-    script = Script(TransientError("a"), TransientError("b"), "ok", time=time, took=1)
-    assert await run_with_retries(policy, script, sleep=time.sleep, clock=time.clock) == "ok"
-    assert time.sleeps == pytest.approx([1, 2])
+    retrying, waits = _waits(policy, [TransientError("a"), TransientError("b")])
+    assert waits == pytest.approx([1, 2])
+    assert "deadline" not in str(retrying.failure(TransientError("b"), None))
 
 
-async def test_disable_retry_waits_makes_waits_zero_and_nests() -> None:
-    time = FakeTime()
+def test_time_left() -> None:
+    assert NO_JITTER.schedule(5.0).time_left(1000.0) is None  # no deadline, no bound
+    retrying = RetryPolicy(deadline=30).schedule(5.0)
+    assert retrying.time_left(5.0) == 30.0
+    assert retrying.time_left(20.0) == 15.0
+    assert retrying.time_left(35.0) == 0.0
+    assert retrying.time_left(99.0) == 0.0  # never negative
+
+
+# -- the final error --------------------------------------------------------------------------
+
+
+def test_failure_after_exhaustion_has_message_and_fields() -> None:
+    request = _request()
+    last = TransientError("503 Service Unavailable", transport_status=503)
+    retrying, waits = _waits(NO_JITTER, [TransientError("timeout"), TransientError("reset"), last])
+    assert waits[-1] is None
+    failure = retrying.failure(last, request, response_id="r-42")
+    assert isinstance(failure, FetchError)
+    assert str(failure) == "fetch failed after 3 attempts: 503 Service Unavailable"
+    assert failure.attempts == 3
+    assert failure.request is request
+    assert failure.transport_status == 503
+    assert failure.response_id == "r-42"
+    assert failure.__cause__ is None  # the pipeline raises it `from` the error
+
+
+def test_failure_after_one_attempt_is_singular() -> None:
+    retrying, _ = _waits(NO_RETRY, [TransientError("503")])
+    failure = retrying.failure(TransientError("503"), None)
+    assert str(failure) == "fetch failed after 1 attempt: 503"
+    assert failure.attempts == 1
+    assert failure.request is None and failure.response_id is None
+    assert failure.transport_status is None
+
+
+def test_failure_of_a_non_transient_error() -> None:
+    request = _request()
+    retrying, _ = _waits(NO_JITTER, [ValueError("bad payload")])
+    failure = retrying.failure(ValueError("bad payload"), request, response_id="r-1")
+    assert str(failure) == "fetch failed: bad payload (not retried: ValueError)"
+    assert (failure.attempts, failure.transport_status) == (1, None)
+    assert (failure.request, failure.response_id) == (request, "r-1")
+
+
+def test_failure_of_a_non_transient_error_after_transient_ones() -> None:
+    boom = KeyError("missing")
+    retrying, _ = _waits(NO_JITTER, [TransientError("503"), boom])
+    failure = retrying.failure(boom, None)
+    assert str(failure) == "fetch failed after 2 attempts: 'missing' (not retried: KeyError)"
+    assert failure.attempts == 2
+
+
+def test_failure_keeps_the_status_an_error_carries() -> None:
+    class Refused(Exception):
+        transport_status = 418
+
+    retrying, _ = _waits(NO_JITTER, [Refused("teapot")])
+    assert retrying.failure(Refused("teapot"), None).transport_status == 418
+
+
+def test_failure_message_falls_back_to_the_type_name() -> None:
+    retrying, _ = _waits(NO_JITTER, [RuntimeError()])
+    assert str(retrying.failure(RuntimeError(), None)) == (
+        "fetch failed: RuntimeError (not retried: RuntimeError)"
+    )
+    retrying, _ = _waits(NO_RETRY, [TransientError("")])
+    assert str(retrying.failure(TransientError(""), None)) == (
+        "fetch failed after 1 attempt: TransientError"
+    )
+
+
+def test_a_fetch_error_passes_through_with_its_message_and_status() -> None:
+    request = _request()
+    final = FetchError("upstream said 404", transport_status=404)
+    retrying, waits = _waits(NO_JITTER, [TransientError("503"), final])
+    assert waits[-1] is None
+    failure = retrying.failure(final, request, response_id="r-error-row")
+    assert failure is not final  # a new, complete error; the adapter's is not mutated
+    assert str(failure) == "upstream said 404"
+    assert failure.attempts == 2
+    assert failure.request is request
+    assert failure.transport_status == 404
+    assert failure.response_id == "r-error-row"
+    assert (final.attempts, final.request, final.response_id) == (0, None, None)
+
+
+def test_a_fetch_error_keeps_its_own_response_id() -> None:
+    final = FetchError("refused", response_id="r-own")
+    retrying, _ = _waits(NO_JITTER, [final])
+    assert retrying.failure(final, None, response_id="r-other").response_id == "r-own"
+
+
+# -- disable_retry_waits ----------------------------------------------------------------------
+
+
+def test_disable_retry_waits_makes_waits_zero_and_nests() -> None:
     policy = RetryPolicy(max_attempts=3, base_delay=5, jitter=1)
+    errors: list[BaseException] = [TransientError("429", retry_after=100), TransientError("503")]
+    assert not retry_waits_disabled()
     with disable_retry_waits():
+        assert retry_waits_disabled()
         with disable_retry_waits():
-            script = Script(TransientError("429", retry_after=100), TransientError("503"), "ok")
-            assert await run_with_retries(policy, script, sleep=time.sleep, clock=time.clock)
-        assert time.sleeps == [0.0, 0.0]
-        assert script.calls == [1, 2, 3]
-        script = Script(TransientError("503"), "ok")
-        await run_with_retries(policy, script, sleep=time.sleep, clock=time.clock)
-        assert time.sleeps == [0.0, 0.0, 0.0]
-    script = Script(TransientError("503"), "ok")
-    await run_with_retries(policy, script, sleep=time.sleep, clock=time.clock)
-    assert 5.0 <= time.sleeps[-1] <= 6.0
+            _, waits = _waits(policy, [*errors, TransientError("x")])
+            assert waits == [0.0, 0.0, None]  # attempts still run out
+        assert retry_waits_disabled()  # the outer block is still active
+        _, waits = _waits(policy, errors)
+        assert waits == [0.0, 0.0]
+        _, waits = _waits(policy, [ValueError("final")])
+        assert waits == [None]  # still only transient errors are retried
+    assert not retry_waits_disabled()
+    _, waits = _waits(policy, errors)
+    assert waits[0] == 100.0
+    assert waits[1] is not None and 10.0 <= waits[1] <= 11.0
 
 
-async def test_default_sleep_and_clock() -> None:
-    policy = RetryPolicy(max_attempts=2, base_delay=0, jitter=0)
-    script = Script(TransientError("503"), "ok")
-    assert await run_with_retries(policy, script) == "ok"
-
-
-async def test_concurrent_runs_do_not_share_state() -> None:
-    time = FakeTime()
-    results: dict[int, object] = {}
-
-    async def one(i: int) -> None:
-        script = Script(*[TransientError(str(i))] * (i % 3), f"ok{i}")
-        results[i] = await run_with_retries(NO_JITTER, script, sleep=time.sleep, clock=time.clock)
-
-    async with anyio.create_task_group() as tg:
-        for i in range(30):
-            tg.start_soon(one, i)
-    assert results == {i: f"ok{i}" for i in range(30)}
+def test_disable_retry_waits_is_undone_by_an_exception() -> None:
+    with pytest.raises(RuntimeError), disable_retry_waits():
+        raise RuntimeError("boom")
+    assert not retry_waits_disabled()
+    _, (wait,) = _waits(NO_JITTER, [TransientError("503")])
+    assert wait == pytest.approx(0.1)
 
 
 def test_fetch_error_is_a_dataio_error() -> None:

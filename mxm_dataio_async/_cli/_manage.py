@@ -39,7 +39,8 @@ from mxm_dataio_async._durations import parse_duration
 from mxm_dataio_async._store import DEFAULT_INLINE_THRESHOLD
 
 if TYPE_CHECKING:
-    from mxm_dataio_async import GcReport, PruneReport, Store
+    from mxm_dataio_async import Store
+    from mxm_dataio_async.store import GcReport, PruneReport
 
 
 @app.command("verify")

@@ -193,9 +193,7 @@ async def export_session(
             "counts": {t: s.count for t, s in spools.items()},
             "payloads": [{"sha256": r.digest.hex(), "size": r.size} for r in rows],
         }
-        chunks = {
-            r.digest: payloads.iter(r.digest, r.size) for r in rows if r.tier != "inline"
-        }
+        chunks = {r.digest: payloads.iter(r.digest, r.size) for r in rows if r.tier != "inline"}
         part = out.with_name(out.name + ".part")
         try:
             total = await anyio.to_thread.run_sync(

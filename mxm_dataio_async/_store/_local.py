@@ -241,7 +241,7 @@ class LocalPayloads:
         path = self.path_for(digest)
         return await anyio.to_thread.run_sync(lambda: _stat(path, time.time(), digest))
 
-    async def list(self) -> AsyncIterator[StoredObject]:  # noqa: A003
+    async def list(self) -> AsyncIterator[StoredObject]:
         walk = self._walk()
         try:
             while True:

@@ -566,4 +566,3 @@ async def _prefixed(head: list[bytes], rest: AsyncIterator[bytes]) -> AsyncItera
     async for chunk in rest:
         if chunk:
             yield bytes(chunk)
-

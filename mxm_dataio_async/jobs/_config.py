@@ -22,8 +22,8 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-from mxm_dataio_async._models import CacheMode
 from mxm_dataio_async._durations import parse_duration
+from mxm_dataio_async._models import CacheMode
 from mxm_dataio_async.jobs._dates import Chunk, parse_chunk
 
 __all__ = [

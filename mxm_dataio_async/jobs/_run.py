@@ -18,6 +18,7 @@ from typing import Any, Final
 
 import anyio
 
+from mxm_dataio_async._clock import SYSTEM_CLOCK, Clock
 from mxm_dataio_async._models import Request
 from mxm_dataio_async._registry import Registry
 from mxm_dataio_async._session import AsyncSession
@@ -222,6 +223,7 @@ async def run_job(
     wait: bool = False,
     on_progress: ProgressCallback | None = None,
     stop: anyio.Event | None = None,
+    clock: Clock | None = None,
 ) -> JobSummary:
     """Run a job (a job file's path or a loaded ``JobConfig``) to the end; returns its summary.
 
@@ -233,6 +235,8 @@ async def run_job(
     check ``summary.ok``. ``on_progress`` gets a ``SourceSummary`` for each source when it starts
     and after each finished request. Setting ``stop`` ends the run early but cleanly (in-flight
     requests cancelled, sessions closed, lease released): the summary says ``interrupted``.
+    ``clock`` (default: the system clock) drives the lease (expiry, heartbeat, polls), the retry
+    waits and rate limits, and the recorded timestamps; tests pass a ``FakeClock``.
 
     ```python
     summary = await run_job("prices.yaml", limit=100)
@@ -243,8 +247,9 @@ async def run_job(
     plan = JobPlan(config, limit=limit, only=only)
     store_root = resolve_root(config, root)
     counters = {name: _Counter(name, plan.count(name)) for name in plan.sources}
+    clock = SYSTEM_CLOCK if clock is None else clock
     started = time.perf_counter()
-    async with Store(store_root) as store:
+    async with Store(store_root, clock=clock) as store:
         # A stop cancels everything but the store (opened outside this scope), so the sessions
         # still record their end and the lease is released.
         body = anyio.CancelScope()
@@ -259,7 +264,7 @@ async def run_job(
                 watcher.start_soon(watch, stop)
             try:
                 with body:
-                    await _run_sources(config, plan, store, counters, wait, on_progress)
+                    await _run_sources(config, plan, store, counters, wait, on_progress, clock)
             except Exception as exc:  # raised below, not wrapped in an ExceptionGroup
                 failures.append(exc)
             finally:
@@ -282,12 +287,13 @@ async def _run_sources(
     counters: dict[str, _Counter],
     wait: bool,
     on_progress: ProgressCallback | None,
+    clock: Clock,
 ) -> None:
     """Under the job's lease: one session per source, all at once."""
     poll = min(1.0, config.lease_ttl / 3)
     async with (
         store.lease(config.job, ttl=config.lease_ttl, wait=wait, poll=poll),
-        Registry() as registry,
+        Registry(clock=clock) as registry,
     ):
         await register_sources(registry, config, list(plan.sources))
         gate = anyio.Semaphore(config.concurrency)

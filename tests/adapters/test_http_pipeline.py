@@ -7,7 +7,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,6 +22,7 @@ from mxm_dataio_async._retry import RetryPolicy, disable_retry_waits
 from mxm_dataio_async._session import AsyncSession
 from mxm_dataio_async._store import Store
 from mxm_dataio_async.adapters.http import HttpAdapter
+from mxm_dataio_async.testing import FakeClock
 from tests.adapters.conftest import ETAG, LocalServer, sse_event
 
 pytestmark = pytest.mark.anyio
@@ -32,9 +32,15 @@ FAST_RETRY = RetryPolicy(max_attempts=5, base_delay=0.0, jitter=0.0)
 
 @asynccontextmanager
 async def pipeline(
-    root: Path, adapter: HttpAdapter, *, retry: RetryPolicy = FAST_RETRY, **session_kw: Any
+    root: Path,
+    adapter: HttpAdapter,
+    *,
+    retry: RetryPolicy = FAST_RETRY,
+    clock: FakeClock | None = None,
+    **session_kw: Any,
 ) -> AsyncIterator[AsyncSession]:
-    async with Store(root) as store, Registry() as registry:
+    registry = Registry() if clock is None else Registry(clock=clock)
+    async with Store(root) as store, registry:
         registry.register("http", adapter, retry=retry)
         async with AsyncSession("http", store=store, registry=registry, **session_kw) as s:
             yield s
@@ -72,29 +78,27 @@ async def test_404_recorded_and_raised(server: LocalServer, tmp_path: Path) -> N
 
 
 async def test_429_retry_after_honoured(server: LocalServer, tmp_path: Path) -> None:
-    adapter = HttpAdapter(server.url)
-    async with pipeline(tmp_path, adapter) as s:
-        started = time.monotonic()
+    clock = FakeClock()  # the server's Retry-After passes on the session's clock, not for real
+    async with pipeline(tmp_path, HttpAdapter(server.url), clock=clock) as s:
         resp = await s.fetch(
-            s.request("k", endpoint="/flaky/r", params={"fail": 1, "code": 429, "retry_after": 1})
+            s.request("k", endpoint="/flaky/r", params={"fail": 1, "code": 429, "retry_after": 30})
         )
-        waited = time.monotonic() - started
     assert resp.ok
     assert resp.attempts == 2
-    assert waited >= 0.95  # base_delay is 0: only Retry-After made it wait
+    assert clock.sleeps == [30.0]  # base_delay is 0: only Retry-After made it wait
 
 
 async def test_retry_waits_can_be_disabled(server: LocalServer, tmp_path: Path) -> None:
-    async with pipeline(tmp_path, HttpAdapter(server.url)) as s:
+    clock = FakeClock()
+    async with pipeline(tmp_path, HttpAdapter(server.url), clock=clock) as s:
         with disable_retry_waits():
-            started = time.monotonic()
             resp = await s.fetch(
                 s.request(
                     "k", endpoint="/flaky/d", params={"fail": 1, "code": 503, "retry_after": 30}
                 )
             )
-            assert time.monotonic() - started < 5
     assert resp.attempts == 2
+    assert clock.sleeps == [0.0]  # the 30 s Retry-After was not waited
 
 
 async def test_revalidate_304_reuses_payload(server: LocalServer, tmp_path: Path) -> None:

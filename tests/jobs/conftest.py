@@ -21,27 +21,47 @@ from aiohttp import web
 ROOT_DIR = Path(__file__).resolve().parents[2]
 
 
+def _open_gate() -> threading.Event:
+    gate = threading.Event()
+    gate.set()
+    return gate
+
+
 @dataclass
 class JobServer:
-    """Counts every request by path and query; ``delay`` slows answers, ``fail`` symbols 404."""
+    """Counts every request by path and query; ``delay`` slows answers, ``fail`` symbols 404;
+    ``pause()`` holds every answer (requests are still counted on arrival) until ``resume()``."""
 
     url: str = ""
     hits: Counter[str] = field(default_factory=Counter)
     auth: list[str | None] = field(default_factory=list)
     delay: float = 0.0
     fail: set[str] = field(default_factory=set)
+    gate: threading.Event = field(default_factory=_open_gate)
 
     @property
     def total(self) -> int:
         return sum(self.hits.values())
+
+    def pause(self) -> None:
+        self.gate.clear()
+
+    def resume(self) -> None:
+        self.gate.set()
+
+    async def answer(self) -> None:
+        """Wait while paused, then for ``delay`` (on the server's loop)."""
+        while not self.gate.is_set():  # noqa: ASYNC110 - set from the test's thread
+            await asyncio.sleep(0.005)
+        if self.delay:
+            await asyncio.sleep(self.delay)
 
 
 def _app(srv: JobServer) -> web.Application:
     async def bars(request: web.Request) -> web.Response:
         srv.hits[request.path_qs] += 1
         srv.auth.append(request.headers.get("Authorization"))
-        if srv.delay:
-            await asyncio.sleep(srv.delay)
+        await srv.answer()
         symbol = request.match_info["symbol"]
         if symbol in srv.fail:
             return web.Response(status=404, text=f"no such symbol {symbol}")
@@ -49,8 +69,7 @@ def _app(srv: JobServer) -> web.Application:
 
     async def item(request: web.Request) -> web.Response:
         srv.hits[request.path_qs] += 1
-        if srv.delay:
-            await asyncio.sleep(srv.delay)
+        await srv.answer()
         return web.json_response({"item": request.match_info["n"]})
 
     app = web.Application()
@@ -78,6 +97,7 @@ def job_server() -> Iterator[JobServer]:
     try:
         yield srv
     finally:
+        srv.resume()  # a test that failed while paused must not hold the answers forever
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)

@@ -16,6 +16,7 @@ bytes are immutable by their sha256, and deleting payload rows clears that memor
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
@@ -335,15 +336,21 @@ class SqliteMetadata:
             row = await self._batch_reader.latest(bytes.fromhex(request_hash))
             found = response_from_row(row) if row is not None else None
             recent = self._recent.get(request_hash)
-            if recent is not None and recent[0] > began:  # committed while this lookup ran
-                if found is None or recent[1].fetched_at > found.fetched_at:
-                    return recent[1]
+            # Committed while this lookup ran, possibly after its query's snapshot:
+            if (
+                recent is not None
+                and recent[0] > began
+                and (found is None or recent[1].fetched_at > found.fetched_at)
+            ):
+                return recent[1]
             return found
         sql = (
             f"SELECT {RESPONSE_COLUMNS} FROM responses WHERE request_hash = ? "
             f"AND status IN ({', '.join('?' for _ in statuses)}) ORDER BY fetched_at DESC LIMIT 1"
         )
-        rows = await self._fetchall(sql, [bytes.fromhex(request_hash), *(s.value for s in statuses)])
+        rows = await self._fetchall(
+            sql, [bytes.fromhex(request_hash), *(s.value for s in statuses)]
+        )
         return response_from_row(rows[0]) if rows else None
 
     async def get_response(self, response_id: str) -> Response | None:
@@ -594,10 +601,8 @@ class SqliteMetadata:
         sources, tiers = await self._in_thread(_queries.source_counts, "count the store")
         size = 0
         for suffix in ("", "-wal", "-shm"):
-            try:
+            with contextlib.suppress(OSError):  # no -wal or -shm file is no bytes
                 size += (self.root / (DB_NAME + suffix)).stat().st_size
-            except OSError:
-                pass
         return MetadataStats(sources, tiers, size)
 
     async def import_rows(

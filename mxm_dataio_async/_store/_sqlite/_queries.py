@@ -336,8 +336,7 @@ def _row_tuple(table: Table, row: Mapping[str, Any]) -> tuple[Any, ...]:
         raise StoreError(f"a {table} row must have the columns {', '.join(columns)}")
     try:
         return tuple(
-            bytes.fromhex(row[c]) if c in _BLOBS and row[c] is not None else row[c]
-            for c in columns
+            bytes.fromhex(row[c]) if c in _BLOBS and row[c] is not None else row[c] for c in columns
         )
     except (TypeError, ValueError):
         raise StoreError(f"a {table} row has a bad hash") from None

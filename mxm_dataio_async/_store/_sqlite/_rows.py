@@ -91,9 +91,7 @@ def session_from_row(r: Sequence[Any]) -> Session:
     )
 
 
-def request_row(
-    q: Request, served_from: str | None, sent: str | None
-) -> tuple[Any, ...]:
+def request_row(q: Request, served_from: str | None, sent: str | None) -> tuple[Any, ...]:
     return (
         q.id,
         q.session_id,

@@ -30,6 +30,7 @@ __all__ = ["SQL", "Row", "Writer"]
 
 log = logging.getLogger("mxm_dataio_async.store")
 
+
 def _placeholders(columns: str) -> str:
     return ", ".join("?" for _ in columns.split(","))
 
