@@ -74,6 +74,10 @@ class FakeClock:
         registry = Registry(clock=clock)
         ...                                  # a 429 with Retry-After: 30 is retried at once
         assert clock.monotonic() >= 30       # ...and 30 fake seconds have passed
+
+    Auto-advance suits one thing waiting at a time. Where several tasks sleep while others wait
+    for real I/O (concurrent cooldowns, a lease heartbeat beside a job), each sleep moves time for
+    all of them: use ``auto_advance=False`` and move time with :meth:`advance`.
     """
 
     def __init__(

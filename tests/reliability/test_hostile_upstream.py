@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import sqlite3
-import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -34,6 +33,7 @@ from mxm_dataio_async import (
     Store,
     disable_retry_waits,
 )
+from mxm_dataio_async.testing import FakeClock
 from tests.reliability._faulty_server import (
     AIOHTTP_FAULTS,
     AiohttpFaultyServer,
@@ -88,10 +88,16 @@ def make_adapter(url: str, **overrides: Any) -> HttpAdapter:
 
 @asynccontextmanager
 async def pipeline(
-    root: Path, adapter: HttpAdapter, *, retry: RetryPolicy, max_concurrency: int | None = None
+    root: Path,
+    adapter: HttpAdapter,
+    *,
+    retry: RetryPolicy,
+    max_concurrency: int | None = None,
+    clock: FakeClock | None = None,
 ) -> AsyncIterator[tuple[Store, Registry]]:
     # inline_threshold 4 KiB: payloads land in both tiers (inline rows and files).
-    async with Store(root, inline_threshold=4096) as store, Registry() as registry:
+    registry = Registry() if clock is None else Registry(clock=clock)
+    async with Store(root, inline_threshold=4096) as store, registry:
         registry.register(SOURCE, adapter, retry=retry, max_concurrency=max_concurrency)
         yield store, registry
 
@@ -246,28 +252,34 @@ async def test_every_upstream_attempt_is_recorded(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("fault", [Fault.RETRY_AFTER_SECONDS, Fault.RETRY_AFTER_DATE])
-async def test_retry_after_is_honoured_with_real_waits(
+async def test_retry_after_is_honoured(
     fault: Fault, tmp_path: Path, report_faults: ReportFaults
 ) -> None:
-    plan = FaultPlan(seed=SEED, weights={Fault.OK: 1}, timeout=TIMEOUT, retry_after=1)
+    """Every request's retry waits at least what the upstream asked, on the session's clock (a
+    FakeClock: the waits are observed, not waited out). One request at a time: an auto-advancing
+    clock turns concurrent cooldowns, which overlap in real time, into consecutive ones."""
+    plan = FaultPlan(seed=SEED, weights={Fault.OK: 1}, timeout=TIMEOUT, retry_after=30)
     root = tmp_path / "store"
     count = 20
+    clock = FakeClock()
     async with RawFaultyServer(plan) as server:
-        async with pipeline(root, make_adapter(server.url), retry=fast_retry()) as (store, reg):
+        adapter = make_adapter(server.url)
+        retry = fast_retry(deadline=120.0)  # room for the 30 s the upstream asks for
+        async with pipeline(root, adapter, retry=retry, clock=clock) as (store, reg):
             with anyio.fail_after(BOUND):
                 async with AsyncSession(SOURCE, store=store, registry=reg) as s:
-                    started = time.monotonic()
                     requests = [
                         s.request("item", endpoint=f"/first/{fault.value}/{i}")
                         for i in range(count)
                     ]
-                    outcomes = [o async for o in s.fetch_many(requests, concurrency=count)]
-                    waited = time.monotonic() - started
+                    outcomes = [o async for o in s.fetch_many(requests, concurrency=1)]
                     bodies = [await s.read(o.response) if o.response else None for o in outcomes]
                     session_id = s.session.id
     assert all(o.ok for o in outcomes), [o.error for o in outcomes if not o.ok]
     assert all(o.response is not None and o.response.attempts == 2 for o in outcomes)
-    assert waited >= 0.9  # the upstream asked for a second; nothing retried sooner
+    # One retry wait per request, none shorter than asked (the date form rounds to a second).
+    assert len(clock.sleeps) == count and min(clock.sleeps) >= 29.0, clock.sleeps
+    assert clock.monotonic() >= 29.0 * count  # nothing was retried before the upstream's time
     assert session_status(root, session_id) == "ok"
     check_audit(root, session_id, list(zip(outcomes, bodies, strict=True)), plan)
     report_faults(f"retry_after_waits[{fault.value}]", plan.counts)
@@ -415,25 +427,37 @@ async def test_endless_body_is_a_fetch_error_under_a_total_timeout(
 
 async def test_endless_body_is_bounded_by_the_retry_deadline(tmp_path: Path) -> None:
     """A body trickling forever below the per-read timeout: the retry deadline cancels the
-    attempt in progress (before 9657c65 it bounded only the waits, and the fetch never ended)."""
+    attempt in progress (before 9657c65 it bounded only the waits, and the fetch never ended).
+    The deadline runs on the session's clock: a FakeClock moved past it while the body trickles."""
     plan = FaultPlan(seed=SEED, weights={Fault.OK: 1}, timeout=TIMEOUT)
     root = tmp_path / "store"
+    clock = FakeClock(auto_advance=False)
+    failure: list[FetchError] = []
     async with RawFaultyServer(plan) as server:
-        retry = fast_retry(max_attempts=2, deadline=1.0)
-        async with pipeline(root, make_adapter(server.url), retry=retry) as (store, registry):
+        retry = fast_retry(max_attempts=2, deadline=60.0)
+        adapter = make_adapter(server.url)
+        async with pipeline(root, adapter, retry=retry, clock=clock) as (store, registry):
             with anyio.fail_after(BOUND):
                 async with AsyncSession(SOURCE, store=store, registry=registry) as s:
                     request = s.request("item", endpoint="/endless/deadline")
-                    started = time.monotonic()
-                    with pytest.raises(FetchError, match="deadline") as info:
-                        await s.fetch(request)
-                    late = time.monotonic() - started
+
+                    async def fetch() -> None:
+                        with pytest.raises(FetchError, match="deadline") as info:
+                            await s.fetch(request)
+                        failure.append(info.value)
+
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(fetch)
+                        while plan.counts.get(Fault.ENDLESS_TRICKLE.value, 0) == 0:  # noqa: ASYNC110
+                            await anyio.sleep(0.01)  # until the body trickles (a server count)
+                        assert not failure  # still running: its deadline has not passed
+                        clock.advance(60.0)
                     session_id = s.session.id
             assert registry.gate(SOURCE).statistics().in_flight == 0
             await verify_store(store)
-    assert late < 4.0, f"the fetch outlived its 1 s retry deadline by {late - 1:.1f} s"
+    (info_value,) = failure
     assert session_status(root, session_id) == "ok"
-    check_audit(root, session_id, [(FetchOutcome(request, error=info.value), None)], plan)
+    check_audit(root, session_id, [(FetchOutcome(request, error=info_value), None)], plan)
 
 
 # -- bytes that are not UTF-8 ---------------------------------------------------------------------
