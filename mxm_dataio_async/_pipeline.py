@@ -2,7 +2,7 @@
 
 A fetch reads in the order it runs::
 
-    fetch      plan (cache decision, pure)  ->  serve | miss | coalesce
+    fetch      plan (lookup, then the pure cache decision)  ->  serve | miss | coalesce
     _produce   attempts: a loop the retry schedule drives, recording each failure
     _attempt   rate gate slot { adapter call -> stage the payload }
                then record (the recorder, the only writer)
@@ -41,7 +41,7 @@ __all__ = ["Pipeline"]
 class Pipeline:
     """Fetch, send and stream for one session's source, store and recorder."""
 
-    __slots__ = ("_clock", "_coalescer", "_entry", "_owner", "_recorder", "_store")
+    __slots__ = ("_clock", "_coalescer", "_entry", "_metadata", "_owner", "_recorder", "_store")
 
     def __init__(
         self,
@@ -55,6 +55,7 @@ class Pipeline:
     ) -> None:
         self._entry = entry
         self._store = store
+        self._metadata = store.metadata
         self._recorder = recorder
         self._coalescer = coalescer
         self._clock = clock
@@ -65,39 +66,37 @@ class Pipeline:
     async def fetch(self, request: Request) -> Response:
         recorder = self._recorder
         recorder.began()
-        decision = await self._plan(request)
+        # Plan: look up what is stored (unless the mode never serves it), then decide (pure).
+        mode = request.cache_mode
+        persist = persists(mode)
+        key = (request.hash, persist)
+        in_flight = self._coalescer.waiters(key) > 0
+        cached = None
+        if needs_lookup(mode, in_flight=in_flight):
+            cached = await self._metadata.latest_response(request.hash)
+        decision = decide(
+            mode, cached, ttl=request.ttl_seconds, now=self._clock.now(), in_flight=in_flight
+        )
         if decision.action is Action.SERVE:
             assert decision.cached is not None
-            return await recorder.served(request, decision.cached)
+            return recorder.served(request, decision.cached)
         if decision.action is Action.MISS:
             recorder.failed_request()
             raise CacheMiss(
                 f"{request!r}: cache_mode=only_if_cached and no stored response", request=request
             )
-        persist = persists(request.cache_mode)
+        # Coalesce: one producer per request identity, shared by every session on this
+        # Registry and Store.
         try:
             response = await self._coalescer.run(
-                (request.hash, persist),
-                lambda: self._produce(request, decision, persist),
-                owner=self._owner,
+                key, lambda: self._produce(request, decision, persist), owner=self._owner
             )
         except DataIOError:
             recorder.failed_request()
             raise
         if response.request_id != request.id:
-            await recorder.joined(request, response, persist=persist)
+            recorder.joined(request, response, persist=persist)
         return response
-
-    async def _plan(self, request: Request) -> Decision:
-        """Look up what is stored (unless the mode never serves it) and decide: pure policy."""
-        mode = request.cache_mode
-        in_flight = self._coalescer.waiters((request.hash, persists(mode))) > 0
-        cached = None
-        if needs_lookup(mode, in_flight=in_flight):
-            cached = await self._store.metadata.latest_response(request.hash)
-        return decide(
-            mode, cached, ttl=request.ttl_seconds, now=self._clock.now(), in_flight=in_flight
-        )
 
     async def _produce(self, request: Request, decision: Decision, persist: bool) -> Response:
         """Attempts until one answers or the retry schedule gives up, then the recorded answer."""

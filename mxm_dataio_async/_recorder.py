@@ -133,20 +133,16 @@ class Recorder:
 
     # -- rows -----------------------------------------------------------------------------------
 
-    async def served(self, request: Request, cached: Response) -> Response:
+    def served(self, request: Request, cached: Response) -> Response:
         """A cache hit: an audit row saying which stored response answered (not awaited)."""
         self._counts["cache_hits"] += 1
-        await self._metadata.record(
-            Recording(self.stored(request), served_from=cached.id), wait=False
-        )
+        self._metadata.record_later(Recording(self.stored(request), served_from=cached.id))
         return served_from_cache(cached)
 
-    async def joined(self, request: Request, response: Response, *, persist: bool) -> None:
+    def joined(self, request: Request, response: Response, *, persist: bool) -> None:
         """A duplicate answered by another request's in-flight fetch (not awaited)."""
         if persist:
-            await self._metadata.record(
-                Recording(self.stored(request), served_from=response.id), wait=False
-            )
+            self._metadata.record_later(Recording(self.stored(request), served_from=response.id))
 
     async def fetched(self, request: Request, attempt: Attempt, *, persist: bool) -> Response:
         """An attempt that produced the answer (``ok``)."""

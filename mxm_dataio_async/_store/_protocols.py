@@ -84,12 +84,18 @@ class Recording:
 
 @dataclass(frozen=True, slots=True)
 class PayloadRow:
-    """A payload as the metadata store knows it; ``data`` only for inline rows when asked."""
+    """A payload as the metadata store knows it; ``data`` only for inline rows when asked.
+
+    ``verified``: the implementation vouches that ``data`` matches ``digest`` (it hashed these
+    very bytes itself, e.g. they come from its memory of its own commits), so a reader need not
+    hash them again. Bytes read back from storage are never ``verified``.
+    """
 
     digest: bytes
     size: int
     tier: Tier
     data: bytes | None = None
+    verified: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,9 +177,13 @@ class MetadataStore(Protocol):
         """Insert a session row, or update its end, status and counts."""
         ...
 
-    async def record(self, recording: Recording, *, wait: bool = True) -> None:
-        """Commit ``recording`` in one transaction. ``wait=False`` queues it for the next commit
-        without waiting (audit rows whose loss in a crash is harmless)."""
+    async def record(self, recording: Recording) -> None:
+        """Commit ``recording`` in one transaction; returns once it is durable."""
+        ...
+
+    def record_later(self, recording: Recording) -> None:
+        """Queue ``recording`` for the next commit and return at once (audit rows whose loss in
+        a crash is harmless, such as a cache hit's request row). Closing the store commits it."""
         ...
 
     # -- reading -------------------------------------------------------------------------------

@@ -264,10 +264,11 @@ class SqliteMetadata:
             )
 
     def _require_writer(self) -> Writer:
-        self._require_open()
-        if self._writer is None:
+        writer = self._writer
+        if writer is None or self._state is not State.OPEN:
+            self._require_open()
             raise UsageError(f"the store at {self.root} was opened read-only")
-        return self._writer
+        return writer
 
     async def _in_thread(
         self,
@@ -295,18 +296,9 @@ class SqliteMetadata:
     async def save_session(self, session: Session) -> None:
         await self._require_writer().write([("session", session_row(session))])
 
-    async def record(self, recording: Recording, *, wait: bool = True) -> None:
-        writer = self._require_writer()
-        request = recording.request
-        now = ts(self.clock.now())
-        rows: list[Row] = [
-            ("payload", (p.digest, p.size, p.tier, p.data, now)) for p in recording.payloads
-        ]
-        rows.append(("request", request_row(request, recording.served_from, recording.sent)))
-        rows.extend(("response", response_row(request, r)) for r in recording.responses)
-        fut = writer.submit(rows, wait=wait)
-        if fut is None:
-            return
+    async def record(self, recording: Recording) -> None:
+        fut = self._require_writer().submit(self._rows(recording), wait=True)
+        assert fut is not None
         await fut
         self._commits = seq = self._commits + 1
         for response in recording.responses:
@@ -315,6 +307,21 @@ class SqliteMetadata:
         for payload in recording.payloads:
             if payload.data is not None:
                 self._recent_payloads.put(payload.digest, payload.data)
+
+    def record_later(self, recording: Recording) -> None:
+        self._require_writer().submit(self._rows(recording), wait=False)
+
+    def _rows(self, recording: Recording) -> list[Row]:
+        request = recording.request
+        rows: list[Row] = []
+        if recording.payloads:  # (a cache hit's audit row has none: no clock read for it)
+            now = ts(self.clock.now())
+            rows.extend(
+                ("payload", (p.digest, p.size, p.tier, p.data, now)) for p in recording.payloads
+            )
+        rows.append(("request", request_row(request, recording.served_from, recording.sent)))
+        rows.extend(("response", response_row(request, r)) for r in recording.responses)
+        return rows
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -427,8 +434,8 @@ class SqliteMetadata:
     async def payload(self, digest: bytes) -> PayloadRow | None:
         self._require_open()
         recent = self._recent_payloads.get(digest)
-        if recent is not None:
-            return PayloadRow(digest, len(recent), "inline", recent)
+        if recent is not None:  # the bytes staged (and hashed) on arrival, then committed here
+            return PayloadRow(digest, len(recent), "inline", recent, verified=True)
         assert self._batch_reader is not None
         found = await self._batch_reader.payload(digest)
         if found is None:

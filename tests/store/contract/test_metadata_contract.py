@@ -197,7 +197,7 @@ async def test_record_without_waiting_becomes_visible(
     req = make_request(s)
     staged = await stage(p, b"audit")
     resp = make_response(req, at=clock.now(), payload=staged)
-    await m.record(Recording(req, [resp], [staged]), wait=False)
+    m.record_later(Recording(req, [resp], [staged]))
     # Queued for the next commit: any later write that was waited for commits it too.
     await m.save_session(replace(s, status=SessionStatus.OK))
     assert await m.get_response(resp.id) == resp

@@ -385,7 +385,7 @@ async def test_close_commits_queued_records_and_a_reopened_store_has_everything(
     written = await fetch(first, req, os.urandom(3000), at=clock.now())
     staged = await first.stage(b"audit only")
     queued = make_response(req, at=clock.now(), payload=staged)
-    await first.metadata.record(Recording(req, [queued], [staged]), wait=False)
+    first.metadata.record_later(Recording(req, [queued], [staged]))
     await first.aclose()
 
     second = await make_store(root=root)
