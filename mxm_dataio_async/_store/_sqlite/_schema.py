@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 
-__all__ = ["DB_NAME", "MIGRATIONS", "SCHEMA_VERSION"]
+from mxm_dataio_async._exceptions import StoreError
+from mxm_dataio_async._store._sqlite._sql import configure, sqlite_error, transaction
+
+__all__ = ["DB_NAME", "MIGRATIONS", "SCHEMA_VERSION", "prepare"]
 
 #: The database file under a store root.
 DB_NAME = "dataio.sqlite"
@@ -141,3 +145,60 @@ def _to_v2(conn: sqlite3.Connection) -> None:
 #: MIGRATIONS[n] upgrades a database at user_version n to n + 1.
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _to_v1, 1: _to_v2}
 SCHEMA_VERSION = max(MIGRATIONS) + 1
+
+
+def prepare(db: Path, busy_timeout: float, *, create: bool, read_only: bool) -> None:
+    """Check (and unless read-only, create and migrate) the database. Runs in a worker thread."""
+    if not create and not db.is_file():
+        root = db.parent
+        if not root.exists():
+            raise StoreError(
+                f"no store at {root}: the directory does not exist "
+                "(pass --root or set MXM_DATAIO_ROOT)"
+            )
+        if not root.is_dir():
+            raise StoreError(f"no store at {root}: not a directory")
+        raise StoreError(f"no store at {root}: {DB_NAME} is missing")
+    if create:
+        # The metadata store creates its own directory: only Store(root) made it before, so
+        # Store(metadata=SqliteMetadata(new_dir), payloads=...) failed to open (contract suite).
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create store root {db.parent}: {exc.strerror or exc}"
+            ) from exc
+    try:
+        conn = sqlite3.connect(db, isolation_level=None, timeout=busy_timeout)
+    except sqlite3.Error as exc:
+        raise sqlite_error(f"open {db}", exc) from exc
+    try:
+        configure(conn, busy_timeout)
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{db} has schema version {version}, newer than this release supports "
+                f"({SCHEMA_VERSION}); upgrade mxm-dataio-async"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        if not create and version == 0:
+            raise StoreError(f"{db} is not an mxm-dataio store (schema version 0)")
+        if read_only:
+            raise StoreError(
+                f"{db} has schema version {version}; open it once writable to migrate it "
+                f"to {SCHEMA_VERSION}"
+            )
+        # WAL: readers never block the writer and vice versa; the setting persists in the file.
+        conn.execute("PRAGMA journal_mode=WAL")
+        with transaction(conn, write=True):
+            # Re-read under the write lock: another process may have migrated meanwhile.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            while version < SCHEMA_VERSION:
+                MIGRATIONS[version](conn)
+                version += 1
+            conn.execute(f"PRAGMA user_version={version}")
+    except sqlite3.Error as exc:
+        raise sqlite_error(f"open {db}", exc) from exc
+    finally:
+        conn.close()
