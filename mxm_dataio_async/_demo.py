@@ -36,7 +36,7 @@ class DemoPass:
 
 @dataclass(frozen=True, slots=True)
 class DemoSummary:
-    root: Path
+    root: Path | str
     passes: list[DemoPass]
     upstream_hits: int
     verified: int
@@ -63,6 +63,7 @@ def _app(counter: list[int]) -> web.Application:
 async def run_demo(
     root: str | Path,
     *,
+    payloads: str | Path | None = None,
     count: int = 300,
     concurrency: int = 32,
     on_progress: Callable[[str, int], None] | None = None,
@@ -77,7 +78,7 @@ async def run_demo(
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         passes: list[DemoPass] = []
         verified = 0
-        async with Store(root) as store, Registry() as registry:
+        async with Store(root, payloads=payloads) as store, Registry() as registry:
             registry.register(
                 "demo",
                 HttpAdapter(base_url=f"http://127.0.0.1:{port}"),
@@ -108,8 +109,8 @@ async def run_demo(
                 data = await store.read(resp)  # verified against its sha256
                 json.loads(data)
                 verified += 1
-        db = Path(root) / "dataio.sqlite"
-        db_bytes = sum(p.stat().st_size for p in db.parent.glob("dataio.sqlite*"))
-        return DemoSummary(Path(root), passes, counter[0], verified, db_bytes)
+            db_bytes = (await store.stats()).db_bytes
+        where = store.root if store.root is not None else store.location
+        return DemoSummary(where, passes, counter[0], verified, db_bytes)
     finally:
         await runner.cleanup()

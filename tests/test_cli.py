@@ -164,6 +164,43 @@ def test_root_from_environment(store: Path) -> None:
     assert result.exit_code == 0 and len(json.loads(result.stdout)) == 4
 
 
+def test_store_option_and_environment_name_the_store(store: Path, tmp_path: Path) -> None:
+    by_option = as_json("sessions", "--store", str(store))
+    env = {**WIDE, "MXM_DATAIO_STORE": str(store), "MXM_DATAIO_ROOT": str(tmp_path / "other")}
+    by_env = runner.invoke(app, ["sessions", "--json"], env=env)
+    assert by_env.exit_code == 0, by_env.stderr
+    assert json.loads(by_env.stdout) == by_option and len(by_option) == 4
+    both = runner.invoke(app, ["sessions", "--store", str(store), "--root", str(store)], env=WIDE)
+    assert both.exit_code == 1 and "not both" in one_error_line(both)
+    unknown = runner.invoke(app, ["sessions", "--store", "ftp://example/x"], env=WIDE)
+    assert unknown.exit_code == 1 and "postgresql://" in one_error_line(unknown)
+
+
+def test_payloads_elsewhere_are_read_and_verified(tmp_path: Path) -> None:
+    """--payloads puts the large payloads in another folder; every command reads them there."""
+    root, objects = tmp_path / "meta", tmp_path / "objects"
+
+    async def ingest() -> None:
+        async with (
+            dio.Store(root, payloads=objects, inline_threshold=INLINE_THRESHOLD) as st,
+            dio.Registry() as registry,
+        ):
+            registry.register("big", dio.MockAdapter(blob))
+            async with dio.AsyncSession("big", store=st, registry=registry) as s:
+                await s.fetch(s.request("blob", endpoint="/b/0"))
+
+    anyio.run(ingest)
+    assert len(files_under(objects)) == 1  # files_under() looks in <folder>/payloads
+    assert files_under(root) == []
+    where = ("--store", str(root), "--payloads", str(objects))
+    report = as_json("verify", *where)
+    assert report["ok"] and report["checked"]["files"] == 1
+    without = runner.invoke(app, ["verify", "--store", str(root)], env=WIDE)
+    assert without.exit_code == 1  # the payload is not where the store alone looks
+    (checksum,) = [p.name for p in files_under(objects)]
+    assert cli("cat", checksum, *where).stdout_bytes == b"/b/0 None\n" * 20
+
+
 def test_show_fetched_and_cached_sessions(store: Path) -> None:
     by = sessions_by_source(store)
     first = next(s for s in by["demo"] if s["responses"])

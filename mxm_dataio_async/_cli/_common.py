@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -47,6 +48,22 @@ def default_root() -> Path:
 RootOption = Annotated[
     Path | None,
     typer.Option("--root", help="Store directory (default: $MXM_DATAIO_ROOT, else ./dataio)."),
+]
+StoreOption = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        help="The store: a folder, or postgresql://user@host:port/db "
+        "(default: $MXM_DATAIO_STORE, else --root).",
+    ),
+]
+PayloadsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--payloads",
+        help="Where payloads above the inline threshold live: a folder or s3://bucket/prefix "
+        "(default: $MXM_DATAIO_PAYLOADS, else the store's folder).",
+    ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts).")]
 VerboseOption = Annotated[
@@ -95,18 +112,51 @@ def _run(fn: Callable[[], Awaitable[T]]) -> T:
     return anyio.run(fn)
 
 
+@dataclass(frozen=True, slots=True)
+class Where:
+    """Which store a command uses: ``--store`` (a folder or a URL), ``--root`` (a folder) and
+    ``--payloads``; then ``$MXM_DATAIO_STORE``, ``$MXM_DATAIO_ROOT``, ``$MXM_DATAIO_PAYLOADS``."""
+
+    root: Path | None = None
+    store: str | None = None
+    payloads: str | None = None
+
+    def target(self) -> str | Path:
+        if self.store is not None and self.root is not None:
+            raise ValueError("give --store or --root, not both (--root is a store folder)")
+        if self.store is not None:
+            return self.store
+        if self.root is not None:
+            return self.root
+        env = os.environ.get("MXM_DATAIO_STORE")
+        return env if env else default_root()
+
+    def payloads_at(self) -> str | None:
+        return self.payloads or os.environ.get("MXM_DATAIO_PAYLOADS") or None
+
+    def label(self) -> str:
+        """The store for titles and messages (a URL's password left out)."""
+        target = str(self.target())
+        if "://" in target and "@" in target.split("://", 1)[1]:
+            scheme, rest = target.split("://", 1)
+            user, host = rest.rsplit("@", 1)
+            target = f"{scheme}://{user.split(':', 1)[0]}@{host}"
+        return target
+
+
 Access = Literal["read", "write", "create"]
 """How a command opens the store: ``read`` an existing one and change nothing (inspection);
 ``write`` an existing one (maintenance, checkpoints); ``create`` it if missing (import)."""
 
 
 def _open_store(
-    root: Path | None, access: Access, *, inline_threshold: int = DEFAULT_INLINE_THRESHOLD
+    where: Where, access: Access, *, inline_threshold: int = DEFAULT_INLINE_THRESHOLD
 ) -> Store:
-    """A ``Store`` at ``--root`` (not yet open). ``read`` and ``write`` never create a store: a
-    missing one is ``StoreError("no store at ...")``, and nothing is made on disk."""
+    """The ``Store`` a command names (not yet open). ``read`` and ``write`` never create a store:
+    a missing one is ``StoreError("no store at ...")``, and nothing is made on disk."""
     return Store(
-        _root(root),
+        where.target(),
+        payloads=where.payloads_at(),
         read_only=access == "read",
         create=access == "create",
         busy_timeout=BUSY_TIMEOUT,
@@ -115,14 +165,14 @@ def _open_store(
 
 
 def _with_store(
-    root: Path | None,
+    where: Where,
     access: Access,
     fn: Callable[[Store], Awaitable[T]],
     *,
     inline_threshold: int = DEFAULT_INLINE_THRESHOLD,
 ) -> T:
     """Open the store (see :func:`_open_store`), run ``fn(store)`` and close it again."""
-    store = _open_store(root, access, inline_threshold=inline_threshold)
+    store = _open_store(where, access, inline_threshold=inline_threshold)
 
     async def run() -> T:
         async with store:

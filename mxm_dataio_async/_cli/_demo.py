@@ -16,10 +16,12 @@ from rich.progress import (
 from rich.table import Table
 
 from mxm_dataio_async._cli._common import (
+    PayloadsOption,
     RootOption,
+    StoreOption,
     VerboseOption,
+    Where,
     _errors,
-    _root,
     _run,
     app,
     console,
@@ -30,12 +32,14 @@ from mxm_dataio_async._demo import run_demo
 @app.command()
 def demo(
     root: RootOption = None,
+    store_url: StoreOption = None,
+    payloads_url: PayloadsOption = None,
     count: Annotated[int, typer.Option(min=1, help="How many requests per pass.")] = 300,
     concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 32,
     verbose: VerboseOption = False,
 ) -> None:
     """Ingest from a loopback server into a store, then again from cache, and summarise."""
-    store_root = _root(root)
+    where = Where(root, store_url, payloads_url)
     with (
         _errors(verbose),
         Progress(
@@ -56,7 +60,11 @@ def demo(
 
         summary = _run(
             lambda: run_demo(
-                store_root, count=count, concurrency=concurrency, on_progress=on_progress
+                where.target(),
+                payloads=where.payloads_at(),
+                count=count,
+                concurrency=concurrency,
+                on_progress=on_progress,
             )
         )
     table = Table(title=f"demo ingestion into {summary.root}")

@@ -18,12 +18,14 @@ from rich.table import Table
 
 from mxm_dataio_async._cli._common import (
     JsonOption,
+    PayloadsOption,
     RootOption,
+    StoreOption,
     VerboseOption,
+    Where,
     _errors,
     _print_json,
     _rate,
-    _root,
     _size,
     _when,
     _with_store,
@@ -60,6 +62,8 @@ def _session_row(s: Session) -> dict[str, Any]:
 @app.command()
 def sessions(
     root: RootOption = None,
+    store_url: StoreOption = None,
+    payloads_url: PayloadsOption = None,
     source: Annotated[str | None, typer.Option(help="Only sessions of this source.")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="At most this many (newest).")] = None,
     as_json: JsonOption = False,
@@ -71,13 +75,15 @@ def sessions(
     """
     with _errors(verbose):
         found = _with_store(
-            root, "read", lambda store: store.list_sessions(source=source, limit=limit)
+            Where(root, store_url, payloads_url),
+            "read",
+            lambda store: store.list_sessions(source=source, limit=limit),
         )
     rows = [_session_row(s) for s in found]
     if as_json:
         _print_json(rows)
         return
-    table = Table(title=f"sessions in {_root(root)}")
+    table = Table(title=f"sessions in {Where(root, store_url, payloads_url).label()}")
     # On a narrow terminal show id prefixes: `show` accepts any unique prefix of 4+ characters.
     short_ids = console.width < 140
     for col in ("id", "source", "as_of", "started", "ended", "status", "requests", "bytes"):
@@ -150,6 +156,8 @@ async def _session_detail(store: Store, text: str) -> dict[str, Any]:
 def show(
     session: Annotated[str, typer.Argument(help="Session id (or a unique prefix of it).")],
     root: RootOption = None,
+    store_url: StoreOption = None,
+    payloads_url: PayloadsOption = None,
     as_json: JsonOption = False,
     verbose: VerboseOption = False,
 ) -> None:
@@ -159,7 +167,11 @@ def show(
     response (served_from names it), with its cache_mode, ttl, bucket and tag.
     """
     with _errors(verbose):
-        detail = _with_store(root, "read", lambda store: _session_detail(store, session))
+        detail = _with_store(
+            Where(root, store_url, payloads_url),
+            "read",
+            lambda store: _session_detail(store, session),
+        )
     if as_json:
         _print_json(detail)
         return
@@ -226,11 +238,17 @@ def meta(
         str, typer.Argument(help="Response id (or a unique prefix, or its last 8+ characters).")
     ],
     root: RootOption = None,
+    store_url: StoreOption = None,
+    payloads_url: PayloadsOption = None,
     verbose: VerboseOption = False,
 ) -> None:
     """A response's metadata as JSON (with its request under "request")."""
     with _errors(verbose):
-        resp = _with_store(root, "read", lambda store: _response_meta(store, response))
+        resp = _with_store(
+            Where(root, store_url, payloads_url),
+            "read",
+            lambda store: _response_meta(store, response),
+        )
     _print_json(resp)
 
 
@@ -296,16 +314,22 @@ async def _cat(store: Store, target: str) -> None:
 def cat(
     target: Annotated[str, typer.Argument(help="Response id, or payload checksum (sha256 hex).")],
     root: RootOption = None,
+    store_url: StoreOption = None,
+    payloads_url: PayloadsOption = None,
     verbose: VerboseOption = False,
 ) -> None:
     """Write a payload's exact bytes to stdout, verified against its sha256 first."""
     with _errors(verbose):
-        _with_store(root, "read", lambda store: _cat(store, target))
+        _with_store(Where(root, store_url, payloads_url), "read", lambda store: _cat(store, target))
 
 
 @app.command()
 def stats(
-    root: RootOption = None, as_json: JsonOption = False, verbose: VerboseOption = False
+    root: RootOption = None,
+    store_url: StoreOption = None,
+    payloads_url: PayloadsOption = None,
+    as_json: JsonOption = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Counts and bytes per source, cache hit rate, error rate, payload tiers, database size.
 
@@ -313,7 +337,7 @@ def stats(
     error rate = error responses (every failed attempt is one) / all responses.
     """
     with _errors(verbose):
-        st = _with_store(root, "read", lambda store: store.stats())
+        st = _with_store(Where(root, store_url, payloads_url), "read", lambda store: store.stats())
     if as_json:
         _print_json(st.to_json())
         return

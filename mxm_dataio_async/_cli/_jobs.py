@@ -28,12 +28,14 @@ from rich.text import Text
 
 from mxm_dataio_async._cli._common import (
     JsonOption,
+    PayloadsOption,
     RootOption,
+    StoreOption,
     VerboseOption,
+    Where,
     _errors,
     _open_store,
     _print_json,
-    _root,
     _run,
     app,
     console,
@@ -108,7 +110,7 @@ def _plan_json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, default=str, separators=(",", ":"))
 
 
-def _print_dry_run(plan: JobPlan, store_root: Path, show: int, as_json: bool) -> None:
+def _print_dry_run(plan: JobPlan, store_root: str | Path, show: int, as_json: bool) -> None:
     import itertools
 
     first = [p.to_json() for p in itertools.islice(plan, show)]
@@ -190,8 +192,23 @@ def run_command(
         Path | None,
         typer.Option(
             "--root",
-            help="Store directory (default: the job's store:, else $MXM_DATAIO_ROOT, "
-            "else ./dataio).",
+            help="Store directory (default: the job's store:, else $MXM_DATAIO_STORE, "
+            "else $MXM_DATAIO_ROOT, else ./dataio).",
+        ),
+    ] = None,
+    store_url: Annotated[
+        str | None,
+        typer.Option(
+            "--store",
+            help="The store: a folder or postgresql://user@host:port/db (default as --root).",
+        ),
+    ] = None,
+    payloads_url: Annotated[
+        str | None,
+        typer.Option(
+            "--payloads",
+            help="Where large payloads live: a folder or s3://bucket/prefix (default: the "
+            "job's payloads:, else $MXM_DATAIO_PAYLOADS, else the store's folder).",
         ),
     ] = None,
     dry_run: Annotated[
@@ -222,12 +239,22 @@ def run_command(
     3 the job is running already (its lease is held; --wait waits), 130 interrupted.
     """
     from mxm_dataio_async._exceptions import LeaseHeld
-    from mxm_dataio_async.jobs import JobConfigError, JobPlan, load_job, resolve_root, run_job
+    from mxm_dataio_async.jobs import (
+        JobConfigError,
+        JobPlan,
+        load_job,
+        resolve_payloads,
+        resolve_root,
+        run_job,
+    )
 
     with _errors(verbose):
+        if store_url is not None and root is not None:
+            raise ValueError("give --store or --root, not both (--root is a store folder)")
         try:
             config = load_job(job_file)
-            store_root = resolve_root(config, root)
+            store_root = resolve_root(config, store_url if store_url is not None else root)
+            payloads_at = resolve_payloads(config, payloads_url)
             if dry_run:
                 plan = JobPlan(config, limit=limit, only=only)
                 _print_dry_run(plan, store_root, show, as_json)
@@ -236,7 +263,13 @@ def run_command(
                 summary, interrupted = _run(
                     lambda: _on_signals(
                         lambda stop: run_job(
-                            config, root=store_root, limit=limit, only=only, wait=wait, stop=stop
+                            config,
+                            root=store_root,
+                            payloads=payloads_at,
+                            limit=limit,
+                            only=only,
+                            wait=wait,
+                            stop=stop,
                         ),
                         cancel=False,
                     )
@@ -259,6 +292,7 @@ def run_command(
                             lambda stop: run_job(
                                 config,
                                 root=store_root,
+                                payloads=payloads_at,
                                 limit=limit,
                                 only=only,
                                 wait=wait,
@@ -334,7 +368,7 @@ async def _tail_batch(store: Store, name: str, batch: list[Response]) -> None:
 
 
 async def _tail(
-    store_root: Path,
+    where: Where,
     name: str,
     *,
     source: str | None,
@@ -349,7 +383,7 @@ async def _tail(
     printed = 0
     deadline = None if stop_after is None else time.monotonic() + stop_after
     # Writable (it writes checkpoints) but never created: a missing store is an error.
-    async with _open_store(store_root, "write") as store:
+    async with _open_store(where, "write") as store:
         cursor = await store.read_checkpoint(name)
         while True:
             batch: list[Response] = []
@@ -380,6 +414,8 @@ def tail_command(
         ),
     ],
     root: RootOption = None,
+    store_url: StoreOption = None,
+    payloads_url: PayloadsOption = None,
     source: Annotated[str | None, typer.Option(help="Only responses of this source.")] = None,
     kind: Annotated[str | None, typer.Option(help="Only responses of this kind.")] = None,
     status: Annotated[
@@ -404,7 +440,7 @@ def tail_command(
     error. Use one checkpoint name per consumer (and per set of filters). Cache hits add no
     response, so they are not shown.
     """
-    store_root = _root(root)
+    where = Where(root, store_url, payloads_url)
     with _errors(verbose):
         if status is not None:
             from mxm_dataio_async._models import ResponseStatus
@@ -416,7 +452,7 @@ def tail_command(
             _run(
                 lambda: _on_signals(
                     lambda _: _tail(
-                        store_root,
+                        where,
                         checkpoint,
                         source=source,
                         kind=kind,

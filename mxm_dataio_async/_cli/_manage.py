@@ -24,8 +24,11 @@ from rich.table import Table
 from mxm_dataio_async._cli._common import (
     DryRunOption,
     JsonOption,
+    PayloadsOption,
     RootOption,
+    StoreOption,
     VerboseOption,
+    Where,
     _errors,
     _print_json,
     _size,
@@ -46,6 +49,8 @@ if TYPE_CHECKING:
 @app.command("verify")
 def verify_command(
     root: RootOption = None,
+    store_url: StoreOption = None,
+    payloads_url: PayloadsOption = None,
     grace: Annotated[
         str, typer.Option(help="Ignore files younger than this (e.g. 10m on a live store).")
     ] = "0s",
@@ -77,7 +82,9 @@ def verify_command(
 
         age = parse_duration(grace)
         report = _with_store(
-            root, "read", lambda store: store.verify(grace=age, on_progress=on_progress)
+            Where(root, store_url, payloads_url),
+            "read",
+            lambda store: store.verify(grace=age, on_progress=on_progress),
         )
     if as_json:
         _print_json(report.to_json())
@@ -124,6 +131,8 @@ GraceOption = Annotated[
 @app.command("gc")
 def gc_command(
     root: RootOption = None,
+    store_url: StoreOption = None,
+    payloads_url: PayloadsOption = None,
     dry_run: DryRunOption = False,
     grace: GraceOption = "1h",
     as_json: JsonOption = False,
@@ -136,7 +145,11 @@ def gc_command(
     """
     with _errors(verbose):
         age = parse_duration(grace)
-        report = _with_store(root, "write", lambda store: store.gc(dry_run=dry_run, grace=age))
+        report = _with_store(
+            Where(root, store_url, payloads_url),
+            "write",
+            lambda store: store.gc(dry_run=dry_run, grace=age),
+        )
     if as_json:
         _print_json(report.to_json())
         return
@@ -150,6 +163,8 @@ def prune_command(
         str, typer.Option("--older-than", help="Age to keep: e.g. 30d, 12h, 90m, 2w.")
     ],
     root: RootOption = None,
+    store_url: StoreOption = None,
+    payloads_url: PayloadsOption = None,
     source: Annotated[str | None, typer.Option(help="Only responses of this source.")] = None,
     bucket: Annotated[
         str | None, typer.Option(help="Only responses with this as_of_bucket.")
@@ -175,7 +190,9 @@ def prune_command(
             freed = None if gc_grace is None else await store.gc(grace=gc_grace)
             return pruned, freed
 
-        report, gc_report = _with_store(root, "write", prune_then_gc)
+        report, gc_report = _with_store(
+            Where(root, store_url, payloads_url), "write", prune_then_gc
+        )
     if as_json:
         out = report.to_json()
         out["gc"] = None if gc_report is None else gc_report.to_json()
@@ -208,6 +225,8 @@ def export_command(
         Path, typer.Option("--output", "-o", help="Bundle file to write (.tar, or .tar.gz).")
     ],
     root: RootOption = None,
+    store_url: StoreOption = None,
+    payloads_url: PayloadsOption = None,
     verbose: VerboseOption = False,
 ) -> None:
     """Write a session as a self-contained bundle: rows as JSON lines plus every payload.
@@ -215,7 +234,11 @@ def export_command(
     Another machine imports it (`mxm-dataio import`) and replays it with only_if_cached.
     """
     with _errors(verbose):
-        report = _with_store(root, "read", lambda store: store.export_session(session, output))
+        report = _with_store(
+            Where(root, store_url, payloads_url),
+            "read",
+            lambda store: store.export_session(session, output),
+        )
     console.print(
         f"exported session {report.session_id} to {report.path}: {report.requests} requests, "
         f"{report.responses} responses, {report.payloads} payloads "
@@ -228,6 +251,8 @@ def export_command(
 def import_command(
     bundle: Annotated[Path, typer.Argument(help="A bundle written by `mxm-dataio export`.")],
     root: RootOption = None,
+    store_url: StoreOption = None,
+    payloads_url: PayloadsOption = None,
     inline_threshold: Annotated[
         int, typer.Option(min=0, help="Payloads up to this many bytes go inline in SQLite.")
     ] = DEFAULT_INLINE_THRESHOLD,
@@ -237,7 +262,7 @@ def import_command(
     its sha256 before any row is written; importing the same bundle twice adds nothing."""
     with _errors(verbose):
         report = _with_store(
-            root,
+            Where(root, store_url, payloads_url),
             "create",
             lambda store: store.import_bundle(bundle),
             inline_threshold=inline_threshold,

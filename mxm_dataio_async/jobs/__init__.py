@@ -23,7 +23,13 @@ from mxm_dataio_async.jobs._dates import Chunk, count_chunks, date_chunks, parse
 from mxm_dataio_async.jobs._errors import JobConfigError
 from mxm_dataio_async.jobs._expand import JobPlan, PlannedRequest
 from mxm_dataio_async.jobs._load import job_from_data, load_job, parse_job
-from mxm_dataio_async.jobs._run import JobSummary, SourceSummary, resolve_root, run_job
+from mxm_dataio_async.jobs._run import (
+    JobSummary,
+    SourceSummary,
+    resolve_payloads,
+    resolve_root,
+    run_job,
+)
 
 __all__ = [
     "Chunk",
@@ -39,6 +45,7 @@ __all__ = [
     "load_job",
     "parse_chunk",
     "parse_job",
+    "resolve_payloads",
     "resolve_root",
     "run_job",
 ]

@@ -238,6 +238,9 @@ class JobConfig(_Model):
 
     job: str
     store: str | None = None
+    """A folder (relative to the job file's) or a ``postgresql://`` URL."""
+    payloads: str | None = None
+    """Where payloads above the inline threshold go: a folder or ``s3://bucket/prefix``."""
     sources: dict[str, SourceSpec] = Field(min_length=1)
     requests: list[RequestSpec] = Field(min_length=1)
     concurrency: int = Field(default=DEFAULT_CONCURRENCY, ge=1)
@@ -278,6 +281,10 @@ class JobConfig(_Model):
     def resolve(self, path: str) -> Path:
         p = Path(path).expanduser()
         return p if p.is_absolute() else self.base_dir / p
+
+    def resolve_location(self, where: str) -> str | Path:
+        """A store or payloads location: a URL as it is, a folder resolved like a path."""
+        return where if "://" in where else self.resolve(where)
 
 
 # -- loading -------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ class JobSummary:
     """The outcome of ``run_job``: counts per source, elapsed seconds, the sessions."""
 
     job: str
-    root: Path
+    root: str | Path
     sources: Mapping[str, SourceSummary]
     elapsed: float
     interrupted: bool = False
@@ -204,20 +204,40 @@ def _concurrency(config: JobConfig, source: str) -> int:
     return min(own, config.concurrency) if own is not None else config.concurrency
 
 
-def resolve_root(config: JobConfig, root: str | os.PathLike[str] | None = None) -> Path:
-    """The store a run uses: ``root`` if given, else the job's ``store`` (relative to the job
-    file's folder), else ``$MXM_DATAIO_ROOT``, else ``./dataio``."""
+def resolve_root(config: JobConfig, root: str | os.PathLike[str] | None = None) -> str | Path:
+    """The store a run uses: ``root`` if given (a folder or a ``postgresql://`` URL), else the
+    job's ``store`` (a folder relative to the job file's), else ``$MXM_DATAIO_STORE``, else
+    ``$MXM_DATAIO_ROOT``, else ``./dataio``."""
     if root is not None:
-        return Path(root)
+        return _location(os.fspath(root))
     if config.store is not None:
-        return config.resolve(config.store)
-    return Path(os.environ.get("MXM_DATAIO_ROOT") or "./dataio")
+        return config.resolve_location(config.store)
+    env = os.environ.get("MXM_DATAIO_STORE") or os.environ.get("MXM_DATAIO_ROOT")
+    return _location(env or "./dataio")
+
+
+def resolve_payloads(
+    config: JobConfig, payloads: str | os.PathLike[str] | None = None
+) -> str | Path | None:
+    """Where a run's large payloads go: ``payloads`` if given, else the job's ``payloads``, else
+    ``$MXM_DATAIO_PAYLOADS``, else the store's own folder (None)."""
+    if payloads is not None:
+        return _location(os.fspath(payloads))
+    if config.payloads is not None:
+        return config.resolve_location(config.payloads)
+    env = os.environ.get("MXM_DATAIO_PAYLOADS")
+    return _location(env) if env else None
+
+
+def _location(text: str) -> str | Path:
+    return text if "://" in text else Path(text)
 
 
 async def run_job(
     job: str | os.PathLike[str] | JobConfig,
     *,
     root: str | os.PathLike[str] | None = None,
+    payloads: str | os.PathLike[str] | None = None,
     limit: int | None = None,
     only: Sequence[str] | str | None = None,
     wait: bool = False,
@@ -246,10 +266,11 @@ async def run_job(
     config = job if isinstance(job, JobConfig) else load_job(job)
     plan = JobPlan(config, limit=limit, only=only)
     store_root = resolve_root(config, root)
+    payloads_at = resolve_payloads(config, payloads)
     counters = {name: _Counter(name, plan.count(name)) for name in plan.sources}
     clock = SYSTEM_CLOCK if clock is None else clock
     started = time.perf_counter()
-    async with Store(store_root, clock=clock) as store:
+    async with Store(store_root, payloads=payloads_at, clock=clock) as store:
         # A stop cancels everything but the store (opened outside this scope), so the sessions
         # still record their end and the lease is released.
         body = anyio.CancelScope()

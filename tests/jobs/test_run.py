@@ -191,6 +191,30 @@ async def test_a_loaded_config_runs_with_an_explicit_root(
     assert not (tmp_path / "dataio").exists()
 
 
+async def test_store_and_payloads_from_the_job_file_or_the_caller(
+    job_server: JobServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``payloads:`` in the job (relative to its folder) or ``payloads=`` names where large
+    payloads go; a ``store:`` URL of an unknown kind is refused with a clear message."""
+    jobdir = tmp_path / "jobs"
+    jobdir.mkdir()
+    config = load_job(write_job(jobdir / "job.yaml", bars_job(job_server.url, payloads="objects")))
+    summary = await run_job(config, limit=2)
+    assert summary.root == jobdir / "dataio" and summary.fetched == 2
+    assert (jobdir / "objects" / "payloads").is_dir()  # the payload store the run opened
+    assert not (jobdir / "dataio" / "payloads").exists()
+    summary = await run_job(config, root=tmp_path / "s2", payloads=tmp_path / "o2", limit=1)
+    assert (tmp_path / "o2" / "payloads").is_dir() and summary.fetched == 1
+    monkeypatch.setenv("MXM_DATAIO_PAYLOADS", str(tmp_path / "o3"))
+    bare = load_job(write_job(tmp_path / "bare.yaml", bars_job(job_server.url)))
+    await run_job(bare, root=tmp_path / "s3", limit=1)
+    assert (tmp_path / "o3" / "payloads").is_dir()
+    with pytest.raises(ValueError, match="postgresql://"):
+        await run_job(
+            load_job(write_job(tmp_path / "x.yaml", bars_job(job_server.url, store="ftp://h/x")))
+        )
+
+
 def test_cli_run_summary_exit_codes_and_json(job_server: JobServer, tmp_path: Path) -> None:
     path = write_job(tmp_path / "job.yaml", bars_job(job_server.url))
     done = cli("run", str(path))
