@@ -17,6 +17,7 @@ from mxm_dataio_async._limits import LimiterStatistics, RateGate, SourceLimiter
 from mxm_dataio_async._public import claim as _claim
 from mxm_dataio_async._store._bundle import ExportReport, ImportReport
 from mxm_dataio_async._store._cleanup import GcReport, PruneReport
+from mxm_dataio_async._store._copy import CopyReport
 from mxm_dataio_async._store._local import LocalPayloads
 from mxm_dataio_async._store._protocols import (
     DanglingReference,
@@ -37,6 +38,7 @@ from mxm_dataio_async._store._store import DEFAULT_INLINE_THRESHOLD, Store
 from mxm_dataio_async._store._verify import Problem, ProblemKind, VerifyReport
 
 __all__ = [
+    "CopyReport",
     "DEFAULT_INLINE_THRESHOLD",
     "DanglingReference",
     "ExportReport",

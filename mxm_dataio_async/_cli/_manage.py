@@ -30,7 +30,9 @@ from mxm_dataio_async._cli._common import (
     VerboseOption,
     Where,
     _errors,
+    _open_store,
     _print_json,
+    _run,
     _size,
     _when,
     _with_store,
@@ -43,7 +45,7 @@ from mxm_dataio_async._store import DEFAULT_INLINE_THRESHOLD
 
 if TYPE_CHECKING:
     from mxm_dataio_async import Store
-    from mxm_dataio_async.store import GcReport, PruneReport
+    from mxm_dataio_async.store import CopyReport, GcReport, PruneReport
 
 
 @app.command("verify")
@@ -271,5 +273,58 @@ def import_command(
         f"imported session {report.session_id} from {report.path}: added {report.sessions} "
         f"sessions, {report.requests} requests, {report.responses} responses, "
         f"{report.payloads} payloads ({_size(report.bytes_verified)} verified)",
+        soft_wrap=True,
+    )
+
+
+@app.command("copy")
+def copy_command(
+    target: Annotated[
+        str,
+        typer.Argument(help="The store to copy into: a folder, or postgresql://user@host:port/db."),
+    ],
+    to_payloads: Annotated[
+        str | None,
+        typer.Option(
+            "--to-payloads",
+            help="Where the copy keeps large payloads: a folder or s3://bucket/prefix "
+            "(default: the target's folder).",
+        ),
+    ] = None,
+    root: RootOption = None,
+    store_url: StoreOption = None,
+    payloads_url: PayloadsOption = None,
+    inline_threshold: Annotated[
+        int,
+        typer.Option(min=0, help="In the copy, payloads up to this many bytes are kept inline."),
+    ] = DEFAULT_INLINE_THRESHOLD,
+    as_json: JsonOption = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Copy the whole store (--store/--root, --payloads) into TARGET, which may be another
+    backend: every session, request, response and payload, each payload verified on the way.
+    Running it again adds only what is missing.
+
+        mxm-dataio copy postgresql://dataio@db/dataio --to-payloads s3://bucket/dataio --root ./data
+    """
+    source = Where(root, store_url, payloads_url)
+    with _errors(verbose):
+        destination = Where(store=target, payloads=to_payloads)
+
+        async def run() -> CopyReport:
+            async with (
+                _open_store(source, "read") as src,
+                _open_store(destination, "create", inline_threshold=inline_threshold) as dst,
+            ):
+                return await src.copy_to(dst)
+
+        report = _run(run)
+    if as_json:
+        _print_json(report.to_json())
+        return
+    console.print(
+        f"copied {source.label()} into {destination.label()}: added {report.sessions} sessions, "
+        f"{report.requests} requests, {report.responses} responses, {report.payloads} payloads "
+        f"({report.objects_written} objects written, {_size(report.bytes_verified)} verified)",
         soft_wrap=True,
     )

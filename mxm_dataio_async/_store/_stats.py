@@ -41,7 +41,7 @@ class StoreStats:
     rate is error responses (every failed attempt is one) over all responses.
     """
 
-    root: Path
+    root: Path | str
     sources: list[SourceStats]
     inline_payloads: int
     inline_bytes: int
@@ -84,7 +84,7 @@ class StoreStats:
         }
 
 
-async def stats(metadata: MetadataStore, *, root: Path) -> StoreStats:
+async def stats(metadata: MetadataStore, *, root: Path | str) -> StoreStats:
     """Counts and bytes per source, hit and error rates, payload tiers, database size."""
     counts = await metadata.stats()
     sources = [

@@ -35,7 +35,7 @@ from mxm_dataio_async._exceptions import (
 )
 from mxm_dataio_async._lifecycle import State
 from mxm_dataio_async._models import Body, Response, ResponseStatus, Session
-from mxm_dataio_async._store import _bundle, _cleanup, _stats, _verify
+from mxm_dataio_async._store import _bundle, _cleanup, _copy, _stats, _verify
 from mxm_dataio_async._store._local import LocalPayloads, verify_bytes
 from mxm_dataio_async._store._protocols import (
     Lease,
@@ -66,8 +66,12 @@ class Store:
             body = await store.read(resp)
     ```
 
+    ``Store("./data")`` keeps metadata in ``./data/dataio.sqlite`` and payloads in files under it;
+    ``Store("postgresql://user@host:5432/db", payloads="s3://bucket/prefix")`` keeps them in
+    PostgreSQL and S3 (the ``postgres`` and ``s3`` extras; ``payloads=`` may be a folder too).
+    ``metadata=`` and ``payloads=`` also take any implementation of the protocols.
     ``inline_threshold``: payloads up to this many bytes live in the metadata store (atomic with
-    their rows); larger ones go to the payload store (files under ``<root>/payloads/``).
+    their rows); larger ones go to the payload store.
     ``read_only=True`` opens an existing store for inspection and refuses writes;
     ``create=False`` opens only an existing one. ``clock`` times leases and ``fetched_at``.
     """
@@ -91,29 +95,33 @@ class Store:
         if not busy_timeout >= 0:
             raise ValueError("busy_timeout must be >= 0 seconds")
         if (root is None) == (metadata is None):
-            raise TypeError("pass a store root (a directory) or metadata= (a MetadataStore)")
+            raise TypeError(
+                "pass a store (a folder, or a postgresql:// URL) or metadata= (a MetadataStore)"
+            )
         create = create and not read_only
         self.clock = clock
         self.inline_threshold = inline_threshold
         self.read_only = read_only
-        # The folder reports and messages name: the root given, else the metadata backend's own
-        # (SqliteMetadata has one), else its location.
-        if root is not None:
-            self.root = Path(root)
-        else:
-            assert metadata is not None
-            self.root = Path(getattr(metadata, "root", None) or metadata.location)
         if metadata is None:
-            metadata = SqliteMetadata(
-                self.root, busy_timeout=busy_timeout, create=create, read_only=read_only,
-                clock=clock,
-            )  # fmt: skip
+            assert root is not None
+            metadata, folder = _metadata_for(
+                root, busy_timeout=busy_timeout, create=create, read_only=read_only, clock=clock
+            )
+        else:
+            folder = getattr(metadata, "root", None)
         if payloads is None:
-            if root is None:
-                raise TypeError("pass payloads= (a folder or a PayloadStore) with metadata=")
-            payloads = LocalPayloads(self.root, create=create)
+            if folder is None:
+                raise TypeError(
+                    f"say where payloads above the inline threshold go for {metadata.location}: "
+                    "payloads='s3://bucket/prefix' or a folder"
+                )
+            payloads = LocalPayloads(folder, create=create)
         elif isinstance(payloads, str | os.PathLike):
-            payloads = LocalPayloads(payloads, create=create)
+            payloads = _payloads_for(payloads, create=create)
+        self.root: Path | None = Path(folder) if folder is not None else None
+        """The store's folder (the embedded backend); None for a store kept in a server."""
+        self.location: str = metadata.location
+        """Where the metadata lives: a path, or a URL without its password."""
         self.metadata: MetadataStore = metadata
         self.payloads: PayloadStore = payloads
         self._create = create
@@ -125,6 +133,8 @@ class Store:
     @property
     def db_path(self) -> Path:
         """The SQLite database file (the embedded backend)."""
+        if self.root is None:
+            raise AttributeError(f"the store at {self.location} has no SQLite database file")
         return self.root / DB_NAME
 
     @property
@@ -137,7 +147,7 @@ class Store:
 
     def __repr__(self) -> str:
         return (
-            f"<Store metadata={self.metadata.location!r} payloads={self.payloads.location!r} "
+            f"<Store metadata={self.location!r} payloads={self.payloads.location!r} "
             f"state={self._state}>"
         )
 
@@ -186,6 +196,7 @@ class Store:
         self._state = State.OPEN
 
     def _make_root(self) -> None:
+        assert self.root is not None
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -209,7 +220,8 @@ class Store:
     def _require_open(self) -> None:
         if self._state is not State.OPEN:
             raise StoreClosedError(
-                f"the store at {self.root} {self._state.describe()}; use `async with Store(...)`"
+                f"the store at {self.location} {self._state.describe()}; "
+                "use `async with Store(...)`"
             )
 
     # -- staging (the pipeline's write path; the recorder commits the rows) ---------------------
@@ -492,7 +504,11 @@ class Store:
         """
         self._require_open()
         return await _verify.verify(
-            self.metadata, self.payloads, root=self.root, grace=grace, on_progress=on_progress
+            self.metadata,
+            self.payloads,
+            root=self._where,
+            grace=grace,
+            on_progress=on_progress,
         )
 
     async def gc(
@@ -525,7 +541,7 @@ class Store:
     async def stats(self) -> _stats.StoreStats:
         """Counts and bytes per source, cache hit and error rates, payload tiers, database size."""
         self._require_open()
-        return await _stats.stats(self.metadata, root=self.root)
+        return await _stats.stats(self.metadata, root=self._where)
 
     async def export_session(
         self, session_id: str, path: str | os.PathLike[str]
@@ -541,10 +557,31 @@ class Store:
             self.metadata, self.payloads, path, inline_threshold=self.inline_threshold
         )
 
+    async def copy_to(
+        self, target: Store, *, on_progress: _copy.CopyProgress | None = None
+    ) -> _copy.CopyReport:
+        """Copy every session, request, response and payload into ``target``, which may be
+        another backend (a SQLite store into PostgreSQL + S3). Every payload is verified on the
+        way; running it again adds only what is missing.
+
+        ```python
+        async with Store("./data") as src, Store("postgresql://...", payloads="s3://b/p") as dst:
+            report = await src.copy_to(dst)
+        ```
+        """
+        self._require_open()
+        target._writable("copy into")
+        return await _copy.copy_store(self, target, on_progress=on_progress)
+
+    @property
+    def _where(self) -> Path | str:
+        """What reports name: the folder, else the metadata's location."""
+        return self.root if self.root is not None else self.location
+
     def _writable(self, action: str) -> None:
         self._require_open()
         if self.read_only:
-            raise UsageError(f"cannot {action}: the store at {self.root} was opened read-only")
+            raise UsageError(f"cannot {action}: the store at {self.location} was opened read-only")
 
 
 def _digest(response: Response | str) -> bytes:
@@ -558,6 +595,46 @@ def _digest(response: Response | str) -> bytes:
     if len(digest) != 32:
         raise ValueError(f"not a sha256 checksum: {checksum!r}")
     return digest
+
+
+def _metadata_for(
+    target: str | os.PathLike[str],
+    *,
+    busy_timeout: float,
+    create: bool,
+    read_only: bool,
+    clock: Clock,
+) -> tuple[MetadataStore, Path | None]:
+    """The metadata backend a store names (with its folder, if it has one): a folder is SQLite,
+    ``postgresql://`` is PostgreSQL (the ``postgres`` extra)."""
+    text = os.fspath(target)
+    scheme = text.split("://", 1)[0].lower() if "://" in text else None
+    if scheme is None:
+        root = Path(text)
+        return SqliteMetadata(
+            root, busy_timeout=busy_timeout, create=create, read_only=read_only, clock=clock
+        ), root
+    if scheme in ("postgresql", "postgres"):
+        from mxm_dataio_async._store._postgres import PostgresMetadata  # needs the extra
+
+        return PostgresMetadata(
+            text, busy_timeout=busy_timeout, create=create, read_only=read_only, clock=clock
+        ), None
+    raise ValueError(f"unknown store {scheme}://...: give a folder (SQLite) or a postgresql:// URL")
+
+
+def _payloads_for(target: str | os.PathLike[str], *, create: bool) -> PayloadStore:
+    """The payload backend ``payloads=`` names: a folder, or ``s3://bucket/prefix`` (the ``s3``
+    extra; endpoint, region and credentials from the AWS_* variables or the URL's options)."""
+    text = os.fspath(target)
+    if "://" not in text:
+        return LocalPayloads(text, create=create)
+    if text.lower().startswith("s3://"):
+        from mxm_dataio_async._store._s3 import S3Payloads  # needs the extra
+
+        return S3Payloads(text, create=create)
+    scheme = text.split("://", 1)[0]
+    raise ValueError(f"unknown payloads {scheme}://...: give a folder or an s3://bucket/prefix URL")
 
 
 async def _prefixed(head: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

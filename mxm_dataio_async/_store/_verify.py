@@ -70,7 +70,7 @@ class VerifyReport:
     ``ok`` is True when there is no problem; ``exit_code`` is 0 then and 1 otherwise.
     """
 
-    root: Path
+    root: Path | str
     payloads: int = 0
     bytes: int = 0
     responses: int = 0
@@ -120,7 +120,7 @@ class _Verifier:
         self,
         metadata: MetadataStore,
         payloads: PayloadStore,
-        root: Path,
+        root: Path | str,
         grace: float,
         on_progress: ProgressCallback | None,
     ) -> None:
@@ -284,7 +284,7 @@ async def verify(
     metadata: MetadataStore,
     payloads: PayloadStore,
     *,
-    root: Path,
+    root: Path | str,
     grace: Duration = 0.0,
     on_progress: ProgressCallback | None = None,
 ) -> VerifyReport:

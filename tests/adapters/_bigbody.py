@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import resource
 import sys
 import time
 from typing import Any
@@ -50,7 +49,13 @@ def expected_sha256(size: int) -> str:
 
 
 def peak_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    """This process's own peak RSS (VmHWM). Not ``ru_maxrss``: Linux carries that across
+    ``execve``, so a child of a large parent (pytest) would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 async def run(mode: str, size: int, root: str) -> dict[str, Any]:

@@ -269,7 +269,7 @@ async def test_stop_ends_a_run_early_and_cleanly(job_server: JobServer, tmp_path
     summary = await run_job(path, on_progress=on_progress, stop=stop)
     assert summary.interrupted and not summary.ok
     assert 5 <= summary.done < 60
-    root = summary.root
+    root = Path(summary.root)  # a folder here (the job's store: ./dataio)
     assert query(root, "SELECT count(*) FROM leases") == [(0,)]
     [(status, ended)] = query(root, "SELECT status, ended_at FROM sessions")
     assert ended is not None and status in ("ok", "error")

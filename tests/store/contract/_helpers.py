@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import socket
 import time
 from collections.abc import AsyncIterable, Mapping
 from dataclasses import replace
@@ -148,20 +150,31 @@ async def record_hit(metadata: MetadataStore, req: Request, served: Response) ->
 
 
 # -- damage a test cannot do through the protocols ------------------------------------------------
-# Each helper skips the test for a payload store it cannot reach. A new backend whose objects a
-# test can damage (an S3 bucket through its client, say) adds a branch here.
+# Each helper reaches the backend's own storage: a local folder through the file system, an S3
+# bucket through obstore. A backend neither of those reaches skips the test.
 
 
-def _local(payloads: PayloadStore, what: str) -> LocalPayloads:
-    if not isinstance(payloads, LocalPayloads):
-        pytest.skip(f"cannot {what} in {type(payloads).__name__} from a test")
-    return payloads
+def _local(payloads: PayloadStore) -> LocalPayloads | None:
+    return payloads if isinstance(payloads, LocalPayloads) else None
+
+
+def _s3_put(payloads: PayloadStore, key: str, data: bytes) -> Path | None:
+    """Put ``data`` at ``key`` (relative to an S3 payload store's prefix), behind its back."""
+    if type(payloads).__name__ != "S3Payloads":
+        return None
+    import obstore
+
+    s3: Any = payloads
+    obstore.put(s3._store, key, data)
+    return Path(s3._where(key))
 
 
 async def overwrite_object(payloads: PayloadStore, digest: bytes, data: bytes) -> None:
-    """Replace the stored bytes of ``digest`` (silent corruption), through its location."""
+    """Replace the stored bytes of ``digest`` (silent corruption)."""
     obj = await payloads.stat(digest)
     assert obj is not None, "nothing stored to corrupt"
+    if _s3_put(payloads, getattr(payloads, "key_for", str)(digest), data) is not None:
+        return
     path = Path(obj.location)
     if not path.is_absolute() or not path.is_file():
         pytest.skip(f"cannot corrupt objects at {obj.location!r} from a test")
@@ -170,7 +183,15 @@ async def overwrite_object(payloads: PayloadStore, digest: bytes, data: bytes) -
 
 def make_leftover(payloads: PayloadStore, data: bytes = b"half a payload", age: float = 0) -> Path:
     """A piece of a write whose process died, ``age`` seconds old."""
-    local = _local(payloads, "leave an interrupted write")
+    local = _local(payloads)
+    if local is None:
+        if age:  # an object store stamps its own Last-Modified
+            pytest.skip(f"cannot age an object in {type(payloads).__name__} from a test")
+        host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:63] or "host"
+        put = _s3_put(payloads, f"tmp/{host}/999999999-{new_id()}", data)  # a dead pid
+        if put is None:
+            pytest.skip(f"cannot leave an interrupted write in {type(payloads).__name__}")
+        return put
     path = local.tmp / f"999999999-{new_id()}.part"  # no such pid: its writer is dead
     path.write_bytes(data)
     if age:
@@ -181,7 +202,12 @@ def make_leftover(payloads: PayloadStore, data: bytes = b"half a payload", age: 
 
 def make_stray(payloads: PayloadStore, data: bytes = b"stray") -> Path:
     """An object whose name is not a content address."""
-    local = _local(payloads, "leave a stray object")
+    local = _local(payloads)
+    if local is None:
+        put = _s3_put(payloads, "00/00/not-a-digest.bin", data)
+        if put is None:
+            pytest.skip(f"cannot leave a stray object in {type(payloads).__name__}")
+        return put
     path = local.dir / "00" / "00" / "not-a-digest.bin"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)

@@ -17,6 +17,7 @@ Fixtures:
 from __future__ import annotations
 
 import itertools
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ class BackendPair:
     metadata: MetadataStore
     payloads: PayloadStore
     root: Path
+    lease_clock: str = "holder"
+    """Whose clock decides lease expiry: ``holder`` (the ``clock`` given, a FakeClock in these
+    tests) or ``server`` (the database's own ``now()``, which no test can move)."""
 
 
 BackendFactory = Callable[[Path, Clock], BackendPair]
@@ -57,17 +61,50 @@ def make_sqlite_local(root: Path, clock: Clock) -> BackendPair:
     )
 
 
-# The backend pairs the contract runs against, by test id. Today one: the embedded pair.
-#
-# postgres-local and postgres-s3 will be added here, e.g.
-#     "postgres-local": make_postgres_local,  # PostgresMetadata + LocalPayloads
-#     "postgres-s3": make_postgres_s3,        # PostgresMetadata + S3Payloads
-# Their factories read the service URLs from the environment (e.g. MXM_DATAIO_TEST_POSTGRES_URL,
-# MXM_DATAIO_TEST_S3_URL) and call ``pytest.skip(...)`` when they are not configured, so the
-# suite still runs everywhere. Each call must return an empty store (a fresh schema / key prefix
-# derived from ``root``), and the same ``root`` must give the same stored data again.
+def make_postgres_local(root: Path, clock: Clock) -> BackendPair:
+    """PostgresMetadata in a schema of its own (named after ``root``, dropped after the test) in
+    the test server's database, and local payload files; skipped without the service."""
+    from tests.store.postgres._support import contract_metadata
+
+    metadata = contract_metadata(root, clock)
+    return BackendPair(metadata, LocalPayloads(root / "objects"), root, lease_clock="server")
+
+
+def make_postgres_s3(root: Path, clock: Clock) -> BackendPair:
+    """PostgresMetadata (a schema of its own) and S3Payloads (a key prefix of its own)."""
+    from tests.store.postgres._support import contract_metadata
+
+    s3 = make_sqlite_s3(root, clock).payloads
+    return BackendPair(contract_metadata(root, clock), s3, root, lease_clock="server")
+
+
+def make_sqlite_s3(root: Path, clock: Clock) -> BackendPair:
+    """SQLite metadata and S3Payloads (SeaweedFS in CI) under a random key prefix per root,
+    written to ``root/s3-prefix``: the same root opens the same objects again."""
+    from mxm_dataio_async._store._s3 import S3Payloads
+    from tests.conftest import service_url
+
+    base = service_url("MXM_DATAIO_TEST_S3_URL", "S3").rstrip("/")
+    marker = root / "s3-prefix"
+    if not marker.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"contract-{secrets.token_hex(8)}")
+    return BackendPair(
+        SqliteMetadata(root / "metadata", clock=clock),
+        S3Payloads(f"{base}/{marker.read_text()}"),
+        root,
+    )
+
+
+# The backend pairs the contract runs against, by test id. The factories of the pairs that need a
+# server read its URL from the environment (tests.conftest.service_url: skipped without it, a
+# failure in CI). Each call returns an empty store for a new ``root`` (a fresh schema / key
+# prefix derived from it), and the same ``root`` gives the same stored data again.
 BACKENDS: dict[str, BackendFactory] = {
     "sqlite-local": make_sqlite_local,
+    "postgres-local": make_postgres_local,
+    "sqlite-s3": make_sqlite_s3,  # SqliteMetadata + S3Payloads
+    "postgres-s3": make_postgres_s3,
 }
 
 
