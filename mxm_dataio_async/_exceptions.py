@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from datetime import datetime
 
     from mxm_dataio_async._models import Request
@@ -78,7 +79,11 @@ class TransientError(DataIOError):
     ``retry_after`` (seconds) is the upstream's own hint, e.g. from a ``Retry-After`` header; the
     retry loop never waits less than it, and the source's limiter pauses the whole source until
     then.
-    ``transport_status`` is the upstream status code when there was one.
+    ``transport_status`` is the upstream status code when there was one. What the upstream
+    answered goes on the attempt's error row: ``url`` (the URL that answered), ``headers`` (its
+    response headers, e.g. the ``Retry-After`` value) and ``body`` (the start of its body, e.g. an
+    API's JSON error detail; the adapter caps it). The recorder redacts them before they are
+    stored.
     """
 
     def __init__(
@@ -87,12 +92,18 @@ class TransientError(DataIOError):
         *,
         retry_after: float | None = None,
         transport_status: int | None = None,
+        url: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
     ) -> None:
         super().__init__(message)
         if retry_after is not None and retry_after < 0:
             retry_after = 0.0
         self.retry_after = retry_after
         self.transport_status = transport_status
+        self.url = url
+        self.headers = headers
+        self.body = body
 
 
 class FetchError(DataIOError):
@@ -110,12 +121,14 @@ class FetchError(DataIOError):
         attempts: int = 0,
         transport_status: int | None = None,
         response_id: str | None = None,
+        url: str | None = None,
     ) -> None:
         super().__init__(message)
         self.request = request
         self.attempts = attempts
         self.transport_status = transport_status
         self.response_id = response_id
+        self.url = url  # the URL that failed, when an adapter knows it (recorded on the error row)
 
 
 class IntegrityError(DataIOError):
