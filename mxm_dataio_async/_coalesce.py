@@ -38,19 +38,19 @@ T = TypeVar("T")
 
 
 class RequestCoalescer(Protocol):
-    """What the pipeline needs of single-flight, keyed by ``(request hash, persists)``: run one
-    producer per key, count the waiters of a key, and let an owner wait for the producers it
-    started. A cross-process implementation (Redis ``SET NX`` + publish) offers the same."""
+    """What the pipeline needs of single-flight, keyed by ``(request hash, persists, headers)``:
+    run one producer per key, count the waiters of a key, and let an owner wait for the producers
+    it started. A cross-process implementation (Redis ``SET NX`` + publish) offers the same."""
 
     async def run(
         self,
-        key: tuple[str, bool],
+        key: tuple[str, bool, str],
         factory: Callable[[], Awaitable[Response]],
         *,
         owner: object,
     ) -> Response: ...
 
-    def waiters(self, key: tuple[str, bool]) -> int: ...
+    def waiters(self, key: tuple[str, bool, str]) -> int: ...
 
     async def join(self, owner: object, *, cancel: bool = False) -> None: ...
 

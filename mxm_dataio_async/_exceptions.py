@@ -83,7 +83,8 @@ class TransientError(DataIOError):
     answered goes on the attempt's error row: ``url`` (the URL that answered), ``headers`` (its
     response headers, e.g. the ``Retry-After`` value) and ``body`` (the start of its body, e.g. an
     API's JSON error detail; the adapter caps it). The recorder redacts them before they are
-    stored.
+    stored. ``not_sent`` says the request provably never reached the upstream (the connection
+    could not be made): even a request that is not safe to repeat (a POST) may be retried then.
     """
 
     def __init__(
@@ -95,6 +96,7 @@ class TransientError(DataIOError):
         url: str | None = None,
         headers: Mapping[str, str] | None = None,
         body: bytes | None = None,
+        not_sent: bool = False,
     ) -> None:
         super().__init__(message)
         if retry_after is not None and retry_after < 0:
@@ -104,6 +106,7 @@ class TransientError(DataIOError):
         self.url = url
         self.headers = headers
         self.body = body
+        self.not_sent = not_sent
 
 
 class FetchError(DataIOError):

@@ -150,8 +150,14 @@ def request_hash(
     body: JSONValue,
     as_of_bucket: str | None,
     cache_tag: str | None,
+    byte_range: str | None = None,
 ) -> str:
-    """The sha256 hex digest identifying a request (inputs must already be checked)."""
+    """The sha256 hex digest identifying a request (inputs must already be checked).
+
+    ``byte_range``: the request's ``Range`` header, when it has one. A partial answer is an
+    answer to that range only, so the range is part of the identity (absent, the digest is the
+    same as before ranges were considered).
+    """
     doc: dict[str, Any] = {
         "as_of_bucket": as_of_bucket,
         "body": body,
@@ -163,4 +169,6 @@ def request_hash(
         "source": source,
         "v": 1,
     }
+    if byte_range is not None:
+        doc["range"] = byte_range
     return hashlib.sha256(canonical_json(doc).encode("ascii")).hexdigest()

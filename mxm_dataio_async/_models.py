@@ -141,11 +141,18 @@ class ResponseStatus(StrEnum):
 
 
 class SessionStatus(StrEnum):
-    """Final state of a session row."""
+    """The state of a session row."""
 
     OPEN = "open"
+    """Running (or its process died without a trace: see ABANDONED)."""
     OK = "ok"
+    """Ended normally; some requests may have failed (``errors`` counts them), not all."""
     ERROR = "error"
+    """Ended by an exception, or every one of its requests failed (``error`` says which)."""
+    CANCELLED = "cancelled"
+    """Interrupted: cancelled from outside (Ctrl-C, a job stopped); ``error`` says why."""
+    ABANDONED = "abandoned"
+    """Its process is gone without recording an end (killed); found when a store opens."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +172,9 @@ class Session:
     errors: int = 0
     bytes_fetched: int = 0
     error: str | None = None
+    host: str | None = None
+    """The host that ran the session (with ``pid``: how a dead run is told from a live one)."""
+    pid: int | None = None
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -172,8 +182,9 @@ class Request:
     """One operation against a source. Build it with ``AsyncSession.request``.
 
     ``hash`` is the canonical identity (sha256 hex) over source, kind, method, endpoint, params,
-    body, as_of_bucket and cache_tag. Headers, ``ttl_seconds`` and ``cache_mode`` are not part of
-    it. Equality is by ``id``.
+    body, as_of_bucket and cache_tag (and a ``Range`` header: a partial answer answers only its
+    range). Other headers, ``ttl_seconds`` and ``cache_mode`` are not part of it. Equality is by
+    ``id``.
     """
 
     id: str
@@ -191,6 +202,14 @@ class Request:
     cache_mode: CacheMode
     hash: str
     created_at: datetime
+    retry_unsafe: bool = False
+    """Retry this request after any transient failure even if its method is not safe to repeat
+    (POST, PATCH, or any request with a body): see ``RetryPolicy``."""
+
+    @property
+    def unsafe(self) -> bool:
+        """Repeating this request may repeat its effect: POST, PATCH, or any request with a body."""
+        return self.method in ("POST", "PATCH") or self.body is not None
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Request) and other.id == self.id
@@ -239,6 +258,12 @@ class Response:
     adapter_meta: Mapping[str, Any] | None = None
     error: str | None = None
     revalidated_from: str | None = None
+    wait_ms: float | None = None
+    """Milliseconds this attempt waited for the source's rate gate before it started
+    (``elapsed_ms`` is the adapter's own time, on OK and error rows alike)."""
+    vary: Mapping[str, str] | None = None
+    """For a response with ``Vary``: the sha256 of each named request header's value as sent
+    (``""`` for absent), so that only a request with the same values is served it."""
     payload: bytes | None = field(default=None, repr=False, compare=False)
     """The bytes of an ephemeral (``cache_mode="never"``) response, which the store never saw;
     ``None`` for recorded responses (read those with ``AsyncSession.read``)."""

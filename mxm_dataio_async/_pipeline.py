@@ -69,13 +69,18 @@ class Pipeline:
         # Plan: look up what is stored (unless the mode never serves it), then decide (pure).
         mode = request.cache_mode
         persist = persists(mode)
-        key = (request.hash, persist)
+        key = _flight_key(request, persist)
         in_flight = self._coalescer.waiters(key) > 0
         cached = None
         if needs_lookup(mode, in_flight=in_flight):
             cached = await self._metadata.latest_response(request.hash)
         decision = decide(
-            mode, cached, ttl=request.ttl_seconds, now=self._clock.now(), in_flight=in_flight
+            mode,
+            cached,
+            ttl=request.ttl_seconds,
+            now=self._clock.now(),
+            in_flight=in_flight,
+            headers=request.headers,
         )
         if decision.action is Action.SERVE:
             assert decision.cached is not None
@@ -101,28 +106,33 @@ class Pipeline:
     async def _produce(self, request: Request, decision: Decision, persist: bool) -> Response:
         """Attempts until one answers or the retry schedule gives up, then the recorded answer."""
         recorder, clock, entry = self._recorder, self._clock, self._entry
-        started = clock.monotonic()
-        retrying = entry.retry.schedule(started)
+        unsafe = request.unsafe and not request.retry_unsafe
+        retrying = entry.retry.schedule(clock.monotonic(), unsafe=unsafe)
         while True:
             number = retrying.begin()
+            times = _Times(clock.monotonic())
             try:
                 if retrying.policy.deadline is None:
-                    attempt = await self._attempt(request, decision, persist, number, started)
+                    attempt = await self._attempt(request, decision, persist, number, times)
                 else:
                     attempt = await self._bounded_attempt(
-                        request, decision, persist, number, started, retrying
+                        request, decision, persist, number, times, retrying
                     )
                 break
             except StoreError:
                 raise  # the store failed, not the upstream: nothing to retry or to record
             except Exception as exc:
                 now = clock.monotonic()
+                body = getattr(exc, "body", None)  # what the upstream said (an API's error detail)
+                answered = await self._store.stage(body) if body and persist else None
                 error_id = await recorder.failed(
                     request,
                     exc,
                     number=number,
-                    elapsed_ms=(now - started) * 1000.0,
+                    elapsed_ms=times.elapsed_ms(now),
+                    wait_ms=times.wait_ms(now),
                     persist=persist,
+                    answered=answered,
                 )
                 hint = exc.retry_after if isinstance(exc, TransientError) else None
                 if hint and not retry_waits_disabled():
@@ -131,7 +141,6 @@ class Pipeline:
                 if wait is None:
                     raise retrying.failure(exc, request, response_id=error_id) from exc
                 await clock.sleep(wait)
-                started = clock.monotonic()
         result = attempt.result
         if result.error is not None:
             refused = await recorder.refused(request, attempt, persist=persist)
@@ -141,6 +150,7 @@ class Pipeline:
                 attempts=attempt.number,
                 transport_status=result.transport_status,
                 response_id=refused.id if persist and attempt.staged is not None else None,
+                url=result.url,
             )
         if result.not_modified:
             assert decision.cached is not None
@@ -153,27 +163,28 @@ class Pipeline:
         decision: Decision,
         persist: bool,
         number: int,
-        started: float,
+        times: _Times,
         retrying: Retrying,
     ) -> Attempt:
         """One attempt, cancelled if the retry deadline passes while it runs."""
-        left = retrying.time_left(started)
+        left = retrying.time_left(times.started)
         assert left is not None  # called only when the policy has a deadline
         with self._clock.cancel_after(left):  # the session's clock, as the retry waits
-            return await self._attempt(request, decision, persist, number, started)
+            return await self._attempt(request, decision, persist, number, times)
         raise DeadlineExceeded(
             f"the {retrying.policy.deadline:g}s retry deadline passed during attempt {number}; "
             "it was cancelled"
         )
 
     async def _attempt(
-        self, request: Request, decision: Decision, persist: bool, number: int, started: float
+        self, request: Request, decision: Decision, persist: bool, number: int, times: _Times
     ) -> Attempt:
         """The rate gate's slot around the adapter call and the staging of its payload (a
         streamed body is read while the slot, and the connection, are held)."""
-        entry = self._entry
+        entry, clock = self._entry, self._clock
         revalidating = decision.action is Action.REVALIDATE and entry.can_revalidate
         async with entry.gate.slot():
+            times.admitted = clock.monotonic()
             if revalidating:
                 assert decision.cached is not None
                 raw = await entry.adapter.revalidate(request, decision.cached)
@@ -191,10 +202,9 @@ class Pipeline:
                 staged = await self._store.stage(result.data)
             else:
                 data = await _in_memory(result.data)
-        elapsed = result.elapsed_ms
-        if elapsed is None:
-            elapsed = (self._clock.monotonic() - started) * 1000.0
-        return Attempt(result, staged, data, number, elapsed)
+        now = clock.monotonic()
+        elapsed = result.elapsed_ms if result.elapsed_ms is not None else times.elapsed_ms(now)
+        return Attempt(result, staged, data, number, elapsed, times.wait_ms(now))
 
     # -- send -----------------------------------------------------------------------------------
 
@@ -259,6 +269,9 @@ class Pipeline:
             try:
                 async for raw in messages:
                     result = _as_result(raw, "stream")
+                    if result.error is not None:  # it dropped; the adapter resumes it
+                        await recorder.dropped(request, result, sequence, persist=persist)
+                        continue
                     staged = await self._store.stage(result.data) if persist else None
                     data = None if persist else await _in_memory(result.data)
                     elapsed = (self._clock.monotonic() - started) * 1000.0
@@ -293,6 +306,32 @@ class Pipeline:
                 if aclose is not None:
                     with anyio.CancelScope(shield=True):
                         await aclose()
+
+
+class _Times:
+    """When an attempt started, and when the rate gate let it through: ``wait_ms`` is the time
+    in between, ``elapsed_ms`` the adapter's own time after it."""
+
+    __slots__ = ("admitted", "started")
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.admitted: float | None = None
+
+    def wait_ms(self, now: float) -> float:
+        return ((self.admitted if self.admitted is not None else now) - self.started) * 1000.0
+
+    def elapsed_ms(self, now: float) -> float:
+        return 0.0 if self.admitted is None else (now - self.admitted) * 1000.0
+
+
+def _flight_key(request: Request, persist: bool) -> tuple[str, bool, str]:
+    """What makes two fetches the same in flight: their identity, whether they persist, and the
+    headers they send (a response that varies by a header must not be shared with a request
+    sending another value of it)."""
+    if not request.headers:
+        return (request.hash, persist, "")
+    return (request.hash, persist, repr(sorted((k.lower(), v) for k, v in request.headers.items())))
 
 
 def _as_result(value: object, what: str) -> AdapterResult:

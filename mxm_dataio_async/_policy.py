@@ -7,6 +7,8 @@ decision is made here, including when a duplicate joins a fetch in flight instea
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -16,6 +18,7 @@ from mxm_dataio_async._models import CacheMode, Response
 __all__ = [
     "Action",
     "Decision",
+    "answers",
     "decide",
     "is_fresh",
     "joins_in_flight",
@@ -63,6 +66,22 @@ def is_fresh(cached: Response, ttl: float | None, now: datetime) -> bool:
     return (now - cached.fetched_at).total_seconds() <= ttl
 
 
+def answers(cached: Response, headers: Mapping[str, str]) -> bool:
+    """Whether a stored response answers a request that sends ``headers``: every request header
+    its ``Vary`` names must have the value it was fetched with (``Vary: *`` never matches)."""
+    vary = cached.vary
+    if not vary:
+        return True
+    if "*" in vary:
+        return False
+    sent = {k.lower(): v for k, v in headers.items()} if headers else {}
+    for name, digest in vary.items():
+        value = sent.get(name, "")
+        if hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest() != digest:
+            return False
+    return True
+
+
 def decide(
     mode: CacheMode,
     cached: Response | None,
@@ -70,11 +89,15 @@ def decide(
     ttl: float | None,
     now: datetime,
     in_flight: bool = False,
+    headers: Mapping[str, str] | None = None,
 ) -> Decision:
     """What to do for one fetch. ``cached`` is the newest stored OK response, if any;
-    ``in_flight``: a fetch of the same request is running (see :func:`joins_in_flight`)."""
+    ``in_flight``: a fetch of the same request is running (see :func:`joins_in_flight`);
+    ``headers``: the request's own, for a stored response's ``Vary`` (see :func:`answers`)."""
     if joins_in_flight(mode, in_flight):
         return Decision(Action.FETCH, None, "joining an in-flight fetch")
+    if cached is not None and cached.vary and not answers(cached, headers or {}):
+        cached = None  # stored for other values of the headers it varies by: not an answer
     if mode is CacheMode.DEFAULT:
         if cached is None:
             return Decision(Action.FETCH, None, "not stored")

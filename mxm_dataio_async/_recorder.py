@@ -29,9 +29,30 @@ from mxm_dataio_async._models import (
 from mxm_dataio_async._redact import REDACTED, Redaction
 from mxm_dataio_async._store import MetadataStore, Recording, StagedPayload
 
-__all__ = ["Attempt", "Recorder", "error_text"]
+__all__ = ["Attempt", "Recorder", "error_text", "vary_of"]
 
 _MAX_ERROR_TEXT: Final = 2000
+
+
+def vary_of(
+    response_headers: Mapping[str, str] | None, request_headers: Mapping[str, str]
+) -> dict[str, str] | None:
+    """For a response with ``Vary``: each named request header's value as sent, as a sha256 (so
+    no secret is stored), for the cache to serve it only to requests that send the same.
+    ``Accept-Encoding`` is left out: what is stored is the decoded body."""
+    if not response_headers:
+        return None
+    named = [v for k, v in response_headers.items() if k.lower() == "vary"]
+    if not named:
+        return None
+    sent = {k.lower(): v for k, v in request_headers.items()}
+    out: dict[str, str] = {}
+    for name in ",".join(named).split(","):
+        key = name.strip().lower()
+        if key and key != "accept-encoding":
+            value = sent.get(key, "") if key != "*" else "*"
+            out[key] = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+    return out or None
 
 
 def error_text(exc: BaseException) -> str:
@@ -43,13 +64,15 @@ def error_text(exc: BaseException) -> str:
 @dataclass(frozen=True, slots=True)
 class Attempt:
     """One adapter call that produced an answer: its result, its payload (staged in the store,
-    or in memory for an ephemeral fetch), its number and how long it took."""
+    or in memory for an ephemeral fetch), its number, how long the adapter took and how long the
+    attempt waited for the rate gate before."""
 
     result: AdapterResult
     staged: StagedPayload | None
     data: bytes | None  # only for ephemeral (never) requests: the store never sees them
     number: int
-    elapsed_ms: float
+    elapsed_ms: float | None  # the adapter's own time
+    wait_ms: float | None = None  # waiting for the source's rate gate first
 
     def identity(self) -> tuple[str | None, int]:
         """``(checksum, size)`` of the payload, wherever it is."""
@@ -92,14 +115,24 @@ class Recorder:
     async def start(self) -> None:
         await self._metadata.save_session(self._record)
 
-    async def end(self, exc: BaseException | None) -> Session:
-        """Record the session's end: its counts, and ``error`` status if ``exc`` ended it."""
-        self._record = replace(
-            self.session,
-            ended_at=self._clock.now(),
-            status=SessionStatus.ERROR if exc is not None else SessionStatus.OK,
-            error=error_text(exc) if exc is not None else None,
-        )
+    async def end(self, exc: BaseException | None, *, interrupted: str | None = None) -> Session:
+        """Record the session's end: its counts and a status that says what happened.
+
+        ``cancelled`` when cancellation ended it (``interrupted`` says why, e.g. "interrupted
+        (SIGINT)"), ``error`` when an exception did or when every request failed, else ``ok``.
+        """
+        session = self.session
+        status, error = SessionStatus.OK, None
+        if exc is not None and isinstance(exc, anyio.get_cancelled_exc_class() | KeyboardInterrupt):
+            status, error = SessionStatus.CANCELLED, interrupted or "cancelled"
+        elif exc is not None:
+            status, error = SessionStatus.ERROR, error_text(exc)
+        elif interrupted is not None:
+            status, error = SessionStatus.CANCELLED, interrupted
+        elif session.requests and session.errors >= session.requests:
+            status = SessionStatus.ERROR
+            error = f"every request failed ({session.errors} of {session.requests})"
+        self._record = replace(session, ended_at=self._clock.now(), status=status, error=error)
         with anyio.CancelScope(shield=True):
             await self._metadata.save_session(self._record)
         return self._record
@@ -148,7 +181,13 @@ class Recorder:
         """An attempt that produced the answer (``ok``)."""
         checksum, size = attempt.identity()
         response = self._response(
-            request, ResponseStatus.OK, checksum, size, attempt, payload=attempt.data
+            request,
+            ResponseStatus.OK,
+            checksum,
+            size,
+            attempt,
+            payload=attempt.data,
+            vary=vary_of(attempt.result.headers, request.headers),
         )
         self._counts["bytes"] += size
         await self._commit(request, response, attempt.staged, persist=persist)
@@ -193,26 +232,52 @@ class Recorder:
         exc: BaseException,
         *,
         number: int,
-        elapsed_ms: float,
+        elapsed_ms: float | None,
         persist: bool,
         sequence: int | None = None,
         sent: StagedPayload | None = None,
+        answered: StagedPayload | None = None,
+        wait_ms: float | None = None,
     ) -> str:
-        """An attempt that raised: its error row (no payload; with the bytes a send tried to
-        send). Returns the row's id."""
+        """An attempt that raised: its error row. What the upstream answered, if the error
+        carries it (``TransientError``: the URL, response headers and the start of the body,
+        staged as ``answered``), goes on the row too; with a send, the bytes it tried to send.
+        Returns the row's id."""
+        red = self._redaction
+        headers = getattr(exc, "headers", None)
         response = self._response(
             request,
             ResponseStatus.ERROR,
-            None,
-            0,
+            None if answered is None else answered.checksum,
+            0 if answered is None else answered.size,
             None,
             number=number,
             elapsed_ms=elapsed_ms,
             error=error_text(exc),
             transport_status=getattr(exc, "transport_status", None),
             sequence=sequence,
+            headers=red.headers_of(headers) if headers else None,
+            url=red.url(getattr(exc, "url", None)),
+            wait_ms=wait_ms,
         )
-        await self._commit(request, response, None, persist=persist, sent=sent)
+        await self._commit(request, response, answered, persist=persist, sent=sent)
+        return response.id
+
+    async def dropped(
+        self, request: Request, result: AdapterResult, sequence: int, *, persist: bool
+    ) -> str:
+        """A stream that dropped and is being resumed (the adapter said why, and with which
+        ``Last-Event-ID``): a row of its own, never a message."""
+        response = self._response(
+            request,
+            ResponseStatus.ERROR,
+            None,
+            0,
+            Attempt(result, None, None, 1, result.elapsed_ms),
+            error=result.error,
+            sequence=sequence,
+        )
+        await self._commit(request, response, None, persist=persist)
         return response.id
 
     async def acknowledged(
@@ -293,18 +358,25 @@ class Recorder:
         content_type: str | None = None,
         encoding: str | None = None,
         payload: bytes | None = None,
+        url: str | None = None,
+        wait_ms: float | None = None,
+        vary: Mapping[str, str] | None = None,
     ) -> Response:
         red = self._redaction
         result = None
+        meta = None
         if attempt is not None:
             result = attempt.result
             number = attempt.number
             elapsed_ms = attempt.elapsed_ms
+            wait_ms = attempt.wait_ms
             if headers is None:
                 headers = red.headers_of(result.headers)
             transport_status = result.transport_status
             content_type = content_type or result.content_type
             encoding = encoding or result.encoding
+            url = red.url(result.url)
+            meta = self._meta(result.adapter_meta)
         assert number is not None
         return Response(
             id=new_id(),
@@ -326,11 +398,38 @@ class Recorder:
             transport_status=transport_status,
             content_type=content_type,
             encoding=encoding,
-            url=red.url(result.url) if result is not None else None,
+            url=url,
             elapsed_ms=elapsed_ms,
             headers=headers,
-            adapter_meta=result.adapter_meta if result is not None else None,
+            adapter_meta=meta,
             error=error,
             revalidated_from=revalidated_from,
+            wait_ms=wait_ms,
+            vary=vary,
             payload=payload,
         )
+
+    def _meta(self, meta: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+        """An adapter's metadata as it may be stored: the headers it sent and the redirect hops
+        it followed, redacted like everything else."""
+        if not meta or ("request_headers" not in meta and "redirects" not in meta):
+            return meta
+        red = self._redaction
+        out = dict(meta)
+        sent = meta.get("request_headers")
+        if isinstance(sent, Mapping):
+            out["request_headers"] = red.headers_of(sent)
+        hops = meta.get("redirects")
+        if isinstance(hops, list):
+            out["redirects"] = [
+                {
+                    **hop,
+                    "url": red.url(hop.get("url")),
+                    "location": red.url(hop.get("location")),
+                    "headers": red.headers_of(hop.get("headers")),
+                }
+                if isinstance(hop, Mapping)
+                else hop
+                for hop in hops
+            ]
+        return out

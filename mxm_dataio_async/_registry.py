@@ -69,7 +69,9 @@ class Registry:
     def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
         self.clock = clock
         self._entries: dict[str, SourceEntry] = {}
-        self._coalescers: weakref.WeakKeyDictionary[object, Coalescer[tuple[str, bool], Response]]
+        self._coalescers: weakref.WeakKeyDictionary[
+            object, Coalescer[tuple[str, bool, str], Response]
+        ]
         self._coalescers = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
@@ -164,7 +166,7 @@ class Registry:
     def list_registered(self) -> list[str]:
         return sorted(self._entries)
 
-    def coalescer(self, store: object) -> Coalescer[tuple[str, bool], Response]:
+    def coalescer(self, store: object) -> Coalescer[tuple[str, bool, str], Response]:
         """The single-flight of every session using this registry with ``store``."""
         found = self._coalescers.get(store)
         if found is None:

@@ -81,6 +81,7 @@ def build_request(
     ttl: float | None = None,
     cache_mode: CacheMode | str = CacheMode.DEFAULT,
     redaction: Redaction = _DEFAULT_REDACTION,
+    retry_unsafe: bool = False,
 ) -> Request:
     """Validate inputs and compute identity. Raises ``TypeError``/``ValueError`` on bad input.
 
@@ -112,6 +113,9 @@ def build_request(
     identity_endpoint = endpoint_
     if endpoint_ is not None and "@" in endpoint_ and "://" in endpoint_:
         identity_endpoint = redaction.url(endpoint_)
+    headers_ = _check_headers(headers)
+    if not isinstance(retry_unsafe, bool):
+        raise TypeError(f"retry_unsafe must be True or False, got {retry_unsafe!r}")
     digest = request_hash(
         source=source,
         kind=kind_,
@@ -121,6 +125,7 @@ def build_request(
         body=body_,
         as_of_bucket=bucket,
         cache_tag=tag,
+        byte_range=next((v.strip() for k, v in headers_.items() if k.lower() == "range"), None),
     )
     return Request(
         id=new_id(),
@@ -131,11 +136,12 @@ def build_request(
         endpoint=endpoint_,
         params=params_,
         body=body_,
-        headers=_check_headers(headers),
+        headers=headers_,
         as_of_bucket=bucket,
         cache_tag=tag,
         ttl_seconds=ttl_,
         cache_mode=mode,
         hash=digest,
         created_at=utcnow(),
+        retry_unsafe=retry_unsafe,
     )

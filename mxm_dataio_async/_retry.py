@@ -53,6 +53,14 @@ class RetryPolicy:
     ``jitter`` seconds of uniform noise (added after the cap, so capped retries stay spread out),
     and never less than the error's ``retry_after``. ``deadline`` bounds the whole run: a wait that
     would end past it is not started. ``RetryPolicy(max_attempts=5, base_delay=0.2)``.
+
+    Requests that are not safe to repeat (POST, PATCH, or any request with a body) are retried
+    only when the failure proves the upstream never got them (the connection could not be made),
+    or when it answered 429 or 503 *with* a ``Retry-After`` (it refused, and said when to come
+    back). A timeout after the request was sent, a reset, or a 500 are final for them: the
+    upstream may have acted on the request already. ``retry_unsafe=True`` (here, for a whole
+    source, or ``session.request(..., retry_unsafe=True)`` for one request) retries them like any
+    other request: say so for endpoints that are idempotent in fact.
     """
 
     max_attempts: int = 3
@@ -61,6 +69,7 @@ class RetryPolicy:
     multiplier: float = 2.0
     jitter: float = 0.1
     deadline: float | None = None
+    retry_unsafe: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
@@ -72,6 +81,8 @@ class RetryPolicy:
             raise ValueError(
                 f"max_attempts must be >= 1 (1 means no retry), got {self.max_attempts}"
             )
+        if not isinstance(self.retry_unsafe, bool):
+            raise TypeError(f"retry_unsafe must be True or False, got {self.retry_unsafe!r}")
         _non_negative("base_delay", self.base_delay)
         _non_negative("max_delay", self.max_delay)
         _non_negative("jitter", self.jitter)
@@ -99,10 +110,11 @@ class RetryPolicy:
             return float(self.max_delay)
         return float(min(delay, self.max_delay))
 
-    def schedule(self, started: float) -> Retrying:
+    def schedule(self, started: float, *, unsafe: bool = False) -> Retrying:
         """A fresh retry state for one request whose first attempt starts at ``started``
-        (monotonic seconds)."""
-        return Retrying(self, started)
+        (monotonic seconds); ``unsafe``: the request is not safe to repeat (see above) and
+        neither it nor this policy says to retry it anyway."""
+        return Retrying(self, started, unsafe=unsafe and not self.retry_unsafe)
 
 
 NO_RETRY: Final = RetryPolicy(max_attempts=1)
@@ -157,13 +169,15 @@ class Retrying:
     ```
     """
 
-    __slots__ = ("_gave_up_wait", "attempts", "policy", "started")
+    __slots__ = ("_gave_up_wait", "_held_back", "attempts", "policy", "started", "unsafe")
 
-    def __init__(self, policy: RetryPolicy, started: float) -> None:
+    def __init__(self, policy: RetryPolicy, started: float, *, unsafe: bool = False) -> None:
         self.policy = policy
         self.started = started
+        self.unsafe = unsafe
         self.attempts = 0
         self._gave_up_wait: float | None = None
+        self._held_back = False  # an unsafe request not retried after a possible delivery
 
     def begin(self) -> int:
         """Count an attempt about to start; returns its number (1-based)."""
@@ -181,6 +195,9 @@ class Retrying:
         deadline). Never less than the error's ``retry_after``."""
         policy = self.policy
         if not isinstance(error, TransientError) or self.attempts >= policy.max_attempts:
+            return None
+        if self.unsafe and not _never_acted_on(error):
+            self._held_back = True
             return None
         if _waits_disabled:
             return 0.0
@@ -213,6 +230,11 @@ class Retrying:
         else:
             message = f"fetch failed after {attempts} attempt{'s' if attempts != 1 else ''}: "
             message += _describe(error)
+            if self._held_back:
+                message += (
+                    " (not retried: the request is not safe to repeat and may have reached the "
+                    "upstream; pass retry_unsafe=True to retry it anyway)"
+                )
             if self._gave_up_wait is not None:
                 message += (
                     f" (gave up: waiting {self._gave_up_wait:.3g}s more would pass the "
@@ -225,6 +247,14 @@ class Retrying:
             transport_status=status,
             response_id=response_id,
         )
+
+
+def _never_acted_on(error: TransientError) -> bool:
+    """The upstream provably did not act on the request: it never got it, or it refused it with
+    a 429/503 and said when to retry."""
+    return error.not_sent or (
+        error.transport_status in (429, 503) and error.retry_after is not None
+    )
 
 
 def _describe(error: BaseException) -> str:

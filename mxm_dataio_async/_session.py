@@ -9,6 +9,8 @@ what is written, in ``_recorder.py``.
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Mapping
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -91,6 +93,8 @@ class AsyncSession:
             as_of=as_of,
             started_at=self._clock.now(),
             cache_mode=self.cache_mode,
+            host=socket.gethostname(),
+            pid=os.getpid(),
         )
         # Validates as_of_bucket and cache_tag the way every request will.
         build_request(
@@ -112,6 +116,9 @@ class AsyncSession:
         self._stack: AsyncExitStack | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._bulk_scopes: set[anyio.CancelScope] = set()
+        self.interrupted: str | None = None
+        """Why the session is being stopped, e.g. ``"interrupted (SIGINT)"``: set it before
+        cancelling the session's work and its row ends ``cancelled`` with this reason."""
 
     def __repr__(self) -> str:
         return (
@@ -192,7 +199,7 @@ class AsyncSession:
             await tg.__aexit__(None, None, None)
         finally:
             try:
-                await self._recorder.end(exc)
+                await self._recorder.end(exc, interrupted=self.interrupted)
             finally:
                 await stack.aclose()  # closes an owned store
 
@@ -218,12 +225,14 @@ class AsyncSession:
         cache_tag: str | UseSessionDefault | None = USE_SESSION_DEFAULT,
         ttl: float | UseSessionDefault | None = USE_SESSION_DEFAULT,
         cache_mode: CacheMode | str | UseSessionDefault = USE_SESSION_DEFAULT,
+        retry_unsafe: bool = False,
     ) -> Request:
         """Build a request (validated, identity computed; no I/O).
 
         ``as_of_bucket``, ``cache_tag``, ``ttl`` and ``cache_mode`` default to the session's; pass
         ``None`` explicitly to clear one. Non-JSON params or body raise ``TypeError`` or
-        ``ValueError``.
+        ``ValueError``. ``retry_unsafe=True``: retry this POST/PATCH (or request with a body)
+        after any transient failure, as if it were safe to repeat (see ``RetryPolicy``).
         """
         if self._state is State.CLOSED:
             self._require_open()
@@ -243,6 +252,7 @@ class AsyncSession:
             ttl=self.ttl if isinstance(ttl, UseSessionDefault) else ttl,
             cache_mode=self.cache_mode if isinstance(cache_mode, UseSessionDefault) else cache_mode,
             redaction=self._entry.redaction,
+            retry_unsafe=retry_unsafe,
         )
 
     def _check_request(self, request: Request) -> None:

@@ -74,7 +74,7 @@ async def test_concurrent_duplicates_make_one_adapter_call(tmp_path: Path) -> No
             for _ in range(500):
                 tg.start_soon(one)
             req = s.request("k", params={"x": 1})
-            await until(lambda: reg.coalescer(s.store).waiters((req.hash, True)) == 500)
+            await until(lambda: reg.coalescer(s.store).waiters((req.hash, True, "")) == 500)
             gate.release.set()
         assert gate.calls == 1
         assert len({r.id for r in results}) == 1 and len(results) == 500
@@ -101,7 +101,11 @@ async def test_sessions_sharing_a_store_and_registry_coalesce_with_each_other(
         async with anyio.create_task_group() as tg:
             for _ in range(200):
                 tg.start_soon(handle_one_call)
-            key = (build_request(session_id="-", source="g", kind="k", params={"x": 1}).hash, True)
+            key = (
+                build_request(session_id="-", source="g", kind="k", params={"x": 1}).hash,
+                True,
+                "",
+            )
             await until(lambda: reg.coalescer(store).waiters(key) == 200)
             assert (
                 gate.calls == 1 and served == []
@@ -132,7 +136,7 @@ async def test_leader_cancelled_followers_still_served(tmp_path: Path) -> None:
             async def follow() -> None:
                 follower.append(await s.fetch(s.request("k")))
 
-            key = (s.request("k").hash, True)
+            key = (s.request("k").hash, True, "")
             tg.start_soon(leader)
             await until(lambda: gate.calls == 1)
             tg.start_soon(follow)
@@ -153,7 +157,7 @@ async def test_all_waiters_cancelled_cancels_the_producer(tmp_path: Path) -> Non
     async with dio.AsyncSession("g", root=str(tmp_path), registry=reg) as s:
         with anyio.move_on_after(60) as outer:  # a bound, not a timing assertion
             async with anyio.create_task_group() as tg:
-                key = (s.request("k").hash, True)
+                key = (s.request("k").hash, True, "")
                 for _ in range(3):
                     tg.start_soon(s.fetch, s.request("k"))
                 await until(lambda: reg.coalescer(s.store).waiters(key) == 3)
@@ -191,7 +195,7 @@ async def test_failure_reaches_every_waiter_and_is_not_cached(tmp_path: Path) ->
                 errors.append(exc)
 
         async with anyio.create_task_group() as tg:
-            key = (s.request("k").hash, True)
+            key = (s.request("k").hash, True, "")
             for _ in range(5):
                 tg.start_soon(one)
             await until(lambda: reg.coalescer(s.store).waiters(key) == 5)

@@ -234,7 +234,10 @@ async def test_adapter_error_recorded_then_fetch_error(tmp_path: Path) -> None:
         assert s.session.errors == 1
     ((status, error, attempt),) = rows(tmp_path, "SELECT status, error, attempt FROM responses")
     assert status == "error" and "upstream exploded" in error and attempt == 1
-    assert rows(tmp_path, "SELECT status FROM sessions") == [("ok",)]
+    # Its only request failed: the session does not say "ok" (issue 14, item 9).
+    assert rows(tmp_path, "SELECT status, error FROM sessions") == [
+        ("error", "every request failed (1 of 1)")
+    ]
 
 
 async def test_upstream_refusal_recorded_with_body(tmp_path: Path) -> None:
@@ -530,8 +533,8 @@ async def test_cancelled_from_outside_the_session_still_records_its_end(tmp_path
         ):
             await s.fetch(s.request("k"))
     assert scope.cancelled_caught
-    ((status, ended),) = rows(tmp_path, "SELECT status, ended_at FROM sessions")
-    assert status == "error" and ended is not None
+    ((status, ended, error),) = rows(tmp_path, "SELECT status, ended_at, error FROM sessions")
+    assert status == "cancelled" and ended is not None and error == "cancelled"
 
 
 def _tamper(root: Path, checksum: str) -> None:

@@ -291,9 +291,12 @@ def _manifest(tar: tarfile.TarFile) -> tuple[dict[str, Any], list[tuple[bytes, i
         raise StoreError(f"not a valid bundle: manifest.json is not JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         raise StoreError("not an mxm-dataio bundle (manifest.json has another format)")
+    schema = manifest.get("schema_version")
+    # Rows of older stores import (the columns added since stay empty); newer ones do not.
     if (
         manifest.get("version") != BUNDLE_VERSION
-        or manifest.get("schema_version") != SCHEMA_VERSION
+        or not isinstance(schema, int)
+        or not 1 <= schema <= SCHEMA_VERSION
     ):
         raise StoreError(
             f"bundle version {manifest.get('version')} / schema {manifest.get('schema_version')} "

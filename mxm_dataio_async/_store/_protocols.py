@@ -19,7 +19,7 @@ Rules every implementation keeps:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -238,9 +238,17 @@ class MetadataStore(Protocol):
 
     async def write_checkpoint(self, name: str, cursor: str) -> None: ...
 
-    async def acquire_lease(self, name: str, holder: str, ttl: float) -> Lease:
+    async def acquire_lease(
+        self, name: str, holder: str, ttl: float, *, replacing: str | None = None
+    ) -> Lease:
         """Take lease ``name`` for ``ttl`` seconds (or renew it if ``holder`` has it); raise
-        ``LeaseHeld`` while another holder's lease has not expired."""
+        ``LeaseHeld`` while another holder's lease has not expired. ``replacing`` names a holder
+        known to be dead (its process is gone): its lease is taken over at once."""
+        ...
+
+    async def abandon_sessions(self, host: str, alive: Callable[[int], bool]) -> int:
+        """Mark ``abandoned`` the sessions still ``open`` that ran on ``host`` in a process for
+        which ``alive(pid)`` is False (killed without recording an end); returns how many."""
         ...
 
     async def renew_lease(self, lease: Lease, ttl: float) -> Lease:

@@ -10,6 +10,7 @@ their heartbeat, and the maintenance walks, which it runs against the protocols.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import secrets
@@ -34,9 +35,9 @@ from mxm_dataio_async._exceptions import (
     UsageError,
 )
 from mxm_dataio_async._lifecycle import State
-from mxm_dataio_async._models import Body, Response, ResponseStatus, Session
+from mxm_dataio_async._models import Body, Response, ResponseStatus, Session, SessionStatus
 from mxm_dataio_async._store import _bundle, _cleanup, _copy, _stats, _verify
-from mxm_dataio_async._store._local import LocalPayloads, verify_bytes
+from mxm_dataio_async._store._local import LocalPayloads, pid_alive, verify_bytes
 from mxm_dataio_async._store._protocols import (
     Lease,
     MetadataStore,
@@ -55,6 +56,26 @@ DEFAULT_INLINE_THRESHOLD: Final = 64 * 1024
 def default_holder() -> str:
     """``host:pid:random``: unique per lease holder, readable in the ``leases`` table."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def _gone(host: str | None, pid: int | None) -> bool:
+    """A process of this host that is not running any more (a run killed without cleaning up)."""
+    return host == socket.gethostname() and pid is not None and not pid_alive(pid)
+
+
+def _dead_holder(holder: str) -> bool:
+    """A lease holder (``host:pid:random``) whose process on this host is gone."""
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    return pid.isdigit() and _gone(host, int(pid))
+
+
+def _seen(session: Session) -> Session:
+    """A session as it is: one still ``open`` whose process on this host is gone is abandoned
+    (a writable open of the store records that; a read-only view shows it)."""
+    if session.status is SessionStatus.OPEN and _gone(session.host, session.pid):
+        return dataclasses.replace(session, status=SessionStatus.ABANDONED)
+    return session
 
 
 class Store:
@@ -185,6 +206,8 @@ class Store:
             # Not wrapped in a shielded scope: the backend exits task groups it entered in open(),
             # which must be the innermost scopes then (anyio's rule); its own waits are shielded.
             stack.push_async_callback(self.metadata.aclose)
+            if not self.read_only:  # sessions of runs killed on this host: say so
+                await self.metadata.abandon_sessions(socket.gethostname(), pid_alive)
             # Background work of the store's own (lease heartbeats): entered here, exited by
             # aclose(), in the same task (anyio's rule).
             self._tg = await stack.enter_async_context(anyio.create_task_group())
@@ -278,14 +301,15 @@ class Store:
 
     async def get_session(self, session_id: str) -> Session | None:
         self._require_open()
-        return await self.metadata.get_session(session_id)
+        found = await self.metadata.get_session(session_id)
+        return None if found is None else _seen(found)
 
     async def list_sessions(
         self, *, source: str | None = None, limit: int | None = None
     ) -> list[Session]:
         """Sessions, newest first."""
         self._require_open()
-        return await self.metadata.list_sessions(source=source, limit=limit)
+        return [_seen(s) for s in await self.metadata.list_sessions(source=source, limit=limit)]
 
     async def iter_responses(
         self,
@@ -438,7 +462,8 @@ class Store:
         checking every ``poll`` seconds). The lease is renewed every ``ttl / 3`` seconds; a run
         that dies stops renewing, so its lease expires after ``ttl`` and the next run takes over.
         If the lease is lost anyway (renewals failing for longer than ``ttl``), the block is
-        cancelled and ``LeaseHeld`` raised. Waits use the store's clock.
+        cancelled and ``LeaseHeld`` raised. A lease whose holder ran on this host in a process
+        that is gone (killed) is taken over at once. Waits use the store's clock.
         """
         if not isinstance(name, str) or not name:
             raise ValueError("a lease needs a non-empty name")
@@ -451,7 +476,10 @@ class Store:
             try:
                 held = await self.metadata.acquire_lease(name, who, ttl)
                 break
-            except LeaseHeld:
+            except LeaseHeld as exc:
+                if _dead_holder(exc.holder):  # a run of this host that was killed: take over
+                    held = await self.metadata.acquire_lease(name, who, ttl, replacing=exc.holder)
+                    break
                 if not wait:
                     raise
                 await clock.sleep(poll)

@@ -12,6 +12,7 @@ takes over a row held by the same holder or expired; when it takes nothing, the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Final
 
@@ -48,7 +49,7 @@ _ACQUIRE: Final = (
     "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
     "acquired_at = excluded.acquired_at, heartbeat_at = excluded.heartbeat_at, "
     "expires_at = excluded.expires_at "
-    "WHERE l.holder = excluded.holder OR l.expires_at <= now() "
+    "WHERE l.holder = excluded.holder OR l.expires_at <= now() OR l.holder = $4 "
     "RETURNING acquired_at, expires_at"
 )
 _RENEW: Final = (
@@ -84,13 +85,16 @@ async def write_checkpoint(conn: Connection, name: str, cursor: str, now: dateti
         raise _unknown(cursor)
 
 
-async def acquire_lease(conn: Connection, name: str, holder: str, ttl: float) -> Lease:
+async def acquire_lease(
+    conn: Connection, name: str, holder: str, ttl: float, replacing: str | None = None
+) -> Lease:
     """Take the lease ``name`` for ``ttl`` seconds, or raise ``LeaseHeld`` naming its holder.
 
-    A lease whose holder stopped renewing it (a crashed run) is taken over once expired."""
+    A lease whose holder stopped renewing it (a crashed run) is taken over once expired, or at
+    once when that holder is ``replacing`` (known dead)."""
     while True:
         async with conn.transaction():
-            row = await conn.fetchrow(_ACQUIRE, name, holder, float(ttl))
+            row = await conn.fetchrow(_ACQUIRE, name, holder, float(ttl), replacing)
             if row is not None:
                 return Lease(name, holder, row[0], row[1])
             held = await conn.fetchrow(_HOLDER, name)
@@ -112,6 +116,23 @@ async def renew_lease(conn: Connection, lease: Lease, ttl: float) -> Lease:
             held = await conn.fetchrow(_HOLDER, lease.name)
         if held is not None:
             raise LeaseHeld(lease.name, held[0], held[1])
+
+
+async def abandon_sessions(conn: Connection, host: str, alive: Callable[[int], bool]) -> int:
+    """Mark abandoned the open sessions of ``host`` whose process is gone."""
+    async with conn.transaction():
+        rows = await conn.fetch(
+            "SELECT id, pid FROM sessions WHERE status = 'open' AND host = $1 FOR UPDATE", host
+        )
+        dead = [(r[0], r[1]) for r in rows if r[1] is not None and not alive(int(r[1]))]
+        for sid, pid in dead:
+            await conn.execute(
+                "UPDATE sessions SET status = 'abandoned', ended_at = now(), error = $2 "
+                "WHERE id = $1",
+                sid,
+                f"process {pid} on {host} ended without recording an end",
+            )
+    return len(dead)
 
 
 async def release_lease(conn: Connection, lease: Lease) -> None:

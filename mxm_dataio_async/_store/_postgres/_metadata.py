@@ -445,10 +445,19 @@ class PostgresMetadata:
             write=True,
         )
 
-    async def acquire_lease(self, name: str, holder: str, ttl: float) -> Lease:
+    async def acquire_lease(
+        self, name: str, holder: str, ttl: float, *, replacing: str | None = None
+    ) -> Lease:
         return await self._run(
             f"acquire the lease {name!r}",
-            lambda conn: _coordination.acquire_lease(conn, name, holder, ttl),
+            lambda conn: _coordination.acquire_lease(conn, name, holder, ttl, replacing),
+            write=True,
+        )
+
+    async def abandon_sessions(self, host: str, alive: Callable[[int], bool]) -> int:
+        return await self._run(
+            "mark abandoned sessions",
+            lambda conn: _coordination.abandon_sessions(conn, host, alive),
             write=True,
         )
 

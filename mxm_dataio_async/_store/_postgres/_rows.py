@@ -31,7 +31,7 @@ from mxm_dataio_async._store._postgres._sql import (
     utc,
 )
 from mxm_dataio_async._store._protocols import Table
-from mxm_dataio_async._store._sqlite._queries import COLUMNS
+from mxm_dataio_async._store._sqlite._queries import COLUMNS, check_columns
 from mxm_dataio_async._store._sqlite._rows import (
     REQUEST_COLUMNS,
     RESPONSE_COLUMNS,
@@ -60,7 +60,7 @@ __all__ = [
 TYPES: Final[dict[Table, tuple[str, ...]]] = {
     "sessions": (
         "text", "text", "text", "timestamptz", "timestamptz", "text", "text",
-        "int8", "int8", "int8", "int8", "int8", "text",
+        "int8", "int8", "int8", "int8", "int8", "text", "text", "int8",
     ),
     "requests": (
         "text", "text", "bytea", "text", "text", "text", "text", "jsonb", "jsonb", "jsonb",
@@ -69,7 +69,7 @@ TYPES: Final[dict[Table, tuple[str, ...]]] = {
     "responses": (
         "text", "text", "bytea", "text", "text", "text", "text", "text", "int8", "timestamptz",
         "text", "float8", "text", "text", "int8", "int8", "int8", "int8", "text", "text", "text",
-        "float8", "jsonb", "jsonb", "text", "text",
+        "float8", "jsonb", "jsonb", "text", "text", "float8", "jsonb",
     ),
 }
 # fmt: on
@@ -96,6 +96,8 @@ def session_row(s: Session) -> tuple[Any, ...]:
         s.errors,
         s.bytes_fetched,
         pg_text(s.error),
+        pg_text(s.host),
+        s.pid,
     )
 
 
@@ -114,6 +116,8 @@ def session_from_row(r: Sequence[Any]) -> Session:
         errors=r[10],
         bytes_fetched=r[11],
         error=r[12],
+        host=r[13],
+        pid=r[14],
     )
 
 
@@ -167,6 +171,8 @@ def response_row(q: Request, r: Response) -> tuple[Any, ...]:
         json_in(json_text(dict(r.adapter_meta))) if r.adapter_meta is not None else None,
         pg_text(r.error),
         r.revalidated_from,
+        r.wait_ms,
+        json_in(json_text(dict(r.vary))) if r.vary is not None else None,
     )
 
 
@@ -203,6 +209,8 @@ def response_from_row(r: Sequence[Any]) -> Response:
         json_value(r[23]),  # adapter_meta
         r[24],  # error
         r[25],  # revalidated_from
+        r[26],  # wait_ms
+        json_value(r[27]),  # vary
     )
 
 
@@ -295,11 +303,10 @@ def import_row(table: Table, row: Mapping[str, Any]) -> tuple[Any, ...]:
     """A dict as :func:`row_dict` makes it, as a row tuple to insert; ``StoreError`` if it is not
     one."""
     columns = COLUMNS[table]
-    if set(row) != set(columns):
-        raise StoreError(f"a {table} row must have the columns {', '.join(columns)}")
+    check_columns(table, row)
     values: list[Any] = []
     for column, convert in zip(columns, _IN[table], strict=True):
-        value = row[column]
+        value = row.get(column)
         if convert is not None and value is not None:
             try:
                 value = convert(value)

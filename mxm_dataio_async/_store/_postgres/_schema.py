@@ -149,9 +149,24 @@ async def _to_v1(conn: Connection) -> None:
     await conn.execute(_V1)
 
 
+_V2 = """
+-- Who ran a session: a session left open by a process that is gone is marked abandoned.
+ALTER TABLE sessions ADD COLUMN host text;
+ALTER TABLE sessions ADD COLUMN pid bigint;
+-- Time an attempt waited for the source's rate gate (elapsed_ms is the adapter's own time).
+ALTER TABLE responses ADD COLUMN wait_ms double precision;
+-- For a response with Vary: the sha256 of each named request header's value.
+ALTER TABLE responses ADD COLUMN vary jsonb;
+"""
+
+
+async def _to_v2(conn: Connection) -> None:
+    await conn.execute(_V2)
+
+
 #: MIGRATIONS[n] upgrades a schema at version n to n + 1 (in the migration's transaction, with
 #: the store's schema first on the search_path).
-MIGRATIONS: dict[int, Callable[[Connection], Awaitable[None]]] = {0: _to_v1}
+MIGRATIONS: dict[int, Callable[[Connection], Awaitable[None]]] = {0: _to_v1, 1: _to_v2}
 SCHEMA_VERSION = max(MIGRATIONS) + 1
 
 

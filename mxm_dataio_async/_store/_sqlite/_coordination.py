@@ -12,6 +12,7 @@ store on several hosts need synchronised clocks (NTP); the TTL should be well ab
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from mxm_dataio_async._exceptions import LeaseHeld
@@ -19,6 +20,7 @@ from mxm_dataio_async._store._protocols import Lease
 from mxm_dataio_async._store._sqlite._sql import transaction, ts
 
 __all__ = [
+    "abandon_sessions",
     "acquire_lease",
     "position_of",
     "read_checkpoint",
@@ -65,18 +67,25 @@ def write_checkpoint(conn: sqlite3.Connection, name: str, cursor: str, now: date
 
 
 def acquire_lease(
-    conn: sqlite3.Connection, name: str, holder: str, ttl: float, now: datetime
+    conn: sqlite3.Connection,
+    name: str,
+    holder: str,
+    ttl: float,
+    now: datetime,
+    replacing: str | None = None,
 ) -> Lease:
     """Take the lease ``name`` for ``ttl`` seconds, or raise ``LeaseHeld`` naming its holder.
 
-    A lease whose holder stopped renewing it (a crashed run) is taken over once it has expired.
+    A lease whose holder stopped renewing it (a crashed run) is taken over once it has expired,
+    or at once when that holder is ``replacing`` (known dead).
     """
     expires = now + timedelta(seconds=ttl)
     with transaction(conn, write=True):
         row = conn.execute(
             "SELECT holder, expires_at FROM leases WHERE name = ?", (name,)
         ).fetchone()
-        if row is not None and row[0] != holder and datetime.fromisoformat(row[1]) > now:
+        held_by_another = row is not None and row[0] not in (holder, replacing)
+        if held_by_another and datetime.fromisoformat(row[1]) > now:
             raise LeaseHeld(name, row[0], datetime.fromisoformat(row[1]))
         conn.execute(_UPSERT_LEASE, (name, holder, ts(now), ts(now), ts(expires)))
     return Lease(name, holder, now, expires)
@@ -96,6 +105,24 @@ def renew_lease(conn: sqlite3.Connection, lease: Lease, ttl: float, now: datetim
             (lease.name, lease.holder, ts(lease.acquired_at), ts(now), ts(expires)),
         )
     return Lease(lease.name, lease.holder, lease.acquired_at, expires)
+
+
+def abandon_sessions(
+    conn: sqlite3.Connection, host: str, alive: Callable[[int], bool], now: datetime
+) -> int:
+    """Mark abandoned the open sessions of ``host`` whose process is gone."""
+    with transaction(conn, write=True):
+        rows = conn.execute(
+            "SELECT id, pid FROM sessions WHERE status = 'open' AND host = ?", (host,)
+        ).fetchall()
+        dead = [(sid, pid) for sid, pid in rows if pid is not None and not alive(int(pid))]
+        for sid, pid in dead:
+            conn.execute(
+                "UPDATE sessions SET status = 'abandoned', ended_at = ?, error = ? "
+                "WHERE id = ? AND status = 'open'",
+                (ts(now), f"process {pid} on {host} ended without recording an end", sid),
+            )
+    return len(dead)
 
 
 def release_lease(conn: sqlite3.Connection, lease: Lease) -> None:

@@ -407,11 +407,21 @@ class SqliteMetadata:
             write=True,
         )
 
-    async def acquire_lease(self, name: str, holder: str, ttl: float) -> Lease:
+    async def acquire_lease(
+        self, name: str, holder: str, ttl: float, *, replacing: str | None = None
+    ) -> Lease:
         now = self.clock.now()
         return await self._in_thread(
-            lambda conn: _coordination.acquire_lease(conn, name, holder, ttl, now),
+            lambda conn: _coordination.acquire_lease(conn, name, holder, ttl, now, replacing),
             f"acquire the lease {name!r}",
+            write=True,
+        )
+
+    async def abandon_sessions(self, host: str, alive: Callable[[int], bool]) -> int:
+        now = self.clock.now()
+        return await self._in_thread(
+            lambda conn: _coordination.abandon_sessions(conn, host, alive, now),
+            "mark abandoned sessions",
             write=True,
         )
 

@@ -33,6 +33,8 @@ from mxm_dataio_async._store._sqlite._sql import batches, marks, transaction, ts
 
 __all__ = [
     "COLUMNS",
+    "LATER_COLUMNS",
+    "check_columns",
     "dangling_page",
     "delete_unreferenced",
     "import_rows",
@@ -330,13 +332,23 @@ def source_counts(
     return sources, tiers
 
 
-def _row_tuple(table: Table, row: Mapping[str, Any]) -> tuple[Any, ...]:
+# Columns added after the first bundles were written: a row from an older store lacks them.
+LATER_COLUMNS: Final = frozenset({"host", "pid", "wait_ms", "vary"})
+
+
+def check_columns(table: Table, row: Mapping[str, Any]) -> None:
+    """A row to import must have the table's columns (older rows may lack ``LATER_COLUMNS``)."""
     columns = COLUMNS[table]
-    if set(row) != set(columns):
+    if not set(columns) - LATER_COLUMNS <= set(row) <= set(columns):
         raise StoreError(f"a {table} row must have the columns {', '.join(columns)}")
+
+
+def _row_tuple(table: Table, row: Mapping[str, Any]) -> tuple[Any, ...]:
+    check_columns(table, row)
     try:
         return tuple(
-            bytes.fromhex(row[c]) if c in _BLOBS and row[c] is not None else row[c] for c in columns
+            bytes.fromhex(row[c]) if c in _BLOBS and row.get(c) is not None else row.get(c)
+            for c in COLUMNS[table]
         )
     except (TypeError, ValueError):
         raise StoreError(f"a {table} row has a bad hash") from None

@@ -35,7 +35,7 @@ __all__ = [
 
 SESSION_COLUMNS: Final = (
     "id, source, as_of, started_at, ended_at, status, cache_mode, requests, responses, "
-    "cache_hits, errors, bytes_fetched, error"
+    "cache_hits, errors, bytes_fetched, error, host, pid"
 )
 REQUEST_COLUMNS: Final = (
     "id, session_id, hash, source, kind, method, endpoint, params, body, headers, as_of_bucket, "
@@ -45,7 +45,7 @@ RESPONSE_COLUMNS: Final = (
     "id, request_id, request_hash, session_id, source, kind, status, checksum, size_bytes, "
     "fetched_at, cache_mode, ttl_seconds, as_of_bucket, cache_tag, attempts, attempt, sequence, "
     "transport_status, content_type, encoding, url, elapsed_ms, headers, adapter_meta, error, "
-    "revalidated_from"
+    "revalidated_from, wait_ms, vary"
 )
 
 
@@ -68,6 +68,8 @@ def session_row(s: Session) -> tuple[Any, ...]:
         s.errors,
         s.bytes_fetched,
         storable_text(s.error),
+        storable_text(s.host),
+        s.pid,
     )
 
 
@@ -88,6 +90,8 @@ def session_from_row(r: Sequence[Any]) -> Session:
         errors=r[10],
         bytes_fetched=r[11],
         error=r[12],
+        host=r[13],
+        pid=r[14],
     )
 
 
@@ -141,6 +145,8 @@ def response_row(q: Request, r: Response) -> tuple[Any, ...]:
         json_text(dict(r.adapter_meta)) if r.adapter_meta is not None else None,
         storable_text(r.error),
         r.revalidated_from,
+        r.wait_ms,
+        json_text(dict(r.vary)) if r.vary is not None else None,
     )
 
 
@@ -177,4 +183,6 @@ def response_from_row(r: Sequence[Any]) -> Response:
         json.loads(r[23]) if r[23] is not None else None,  # adapter_meta
         r[24],  # error
         r[25],  # revalidated_from
+        r[26],  # wait_ms
+        json.loads(r[27]) if r[27] is not None else None,  # vary
     )

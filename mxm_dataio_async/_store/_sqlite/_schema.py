@@ -142,8 +142,23 @@ def _to_v2(conn: sqlite3.Connection) -> None:
     _run(conn, _V2)
 
 
+_V3 = """
+-- Who ran a session: a session left open by a process that is gone is marked abandoned.
+ALTER TABLE sessions ADD COLUMN host TEXT;
+ALTER TABLE sessions ADD COLUMN pid INTEGER;
+-- Time an attempt waited for the source's rate gate (elapsed_ms is the adapter's own time).
+ALTER TABLE responses ADD COLUMN wait_ms REAL;
+-- For a response with Vary: the sha256 of each named request header's value (JSON).
+ALTER TABLE responses ADD COLUMN vary TEXT
+"""
+
+
+def _to_v3(conn: sqlite3.Connection) -> None:
+    _run(conn, _V3)
+
+
 #: MIGRATIONS[n] upgrades a database at user_version n to n + 1.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _to_v1, 1: _to_v2}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _to_v1, 1: _to_v2, 2: _to_v3}
 SCHEMA_VERSION = max(MIGRATIONS) + 1
 
 
