@@ -358,3 +358,46 @@ async def test_a_live_holders_lease_is_still_refused(tmp_path: Path) -> None:
         with pytest.raises(dio.LeaseHeld):
             async with store.lease("nightly", ttl=60):
                 pass
+
+
+# -- 8. a corrupt cached payload is not served forever -------------------------------------------
+
+
+@pytest.mark.parametrize("size", [100, 5_000], ids=["inline", "file"])
+async def test_a_corrupt_cached_payload_is_fetched_again(tmp_path: Path, size: int) -> None:
+    calls = 0
+
+    def upstream(request: dio.Request) -> bytes:
+        nonlocal calls
+        calls += 1
+        return b"v" * size
+
+    reg = dio.Registry()
+    reg.register("m", dio.MockAdapter(upstream))
+    async with dio.Store(tmp_path, inline_threshold=1_000) as store:
+        async with dio.AsyncSession("m", store=store, registry=reg) as s:
+            first = await s.fetch(s.request("k"))
+        checksum = first.checksum or ""
+        if size > 1_000:
+            (path,) = list((tmp_path / "payloads").rglob(checksum))
+            path.write_bytes(b"x" * size)
+        else:
+            with closing(sqlite3.connect(tmp_path / "dataio.sqlite")) as conn:
+                conn.execute(
+                    "UPDATE payloads SET data = ? WHERE sha256 = ?",
+                    (b"x" * size, bytes.fromhex(checksum)),
+                )
+                conn.commit()
+        store.metadata._recent_payloads.clear()  # type: ignore[attr-defined]  # as a new process
+        async with dio.AsyncSession("m", store=store, registry=reg) as s:
+            served = await s.fetch(s.request("k"))
+            assert served.from_cache
+            with pytest.raises(dio.IntegrityError, match="fetches it again"):
+                await s.read(served)
+            report = await store.verify()
+            assert [p.row for p in report.missing_references] == [f"response {first.id}"]
+            again = await s.fetch(s.request("k"))
+            assert not again.from_cache and calls == 2
+            assert await s.read(again) == b"v" * size
+            assert (await s.fetch(s.request("k"))).from_cache  # an answer again
+        assert (await store.verify()).ok

@@ -232,6 +232,12 @@ class MetadataStore(Protocol):
         """Which of ``digests`` have a payload row (of ``tier``, if given)."""
         ...
 
+    async def discard_payload(self, digest: bytes) -> None:
+        """Forget bytes a verified read found corrupt (or missing): delete their row, and let
+        cache lookups skip the responses that name them until they are recorded again (then
+        the bytes are stored afresh)."""
+        ...
+
     # -- consumers and jobs --------------------------------------------------------------------
 
     async def read_checkpoint(self, name: str) -> str | None: ...

@@ -360,24 +360,36 @@ class Store:
             yield response
 
     async def read(self, response: Response | str) -> bytes:
-        """The exact payload bytes of a response (or a checksum), verified against the sha256."""
+        """The exact payload bytes of a response (or a checksum), verified against the sha256.
+
+        Bytes that fail verification (or are gone) are discarded: ``IntegrityError`` says so,
+        ``verify()`` reports the responses that named them, and a ``fetch()`` in default mode
+        fetches them again instead of serving the stored response.
+        """
         digest, size, inline = await self._locate(response)
         if inline is not None:
             return inline
-        return await self.payloads.get(digest, size)
+        try:
+            return await self.payloads.get(digest, size)
+        except IntegrityError as exc:
+            raise await self._discarded(digest, exc) from None
 
     async def iter_payload(
         self, response: Response | str, *, chunk_size: int = 256 * 1024
     ) -> AsyncIterator[bytes]:
         """Stream a payload in chunks (large payloads never load whole); ``IntegrityError`` at
-        the end at the latest if the bytes do not verify."""
+        the end at the latest if the bytes do not verify (and they are discarded, as in
+        :meth:`read`)."""
         digest, size, inline = await self._locate(response)
         if inline is not None:
             for i in range(0, len(inline), chunk_size):
                 yield inline[i : i + chunk_size]
             return
-        async for chunk in self.payloads.iter(digest, size, chunk_size):
-            yield chunk
+        try:
+            async for chunk in self.payloads.iter(digest, size, chunk_size):
+                yield chunk
+        except IntegrityError as exc:
+            raise await self._discarded(digest, exc) from None
 
     async def _locate(self, response: Response | str) -> tuple[bytes, int, bytes | None]:
         """``(digest, size, bytes)`` of a payload: the bytes (verified) if inline, else None."""
@@ -385,13 +397,30 @@ class Store:
         self._require_open()
         row = await self.metadata.payload(digest)
         if row is None:
-            raise IntegrityError(f"payload {digest.hex()} is not in the store")
+            raise await self._discarded(
+                digest, IntegrityError(f"payload {digest.hex()} is not in the store")
+            )
         if row.tier != "inline":
             return digest, row.size, None
         data = row.data if row.data is not None else b""
         if not row.verified:
-            verify_bytes(data, digest, row.size, where=f"inline in {self.metadata.location}")
+            try:
+                verify_bytes(data, digest, row.size, where=f"inline in {self.metadata.location}")
+            except IntegrityError as exc:
+                raise await self._discarded(digest, exc) from None
         return digest, row.size, data
+
+    async def _discarded(self, digest: bytes, error: IntegrityError) -> IntegrityError:
+        """Forget bytes that failed verification (a writable store), and say so."""
+        if self.read_only:
+            return error
+        with anyio.CancelScope(shield=True):
+            await self.metadata.discard_payload(digest)
+            await self.payloads.delete(digest)
+        return IntegrityError(
+            f"{error}; the bad copy was discarded: fetch() in default mode fetches it again, "
+            "and verify() lists the responses that named it"
+        )
 
     async def export_payload(self, response: Response | str, path: str | os.PathLike[str]) -> Path:
         """Write a payload's exact bytes to ``path`` as a plain file (verified while copying;

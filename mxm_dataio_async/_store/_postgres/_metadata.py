@@ -136,6 +136,7 @@ class PostgresMetadata:
         self._pool: Any = None
         self._writer: Writer | None = None
         self._reader: BatchReader | None = None
+        self._bad: set[str] = set()  # payloads found corrupt: lookups skip responses naming them
         self._recent_payloads: Recent[bytes, bytes] = Recent(
             _RECENT_PAYLOADS, max_weight=_RECENT_PAYLOAD_BYTES, weigh=len
         )
@@ -186,6 +187,8 @@ class PostgresMetadata:
                     create=self.create,
                     read_only=self.read_only,
                 )
+                bad = await conn.fetch("SELECT checksum FROM bad_payloads")
+                self._bad = {str(row[0]) for row in bad}
         except DRIVER_ERRORS as exc:
             raise pg_error(f"open {self._location}", exc, self._location) from exc
         # The writers and the reader live in a task group entered here and exited by aclose():
@@ -284,6 +287,16 @@ class PostgresMetadata:
         for payload in recording.payloads:
             if payload.data is not None:
                 self._recent_payloads.put(payload.digest, payload.data)
+        again = [p.checksum for p in recording.payloads if p.checksum in self._bad]
+        if again:  # discarded payloads recorded again: lookups may use them
+            await self._run(
+                "record repaired payloads",
+                lambda conn: conn.execute(
+                    "DELETE FROM bad_payloads WHERE checksum = ANY($1::text[])", again
+                ),
+                write=True,
+            )
+            self._bad.difference_update(again)
 
     def record_later(self, recording: Recording) -> None:
         self._require_writer().submit(self._job(recording), wait=False)
@@ -309,7 +322,10 @@ class PostgresMetadata:
             self._require_open()
             assert self._reader is not None
             row = await self._reader.latest(bytes.fromhex(request_hash))
-            return response_from_row(row) if row is not None else None
+            found = response_from_row(row) if row is not None else None
+            if found is not None and self._bad and found.checksum in self._bad:
+                return None  # its bytes were found corrupt: not an answer until fetched again
+            return found
         rows = await self._fetch(
             "look up a response",
             f"SELECT {RESPONSE_COLUMNS} FROM responses WHERE request_hash = $1 "
@@ -418,6 +434,20 @@ class PostgresMetadata:
             return None
         _, size, tier, data = found
         return PayloadRow(digest, size, tier, None if data is None else bytes(data))
+
+    async def discard_payload(self, digest: bytes) -> None:
+        self._recent_payloads.clear()
+
+        async def run(conn: Connection) -> None:
+            async with conn.transaction():
+                await conn.execute("DELETE FROM payloads WHERE sha256 = $1", digest)
+                await conn.execute(
+                    "INSERT INTO bad_payloads (checksum) VALUES ($1) ON CONFLICT DO NOTHING",
+                    digest.hex(),
+                )
+
+        await self._run("discard a corrupt payload", run, write=True)
+        self._bad.add(digest.hex())
 
     async def present_payloads(
         self, digests: Iterable[bytes], *, tier: Tier | None = None

@@ -166,7 +166,21 @@ async def _to_v2(conn: Connection) -> None:
 
 #: MIGRATIONS[n] upgrades a schema at version n to n + 1 (in the migration's transaction, with
 #: the store's schema first on the search_path).
-MIGRATIONS: dict[int, Callable[[Connection], Awaitable[None]]] = {0: _to_v1, 1: _to_v2}
+_V3 = """
+-- Payloads found corrupt (or missing) on a verified read: their rows were deleted, and cache
+-- lookups skip responses naming them until the bytes are recorded again.
+CREATE TABLE bad_payloads (
+    checksum text COLLATE "C" PRIMARY KEY,
+    found_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+
+async def _to_v3(conn: Connection) -> None:
+    await conn.execute(_V3)
+
+
+MIGRATIONS: dict[int, Callable[[Connection], Awaitable[None]]] = {0: _to_v1, 1: _to_v2, 2: _to_v3}
 SCHEMA_VERSION = max(MIGRATIONS) + 1
 
 

@@ -116,6 +116,8 @@ class SqliteMetadata:
         self._reader: aiosqlite.Connection | None = None
         self._batch_reader: BatchReader | None = None
         self._commits = 0  # record() calls completed: the order of the memory below
+        # Checksums of payloads found corrupt and discarded: lookups skip responses naming them.
+        self._bad: set[str] = set()
         self._recent: Recent[str, tuple[int, Response]] = Recent(_RECENT_RESPONSES)
         self._recent_payloads: Recent[bytes, bytes] = Recent(
             _RECENT_RESPONSES, max_weight=_RECENT_PAYLOAD_BYTES, weigh=len
@@ -165,8 +167,10 @@ class SqliteMetadata:
                 await wconn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
                 # A commit survives a process crash; only an OS crash may lose the last few.
                 await wconn.execute("PRAGMA synchronous=NORMAL")
+            found = await rconn.execute_fetchall("SELECT checksum FROM bad_payloads")
         except sqlite3.Error as exc:
             raise sqlite_error(f"open {self.db_path}", exc) from exc
+        self._bad = {str(row[0]) for row in found}
         self._reader = rconn
         batch_reader = BatchReader(rconn, RESPONSE_COLUMNS)
         # The writer and reader tasks live in a task group entered here and exited by aclose():
@@ -248,6 +252,18 @@ class SqliteMetadata:
         for payload in recording.payloads:
             if payload.data is not None:
                 self._recent_payloads.put(payload.digest, payload.data)
+        if self._bad:
+            await self._repaired(recording)
+
+    async def _repaired(self, recording: Recording) -> None:
+        """Discarded payloads recorded again: lookups may use the responses naming them."""
+        again = [p.checksum for p in recording.payloads if p.checksum in self._bad]
+        if not again:
+            return
+        await self._in_thread(
+            lambda conn: _queries.forget_bad(conn, again), "record repaired payloads", write=True
+        )
+        self._bad.difference_update(again)
 
     def record_later(self, recording: Recording) -> None:
         self._require_writer().submit(self._rows(recording), wait=False)
@@ -290,7 +306,9 @@ class SqliteMetadata:
                 and recent[0] > began
                 and (found is None or recent[1].fetched_at > found.fetched_at)
             ):
-                return recent[1]
+                found = recent[1]
+            if found is not None and self._bad and found.checksum in self._bad:
+                return None  # its bytes were found corrupt: not an answer until fetched again
             return found
         sql = (
             f"SELECT {RESPONSE_COLUMNS} FROM responses WHERE request_hash = ? "
@@ -391,6 +409,16 @@ class SqliteMetadata:
         return await self._in_thread(
             lambda conn: _queries.present(conn, wanted, tier=tier), "read payload rows"
         )
+
+    async def discard_payload(self, digest: bytes) -> None:
+        self._recent_payloads.clear()
+        now = self.clock.now()
+        await self._in_thread(
+            lambda conn: _queries.discard_payload(conn, digest, now),
+            "discard a corrupt payload",
+            write=True,
+        )
+        self._bad.add(digest.hex())
 
     # -- consumers and jobs ---------------------------------------------------------------------
 

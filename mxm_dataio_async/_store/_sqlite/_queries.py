@@ -33,6 +33,8 @@ from mxm_dataio_async._store._sqlite._sql import batches, marks, transaction, ts
 
 __all__ = [
     "COLUMNS",
+    "discard_payload",
+    "forget_bad",
     "LATER_COLUMNS",
     "check_columns",
     "dangling_page",
@@ -406,3 +408,19 @@ def _insert(conn: sqlite3.Connection, table: Table, rows: Iterable[Mapping[str, 
     if batch:
         added += flush()
     return added
+
+
+def discard_payload(conn: sqlite3.Connection, digest: bytes, now: datetime) -> None:
+    """Delete a payload's row and remember its checksum as bad, in one write transaction."""
+    with transaction(conn, write=True):
+        conn.execute("DELETE FROM payloads WHERE sha256 = ?", (digest,))
+        conn.execute(
+            "INSERT OR IGNORE INTO bad_payloads (checksum, found_at) VALUES (?, ?)",
+            (digest.hex(), ts(now)),
+        )
+
+
+def forget_bad(conn: sqlite3.Connection, checksums: Sequence[str]) -> None:
+    """The bytes of these checksums were recorded again."""
+    with transaction(conn, write=True):
+        conn.executemany("DELETE FROM bad_payloads WHERE checksum = ?", [(c,) for c in checksums])

@@ -157,8 +157,27 @@ def _to_v3(conn: sqlite3.Connection) -> None:
     _run(conn, _V3)
 
 
+_V4 = """
+-- Payloads found corrupt (or missing) on a verified read: their rows were deleted, and cache
+-- lookups skip responses naming them until the bytes are recorded again.
+CREATE TABLE bad_payloads (
+    checksum TEXT PRIMARY KEY,
+    found_at TEXT NOT NULL
+)
+"""
+
+
+def _to_v4(conn: sqlite3.Connection) -> None:
+    _run(conn, _V4)
+
+
 #: MIGRATIONS[n] upgrades a database at user_version n to n + 1.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _to_v1, 1: _to_v2, 2: _to_v3}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    0: _to_v1,
+    1: _to_v2,
+    2: _to_v3,
+    3: _to_v4,
+}
 SCHEMA_VERSION = max(MIGRATIONS) + 1
 
 

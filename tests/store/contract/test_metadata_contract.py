@@ -230,6 +230,36 @@ async def test_latest_response_is_the_newest_ok_one(backend: BackendPair, clock:
     assert await m.get_response(old.id) == old  # superseded, still recorded
 
 
+async def test_a_discarded_payload_is_no_answer_until_recorded_again(
+    backend: BackendPair, make_pair: PairMaker, clock: FakeClock
+) -> None:
+    """Bytes a verified read found corrupt are discarded: their row goes, lookups skip the
+    responses naming them (in this and in a store opened later), and recording the bytes again
+    brings both back."""
+    m, p = backend.metadata, backend.payloads
+    s = make_session()
+    await m.save_session(s)
+    req = make_request(s, "a")
+    first = await record(m, p, req, b"the body", at=clock.now())
+    assert first.checksum is not None
+    digest = bytes.fromhex(first.checksum)
+    await m.discard_payload(digest)
+    assert await m.payload(digest) is None
+    assert await m.latest_response(req.hash) is None
+    assert [r.row_id async for r in m.iter_dangling_references()] == [first.id]
+    later = await make_pair(root=backend.root)  # another process's view
+    assert await later.metadata.latest_response(req.hash) is None
+    clock.advance(1)
+    again = await record(m, p, req, b"the body", at=clock.now())
+    assert again.checksum == first.checksum
+    assert await m.latest_response(req.hash) == again
+    row = await m.payload(digest)
+    assert row is not None and row.size == len(b"the body")
+    assert [r async for r in m.iter_dangling_references()] == []
+    third = await make_pair(root=backend.root)
+    assert await third.metadata.latest_response(req.hash) == again
+
+
 async def test_latest_response_sees_a_response_recorded_just_before(
     backend: BackendPair, clock: FakeClock
 ) -> None:

@@ -33,6 +33,7 @@ TABLES = {
     "payloads",
     "checkpoints",
     "leases",
+    "bad_payloads",
 }
 
 
