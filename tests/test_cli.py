@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -613,3 +615,148 @@ def test_entry_point_in_a_subprocess(store: Path, tmp_path: Path) -> None:
     done = _module("sessions", "--root", str(tmp_path / "missing"))
     assert done.returncode == 1 and b"Traceback" not in done.stderr
     assert done.stderr.decode().strip().startswith("error: no store at")
+
+
+# -- durations, show's handles, session prefixes, --version, help, closed pipes ------------------
+
+
+def test_prune_refuses_an_ambiguous_month_or_minute(store: Path) -> None:
+    """Regression: ``--older-than 1M`` meant one minute, so it pruned nearly everything."""
+    old = (datetime.now(UTC) - timedelta(minutes=5)).isoformat(timespec="microseconds")
+    with closing(sqlite3.connect(store / "dataio.sqlite")) as conn:
+        conn.execute("UPDATE responses SET fetched_at = ?", (old,))
+        conn.commit()
+    before = snapshot(store)
+    for text in ("1M", "1m"):
+        result = cli("prune", "--older-than", text, "--root", str(store), code=1)
+        one_error_line(result, "ambiguous", "1min", "30d")
+    one_error_line(
+        cli("prune", "--older-than", "1mo", "--root", str(store), code=1), "no fixed length", "30d"
+    )
+    one_error_line(cli("gc", "--grace", "5m", "--root", str(store), code=1), "5min")
+    assert snapshot(store) == before
+    assert as_json("prune", "--older-than", "10min", "--root", str(store))["responses"] == 0
+    done = as_json("prune", "--older-than", "4min", "--root", str(store))
+    assert done["responses"] == DEMO_COUNT + 7
+
+
+async def _varied(root: Path) -> None:
+    """A session with params, a failed request and a stream of three messages."""
+
+    def handler(req: dio.Request) -> bytes:
+        if req.endpoint == "/bad":
+            raise ValueError("the upstream said no: quota exceeded")
+        return f"ok {req.endpoint}".encode()
+
+    async with dio.Store(root) as store, dio.Registry() as registry:
+        adapter = dio.MockAdapter(handler, stream_handler=lambda req: [b"e0", b"e1", b"e2"])
+        registry.register("src", adapter, retry=dio.RetryPolicy(max_attempts=1))
+        async with dio.AsyncSession("src", store=store, registry=registry) as s:
+            await s.fetch(s.request("quote", endpoint="/q", params={"symbol": "CSPX.L", "n": 3}))
+            with pytest.raises(dio.FetchError):
+                await s.fetch(s.request("quote", endpoint="/bad"))
+            async for _ in s.stream(s.request("ticks", endpoint="/stream")):
+                pass
+
+
+def test_show_prints_handles_cat_and_meta_take(tmp_path: Path) -> None:
+    """Regression: show printed a 12-character checksum prefix nothing accepts, and no ids,
+    params, error text or stream sequence."""
+    root = tmp_path / "store"
+    anyio.run(_varied, root)
+    (session,) = as_json("sessions", "--root", str(root))
+    detail = as_json("show", session["id"], "--root", str(root))
+    ids = [r["id"] for q in detail["requests"] for r in q["responses"]]
+    out = cli("show", session["id"], "--root", str(root)).stdout
+    handles = re.findall(r"…([0-9a-f]{12})\b", out)
+    assert len(handles) == len(ids) == 5
+    assert [i[-12:] for i in ids] == handles
+    for response_id, handle in zip(ids, handles, strict=True):
+        for text in (handle, f"…{handle}"):
+            shown = json.loads(cli("meta", text, "--root", str(root)).stdout)
+            assert shown["id"] == response_id
+    assert cli("cat", handles[0], "--root", str(root)).stdout_bytes == b"ok /q"
+    assert cli("cat", handles[2], "--root", str(root)).stdout_bytes == b"e0"
+    assert '{"n":3,"symbol":"CSPX.L"}' in out
+    cells = [line.split("│")[1:-1] for line in out.splitlines() if line.count("│") > 10]
+    assert "the upstream said no: quota exceeded" in " ".join(c[13].strip() for c in cells)
+    rows = [line.split("│")[1:-1] for line in out.splitlines() if "ticks GET /stream" in line]
+    assert [cells[7].strip() for cells in rows] == ["0", "1", "2"]
+    stream = [r for q in detail["requests"] if q["kind"] == "ticks" for r in q["responses"]]
+    assert [r["sequence"] for r in stream] == [0, 1, 2]
+
+
+async def _sessions_named(root: Path, ids: list[str]) -> None:
+    async with dio.Store(root) as store:
+        for session_id in ids:
+            await store.metadata.save_session(
+                dio.Session(id=session_id, source="s", as_of=None, started_at=datetime.now(UTC))
+            )
+
+
+def test_short_session_prefixes_say_too_short_or_ambiguous(tmp_path: Path) -> None:
+    """Regression: a prefix under 4 characters was "unknown" even when sessions start with it."""
+    root = tmp_path / "store"
+    anyio.run(_sessions_named, root, ["abc1-1111", "abc2-2222", "fed0-3333"])
+    for command in (["show"], ["export", "-o", str(tmp_path / "x.tar")]):
+        args = [*command[:1], "ab", *command[1:], "--root", str(root)]
+        one_error_line(cli(*args, code=1), "'ab' is ambiguous", "2 sessions", "at least 4")
+        args[1] = "fe"
+        one_error_line(cli(*args, code=1), "'fe' is too short", "at least 4", "fed0")
+        args[1] = "zz"
+        one_error_line(cli(*args, code=1), "unknown session 'zz'")
+    assert as_json("show", "fed0", "--root", str(root))["session"]["id"] == "fed0-3333"
+    one_error_line(cli("show", "abc", "--root", str(root), code=1), "ambiguous")
+
+
+def test_version() -> None:
+    assert cli("--version").stdout.strip() == f"mxm-dataio {dio.__version__}"
+
+
+def test_help_paragraphs_reflow() -> None:
+    """Regression: hard line breaks in the command docstrings were kept, so --help broke lines
+    mid-sentence. Each paragraph now comes out on one line when the terminal is wide enough."""
+    commands = {c.name or c.callback.__name__: c.callback for c in app.registered_commands}  # type: ignore[union-attr]
+    assert {"show", "tail", "run", "prune", "copy"} <= set(commands)
+    for name, callback in commands.items():
+        doc = inspect.cleandoc(callback.__doc__ or "")
+        result = runner.invoke(app, [name, "--help"], env={"COLUMNS": "1000"})
+        assert result.exit_code == 0, result.output
+        lines = [" ".join(line.split()) for line in result.stdout.splitlines()]
+        for paragraph in doc.split("\n\n"):
+            if paragraph.startswith("    "):
+                continue  # an example (a code block)
+            text = " ".join(paragraph.replace("`", "").split())
+            assert any(text in line for line in lines), (name, text, result.stdout)
+
+
+async def _many(root: Path) -> None:
+    async with dio.Store(root) as store, dio.Registry() as registry:
+        registry.register("src", dio.MockAdapter(lambda req: b"x"))
+        async with dio.AsyncSession("src", store=store, registry=registry) as s:
+            padding = "p" * 300  # 1,000 lines of ~700 bytes: more than a pipe buffer holds
+            reqs = (s.request("k", endpoint=f"/{i}", params={"pad": padding}) for i in range(1000))
+            async for outcome in s.fetch_many(reqs, concurrency=16):
+                assert outcome.ok
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """Regression: ``tail ... | head -1`` printed "Broken pipe" and exited 1."""
+    root = tmp_path / "store"
+    anyio.run(_many, root)
+    (session,) = as_json("sessions", "--root", str(root))
+    for args in (["tail", "--checkpoint", "c"], ["show", session["id"]]):
+        with subprocess.Popen(
+            [sys.executable, "-m", "mxm_dataio_async", *args, "--root", str(root)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        ) as proc:
+            assert proc.stdout is not None and proc.stderr is not None
+            first = proc.stdout.readline()
+            proc.stdout.close()  # the reader goes away, as `head -1` does
+            err = proc.stderr.read()
+            assert proc.wait(timeout=60) == 141, err
+        assert first and err == b""
+    # What was not written is not checkpointed: a second tail goes on from there.
+    rest = cli("tail", "--checkpoint", "c", "--root", str(root)).stdout.splitlines()
+    assert 0 < len(rest) < 1000

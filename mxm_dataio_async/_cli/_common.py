@@ -4,6 +4,7 @@ handling, opening the store, and formatting helpers."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -18,24 +19,70 @@ try:
     import typer
     from rich.console import Console
     from rich.markup import escape
+    from typer.core import TyperGroup
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise SystemExit(
         "the mxm-dataio command needs the 'cli' extra: pip install 'mxm-dataio-async[cli]'"
     ) from exc
 
-from mxm_dataio_async._exceptions import DataIOError
+from mxm_dataio_async import __version__
+from mxm_dataio_async._exceptions import DataIOError, StoreError
 from mxm_dataio_async._store import DEFAULT_INLINE_THRESHOLD, Store
+
+#: The exit status when the reader of our output went away (``mxm-dataio tail | head -1``):
+#: 128 + SIGPIPE, what a shell reports for ``cat``, ``yes`` and other tools stopped by a closed
+#: pipe, so that ``set -o pipefail`` still tells a cut-short run from a complete one.
+EXIT_PIPE_CLOSED = 141
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the flush at exit cannot fail (and print) again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass  # no real file descriptor (a test runner's capture): nothing will flush to a pipe
+
+
+class _Group(TyperGroup):
+    """The command group, quiet when its output pipe closes: no "Broken pipe" error, exit 141."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            _silence_stdout()
+            raise typer.Exit(EXIT_PIPE_CLOSED) from None
+
 
 app = typer.Typer(
     name="mxm-dataio",
+    cls=_Group,
     help="Inspect, verify and manage an mxm-dataio-async store.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Docstrings are Markdown: paragraphs reflow to the terminal's width (no hard line breaks
+    # inside a paragraph), `code` and indented examples render as such.
+    rich_markup_mode="markdown",
 )
+
+
+class _Console(Console):
+    """A rich Console that leaves a closed pipe to the command group (rich itself would exit
+    with status 1)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, "the reader of this output went away")
+
+
 # Piped or redirected output is not squeezed to 80 columns (rich's default off a terminal).
-console = Console(width=None if sys.stdout.isatty() else 200)
-err_console = Console(stderr=True)
+console = _Console(width=None if sys.stdout.isatty() else 200)
+err_console = _Console(stderr=True)
 
 T = TypeVar("T")
 _verbose = False
@@ -75,8 +122,25 @@ DryRunOption = Annotated[
 BUSY_TIMEOUT = 30.0  # seconds to wait for a writer in another process to release the lock
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"mxm-dataio {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(verbose: VerboseOption = False) -> None:
+def _main(
+    verbose: VerboseOption = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
     """mxm-dataio: every request and the exact bytes, recorded, verified and replayable.
 
     Every command takes --root (default: $MXM_DATAIO_ROOT, else ./dataio).
@@ -90,8 +154,8 @@ def _errors(verbose: bool) -> Iterator[None]:
     """One clear line on stderr and exit status 1 for an error; the traceback with --verbose."""
     try:
         yield
-    except (typer.Exit, typer.Abort, KeyboardInterrupt):
-        raise
+    except (typer.Exit, typer.Abort, KeyboardInterrupt, BrokenPipeError):
+        raise  # a closed output pipe is no error: the group exits quietly (EXIT_PIPE_CLOSED)
     except Exception as exc:
         if verbose or _verbose:
             err_console.print_exception()
@@ -179,6 +243,35 @@ def _with_store(
             return await fn(store)
 
     return _run(run)
+
+
+#: The shortest session prefix the store resolves (as ``git`` resolves commits).
+MIN_SESSION_PREFIX = 4
+
+
+async def resolve_session(store: Store, text: str) -> str:
+    """``store.resolve_session(text)``, except that a prefix shorter than 4 characters is not
+    called "unknown" when sessions start with it: it is "too short" (one does) or "ambiguous"
+    (several do), and the message says what to give instead."""
+    if len(text) >= MIN_SESSION_PREFIX or not text:
+        return await store.resolve_session(text)
+    matches: list[str] = []
+    async for row in store.iter_rows("sessions"):
+        if row["id"] == text:
+            return text
+        if row["id"].startswith(text):
+            matches.append(row["id"])
+    if not matches:
+        raise StoreError(f"unknown session {text!r}; `mxm-dataio sessions` lists them")
+    if len(matches) == 1:
+        raise StoreError(
+            f"session prefix {text!r} is too short: give at least {MIN_SESSION_PREFIX} "
+            f"characters (it matches one session, {matches[0][:8]})"
+        )
+    raise StoreError(
+        f"session prefix {text!r} is ambiguous: {len(matches)} sessions start with it; give "
+        f"more characters (at least {MIN_SESSION_PREFIX})"
+    )
 
 
 def _print_json(value: Any) -> None:

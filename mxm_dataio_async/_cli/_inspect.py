@@ -31,6 +31,7 @@ from mxm_dataio_async._cli._common import (
     _with_store,
     app,
     console,
+    resolve_session,
 )
 from mxm_dataio_async._exceptions import IntegrityError, StoreError
 from mxm_dataio_async._models import Session
@@ -114,7 +115,7 @@ _REQUEST_FIELDS: Final = (
 _RESPONSE_FIELDS: Final = (
     "id", "request_id", "status", "transport_status", "attempt", "attempts", "checksum",
     "size_bytes", "fetched_at", "cache_mode", "ttl_seconds", "as_of_bucket", "cache_tag",
-    "elapsed_ms", "error",
+    "sequence", "elapsed_ms", "error",
 )  # fmt: skip
 
 
@@ -125,7 +126,7 @@ def _pick(row: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
 async def _session_detail(store: Store, text: str) -> dict[str, Any]:
     """A session's row, its requests (oldest first) with their responses, and for a cache hit
     the stored response it was served."""
-    session_id = await store.resolve_session(text)
+    session_id = await resolve_session(store, text)
     found = [row async for row in store.iter_rows("sessions", ids=[session_id])]
     if not found:
         raise StoreError(f"unknown session {text!r}; `mxm-dataio sessions` lists them")
@@ -152,19 +153,42 @@ async def _session_detail(store: Store, text: str) -> dict[str, Any]:
     return {"session": found[0], "requests": requests}
 
 
+#: ``show`` names a response by this many last characters of its id: the random last group of
+#: a UUID (48 bits), which ``cat`` and ``meta`` resolve (any unique tail of 8+ characters).
+_HANDLE = 12
+
+
+def _handle(response_id: str) -> str:
+    """A response's handle as ``show`` prints it: ``…`` and the last 12 characters of its id
+    (ids start with their time, so the tail is what tells them apart)."""
+    return f"…{response_id[-_HANDLE:]}"
+
+
+def _params_text(params: Any) -> str:
+    if not params:
+        return ""
+    return json.dumps(params, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
 @app.command()
 def show(
-    session: Annotated[str, typer.Argument(help="Session id (or a unique prefix of it).")],
+    session: Annotated[
+        str, typer.Argument(help="Session id (or a unique prefix of 4+ characters).")
+    ],
     root: RootOption = None,
     store_url: StoreOption = None,
     payloads_url: PayloadsOption = None,
     as_json: JsonOption = False,
     verbose: VerboseOption = False,
 ) -> None:
-    """A session's requests and responses: status, and where each answer came from.
+    """A session's requests and responses: params, status, and where each answer came from.
 
-    "fetched" rows are upstream attempts (one row per attempt); "cache" rows were served a stored
-    response (served_from names it), with its cache_mode, ttl, bucket and tag.
+    One row per response. "fetched" rows are upstream attempts (one row per attempt, a
+    stream's responses numbered by seq); "cache" rows were served a stored response
+    (served_from), with the request's cache_mode, ttl, bucket and tag.
+
+    The response column is the tail of its id, which `mxm-dataio cat` and `mxm-dataio meta`
+    take; error is the failed attempt's error text. --json prints every field, with full ids.
     """
     with _errors(verbose):
         detail = _with_store(
@@ -182,35 +206,50 @@ def show(
         f"started {_when(s['started_at'])}  ended {_when(s['ended_at']) or '-'}",
         soft_wrap=True,
     )
+    if s.get("error"):
+        console.print(f"error: {escape(str(s['error']))}", soft_wrap=True)
     table = Table()
     columns = (
-        "request", "status", "http", "attempts", "from", "served_from", "cache_mode", "ttl",
-        "bucket", "tag", "bytes", "checksum",
+        "request", "params", "status", "http", "attempt", "from", "response", "seq",
+        "cache_mode", "ttl", "bucket", "tag", "bytes", "error",
     )  # fmt: skip
     for col in columns:
-        table.add_column(col, overflow="fold")
+        table.add_column(
+            col,
+            overflow="fold",
+            no_wrap=col in ("response", "status", "from"),
+            justify="right" if col in ("http", "seq", "bytes") else "left",
+        )
     for q in detail["requests"]:
         label = f"{q['kind']} {q['method']} {q['endpoint'] or ''}".strip()
+        params = escape(_params_text(q["params"]))
         answers = q["responses"] or ([q["served"]] if q["served"] else [])
         if not answers:
-            table.add_row(escape(label), "-", *[""] * 10)
+            table.add_row(escape(label), params, "-", *[""] * (len(columns) - 3))
         for r in answers:
-            cached = r["from_cache"]
             table.add_row(
                 escape(label),
+                params,
                 r["status"],
                 "" if r["transport_status"] is None else str(r["transport_status"]),
                 f"{r['attempt']}/{r['attempts']}",
-                "cache" if cached else "fetched",
-                f"…{r['id'][-8:]}" if cached else "",  # ids start with their time: the tail tells
+                "cache" if r["from_cache"] else "fetched",
+                _handle(r["id"]),
+                "" if r["sequence"] is None else str(r["sequence"]),
                 q["cache_mode"],
                 "" if q["ttl_seconds"] is None else f"{q['ttl_seconds']:g}s",
-                q["as_of_bucket"] or "",
-                q["cache_tag"] or "",
+                escape(q["as_of_bucket"] or ""),
+                escape(q["cache_tag"] or ""),
                 _size(r["size_bytes"]),
-                (r["checksum"] or "")[:12],
+                escape(r["error"] or ""),
             )
     console.print(table)
+    console.print(
+        "response: the tail of the response's id, which `mxm-dataio cat` and `mxm-dataio meta` "
+        "take (on a cache row, served_from: the stored response it was served)",
+        soft_wrap=True,
+        highlight=False,
+    )
 
 
 def _decode(row: dict[str, Any], *keys: str) -> dict[str, Any]:
@@ -235,7 +274,10 @@ async def _response_meta(store: Store, text: str) -> dict[str, Any]:
 @app.command()
 def meta(
     response: Annotated[
-        str, typer.Argument(help="Response id (or a unique prefix, or its last 8+ characters).")
+        str,
+        typer.Argument(
+            help="Response id (or a unique prefix, or its last 8+ characters, as `show` prints)."
+        ),
     ],
     root: RootOption = None,
     store_url: StoreOption = None,
@@ -312,7 +354,13 @@ async def _cat(store: Store, target: str) -> None:
 
 @app.command()
 def cat(
-    target: Annotated[str, typer.Argument(help="Response id, or payload checksum (sha256 hex).")],
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="Response id (or a unique prefix, or its last 8+ characters, as `show` "
+            "prints it), or a payload's full checksum (sha256 hex)."
+        ),
+    ],
     root: RootOption = None,
     store_url: StoreOption = None,
     payloads_url: PayloadsOption = None,

@@ -355,7 +355,61 @@ def _tail_line(resp: Response, request: dict[str, Any] | None) -> str:
 _TAIL_BATCH = 500
 
 
-async def _tail_batch(store: Store, name: str, batch: list[Response]) -> None:
+class _Checkpoint:
+    """Where ``tail --checkpoint NAME`` keeps its position, per set of filters.
+
+    A position is one response id in recording order, so it only means "everything before this
+    was shown" for the filters it was advanced with: under other filters, rows before it that
+    those filters let through (and the first filters did not) would be skipped silently. The
+    store's checkpoints hold only a response id (PostgreSQL checks that it names a response), so
+    the filters go into the checkpoint's *name*:
+
+    - the position is stored as ``NAME`` without filters, else as ``NAME {"kind":...,
+      "source":...,"status":...}`` (the filters given, as sorted compact JSON);
+    - ``NAME #`` marks that NAME has a position under some filters (written once, with the same
+      response id).
+
+    A run whose own position is missing while NAME has one under other filters (the mark, or a
+    plain ``NAME`` from a tail without filters or from an older version) is refused.
+    """
+
+    def __init__(self, name: str, filters: dict[str, str | None]) -> None:
+        given = {k: v for k, v in sorted(filters.items()) if v is not None}
+        self.name = name
+        self.filters = given
+        self.key = f"{name} {json.dumps(given, separators=(',', ':'))}" if given else name
+        self.mark = f"{name} #"
+        self._marked = False
+
+    def _shown(self) -> str:
+        flags = " ".join(f"--{k} {v}" for k, v in self.filters.items())
+        return flags or "no filters"
+
+    async def read(self, store: Store) -> str | None:
+        cursor = await store.read_checkpoint(self.key)
+        if cursor is not None:
+            return cursor
+        elsewhere = await store.read_checkpoint(self.mark)
+        if elsewhere is None and self.filters:
+            elsewhere = await store.read_checkpoint(self.name)  # a tail without filters
+        if elsewhere is not None:
+            raise ValueError(
+                f"checkpoint {self.name!r} was used with other filters than {self._shown()} (its "
+                "position is in recording order, so these filters would skip rows): run tail "
+                "with the filters it was used with, or give these filters their own "
+                "--checkpoint name (a new name starts from the first response)"
+            )
+        return None
+
+    async def write(self, store: Store, cursor: str) -> None:
+        # The position first: a run stopped between the two writes resumes from it.
+        await store.write_checkpoint(self.key, cursor)
+        if not self._marked:
+            await store.write_checkpoint(self.mark, cursor)
+            self._marked = True
+
+
+async def _tail_batch(store: Store, checkpoint: _Checkpoint, batch: list[Response]) -> None:
     """Print a batch of responses (with their requests) in order, checkpointing after each."""
     wanted = {resp.request_id for resp in batch}
     requests = {q["id"]: q async for q in store.iter_rows("requests", ids=wanted)}
@@ -364,7 +418,7 @@ async def _tail_batch(store: Store, name: str, batch: list[Response]) -> None:
         # After the line is out, and shielded: Ctrl-C never leaves a printed line behind the
         # checkpoint (it would be printed again).
         with anyio.CancelScope(shield=True):
-            await store.write_checkpoint(name, resp.id)
+            await checkpoint.write(store, resp.id)
 
 
 async def _tail(
@@ -382,9 +436,10 @@ async def _tail(
 
     printed = 0
     deadline = None if stop_after is None else time.monotonic() + stop_after
+    checkpoint = _Checkpoint(name, {"source": source, "kind": kind, "status": status})
     # Writable (it writes checkpoints) but never created: a missing store is an error.
     async with _open_store(where, "write") as store:
-        cursor = await store.read_checkpoint(name)
+        cursor = await checkpoint.read(store)
         while True:
             batch: list[Response] = []
             async for resp in store.iter_responses(
@@ -392,10 +447,10 @@ async def _tail(
             ):
                 batch.append(resp)
                 if len(batch) == _TAIL_BATCH:
-                    await _tail_batch(store, name, batch)
+                    await _tail_batch(store, checkpoint, batch)
                     cursor, printed, batch = resp.id, printed + len(batch), []
             if batch:
-                await _tail_batch(store, name, batch)
+                await _tail_batch(store, checkpoint, batch)
                 cursor, printed = batch[-1].id, printed + len(batch)
             if not follow:
                 return printed
@@ -410,7 +465,9 @@ def tail_command(
     checkpoint: Annotated[
         str,
         typer.Option(
-            "--checkpoint", help="Consumer name: resume after the last response it was shown."
+            "--checkpoint",
+            help="Consumer name: resume after the last response it was shown (with the same "
+            "filters: a name used with other filters is refused).",
         ),
     ],
     root: RootOption = None,
@@ -437,8 +494,12 @@ def tail_command(
 
     Each line: id, source, kind, status, checksum, size, fetched_at, params (the request's),
     endpoint, request_id, request_hash, session_id, as_of_bucket, cache_tag, transport_status,
-    error. Use one checkpoint name per consumer (and per set of filters). Cache hits add no
-    response, so they are not shown.
+    error. Cache hits add no response, so they are not shown.
+
+    A checkpoint keeps its filters (--source, --kind, --status): its position is only valid for
+    them, so the same name with other filters is refused. Use one name per consumer and set of
+    filters. When the reader goes away (`tail | head -1`) it stops quietly with exit status 141,
+    as other tools do; the checkpoint stays after the last line written into the pipe.
     """
     where = Where(root, store_url, payloads_url)
     with _errors(verbose):

@@ -39,13 +39,14 @@ from mxm_dataio_async._cli._common import (
     app,
     console,
     err_console,
+    resolve_session,
 )
 from mxm_dataio_async._durations import parse_duration
 from mxm_dataio_async._store import DEFAULT_INLINE_THRESHOLD
 
 if TYPE_CHECKING:
     from mxm_dataio_async import Store
-    from mxm_dataio_async.store import CopyReport, GcReport, PruneReport
+    from mxm_dataio_async.store import CopyReport, ExportReport, GcReport, PruneReport
 
 
 @app.command("verify")
@@ -54,7 +55,8 @@ def verify_command(
     store_url: StoreOption = None,
     payloads_url: PayloadsOption = None,
     grace: Annotated[
-        str, typer.Option(help="Ignore files younger than this (e.g. 10m on a live store).")
+        str,
+        typer.Option(help="Ignore files younger than this (e.g. 10min on a live store)."),
     ] = "0s",
     as_json: JsonOption = False,
     verbose: VerboseOption = False,
@@ -162,7 +164,13 @@ def gc_command(
 @app.command("prune")
 def prune_command(
     older_than: Annotated[
-        str, typer.Option("--older-than", help="Age to keep: e.g. 30d, 12h, 90m, 2w.")
+        str,
+        typer.Option(
+            "--older-than",
+            help="Age to keep: a number and a unit, s, min, h, d or w (e.g. 30d, 12h, 90min, "
+            "2w). m is refused as ambiguous (min or mo?); months and years, having no fixed "
+            "length, too: write days (30d, 365d).",
+        ),
     ],
     root: RootOption = None,
     store_url: StoreOption = None,
@@ -222,7 +230,9 @@ def prune_command(
 
 @app.command("export")
 def export_command(
-    session: Annotated[str, typer.Argument(help="Session id (or a unique prefix of it).")],
+    session: Annotated[
+        str, typer.Argument(help="Session id (or a unique prefix of 4+ characters).")
+    ],
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Bundle file to write (.tar, or .tar.gz).")
     ],
@@ -236,11 +246,11 @@ def export_command(
     Another machine imports it (`mxm-dataio import`) and replays it with only_if_cached.
     """
     with _errors(verbose):
-        report = _with_store(
-            Where(root, store_url, payloads_url),
-            "read",
-            lambda store: store.export_session(session, output),
-        )
+
+        async def export(store: Store) -> ExportReport:
+            return await store.export_session(await resolve_session(store, session), output)
+
+        report = _with_store(Where(root, store_url, payloads_url), "read", export)
     console.print(
         f"exported session {report.session_id} to {report.path}: {report.requests} requests, "
         f"{report.responses} responses, {report.payloads} payloads "

@@ -3,36 +3,36 @@
 Chunk ``k`` starts at ``start + k * step`` (always counted from ``start``, never from the previous
 chunk, so month ends do not drift) and ends the day before chunk ``k + 1`` starts; the last chunk
 is clipped to ``end``. Adding months keeps the day of the month, clamped to the month's last day:
-``2024-01-31 + 1M = 2024-02-29``. So chunks never overlap, never leave a gap, and cover exactly
+``2024-01-31 + 1mo = 2024-02-29``. So chunks never overlap, never leave a gap, and cover exactly
 ``start..end``. Counting is arithmetic (O(1)), so a plan can be sized without iterating it.
 """
 
 from __future__ import annotations
 
 import calendar
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Final, Literal
 
+from mxm_dataio_async._durations import UNITS, split_terms
+
 __all__ = ["Chunk", "add_months", "count_chunks", "date_chunks", "parse_chunk"]
 
-Unit = Literal["d", "w", "M", "y"]
-_UNITS: Final[dict[str, str]] = {
-    "d": "days",
-    "w": "weeks (7 days)",
-    "M": "calendar months",
-    "y": "calendar years",
-}
-_CHUNK_RE: Final = re.compile(r"\s*([+-]?\d+)\s*([A-Za-z]+)\s*")
+Unit = Literal["d", "w", "mo", "y"]
+_UNITS: Final = ("d", "w", "mo", "y")
+_HINT: Final = (
+    "use a positive whole number and one unit: d (days), w (weeks), mo (calendar months) or "
+    "y (calendar years), e.g. 30d, 2w, 1mo, 1y"
+)
 _ONE_DAY: Final = timedelta(days=1)
 
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """A chunk length: ``count`` units of ``d`` (days), ``w`` (weeks), ``M`` (months), ``y``
-    (years). ``str(Chunk(30, "d")) == "30d"``."""
+    """A chunk length: ``count`` units of ``d`` (days), ``w`` (weeks), ``mo`` (calendar months)
+    or ``y`` (calendar years); the grammar is the package's (``_durations.py``).
+    ``str(Chunk(30, "d")) == "30d"``."""
 
     count: int
     unit: Unit
@@ -41,15 +41,16 @@ class Chunk:
         if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
             raise ValueError(f"a chunk must be positive, got {self.count!r}{self.unit}")
         if self.unit not in _UNITS:
-            raise ValueError(f"unknown chunk unit {self.unit!r}; use one of d, w, M, y")
+            also = " ('m'/'M' is ambiguous: mo is months)" if self.unit in ("m", "M") else ""
+            raise ValueError(f"unknown chunk unit {self.unit!r}; use one of d, w, mo, y{also}")
 
     def __str__(self) -> str:
         return f"{self.count}{self.unit}"
 
     @property
     def months(self) -> int | None:
-        """The step in months (``M``, ``y``), or None for a fixed number of days."""
-        if self.unit == "M":
+        """The step in months (``mo``, ``y``), or None for a fixed number of days."""
+        if self.unit == "mo":
             return self.count
         if self.unit == "y":
             return 12 * self.count
@@ -66,23 +67,29 @@ class Chunk:
 
 
 def parse_chunk(text: object) -> Chunk:
-    """``"30d"``, ``"2w"``, ``"1M"`` (calendar month), ``"1y"`` -> ``Chunk``, else ValueError."""
+    """``"30d"``, ``"2w"``, ``"1mo"`` (calendar month), ``"1y"`` -> ``Chunk``, else ValueError.
+
+    The units are those of the package's one grammar (``_durations.py``): ``m``/``M`` are refused
+    as ambiguous, and a chunk is whole days or more (no ``s``, ``min`` or ``h``)."""
     if isinstance(text, Chunk):
         return text
-    hint = "use a positive whole number and a unit: d (days), w (weeks), M (calendar months) or "
-    hint += "y (years), e.g. 30d, 1M"
     if not isinstance(text, str):
-        raise ValueError(f"a chunk is text such as '30d' or '1M', got {text!r}; {hint}")
-    match = _CHUNK_RE.fullmatch(text)
-    if match is None:
-        raise ValueError(f"invalid chunk {text!r}; {hint}")
-    count, unit = int(match.group(1)), match.group(2)
-    if unit == "m":
-        raise ValueError(f"invalid chunk {text!r}: 'm' is ambiguous; write M for calendar months")
+        raise ValueError(f"a chunk is text such as '30d' or '1mo', got {text!r}; {_HINT}")
+    raw = text.strip()
+    sign, body = (raw[0], raw[1:]) if raw[:1] in ("+", "-") else ("", raw)
+    terms = split_terms(body, "chunk", _HINT, "write {n}mo for calendar months")
+    if len(terms) != 1:
+        raise ValueError(f"invalid chunk {text!r}: one unit per chunk (e.g. 18mo, not 1y6mo)")
+    number, unit = terms[0]
     if unit not in _UNITS:
-        raise ValueError(f"invalid chunk {text!r}: unknown unit {unit!r}; {hint}")
+        raise ValueError(
+            f"invalid chunk {text!r}: a chunk is whole days or more, not {UNITS[unit][0]}; {_HINT}"
+        )
+    if not number.isdigit():
+        raise ValueError(f"invalid chunk {text!r}: {_HINT}")
+    count = -int(number) if sign == "-" else int(number)
     if count < 1:
-        raise ValueError(f"chunk must be positive, got {text!r}; {hint}")
+        raise ValueError(f"chunk must be positive, got {text!r}; {_HINT}")
     return Chunk(count, unit)  # type: ignore[arg-type]
 
 

@@ -27,7 +27,7 @@ from mxm_dataio_async.jobs._template import Template, TemplateTree, compile_text
 if TYPE_CHECKING:
     from mxm_dataio_async._session import AsyncSession
 
-__all__ = ["BUILTINS", "CompiledJob", "JobPlan", "PlannedRequest", "compile_job"]
+__all__ = ["BUILTINS", "CompiledJob", "JobPlan", "PlannedRequest", "compile_job", "job_problems"]
 
 #: Placeholders every request may use: the run's UTC date and the job's name.
 BUILTINS: Final = ("job", "today")
@@ -284,8 +284,11 @@ class CompiledJob:
     today: date
 
 
-def compile_job(config: JobConfig, *, today: date | None = None) -> CompiledJob:
-    """Check what pydantic cannot (the meaning) and compile every entry; ``JobConfigError``."""
+def job_problems(
+    config: JobConfig, *, today: date | None = None
+) -> tuple[list[tuple[str, str]], CompiledJob]:
+    """Check what pydantic cannot (the meaning) and compile every entry: ``(problems, job)``,
+    the job holding only the entries without problems."""
     day = today if today is not None else today_utc()
     errors: list[tuple[str, str]] = []
     for name, spec in config.sources.items():
@@ -293,9 +296,15 @@ def compile_job(config: JobConfig, *, today: date | None = None) -> CompiledJob:
     entries = [
         _compile_entry(i, spec, config, day, errors) for i, spec in enumerate(config.requests)
     ]
+    return errors, CompiledJob(config, tuple(e for e in entries if e is not None), day)
+
+
+def compile_job(config: JobConfig, *, today: date | None = None) -> CompiledJob:
+    """Check what pydantic cannot (the meaning) and compile every entry; ``JobConfigError``."""
+    errors, compiled = job_problems(config, today=today)
     if errors:
         raise JobConfigError(config.file, errors)
-    return CompiledJob(config, tuple(e for e in entries if e is not None), day)
+    return compiled
 
 
 class JobPlan:

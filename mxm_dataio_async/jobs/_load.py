@@ -2,8 +2,10 @@
 
 Both passes run before anything else: pydantic checks the shape (unknown keys, types, ranges),
 then ``compile_job`` checks the meaning (sources that exist, dates in order, placeholders that are
-defined, adapters that import, a first request that builds). Either pass reports every problem it
-finds as one ``JobConfigError`` naming the file and each key path.
+defined, adapters that import, a first request that builds). Every problem of every stage is
+reported at once, in one ``JobConfigError`` naming the file and each key path: when the shape is
+wrong, the meaning is checked on a repaired copy (``_repair.py``), so fixing one problem does not
+reveal the next.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from pydantic import ValidationError
 
 from mxm_dataio_async.jobs._config import JobConfig, interpolate_env, pydantic_problem
 from mxm_dataio_async.jobs._errors import JobConfigError
-from mxm_dataio_async.jobs._expand import compile_job
+from mxm_dataio_async.jobs._expand import job_problems
+from mxm_dataio_async.jobs._repair import related, repair
 
 __all__ = ["job_from_data", "load_job", "parse_job"]
 
@@ -89,17 +92,38 @@ def job_from_data(
         raise JobConfigError(
             file, [("", f"a job file is a mapping (job:, sources:, ...), not {what}")]
         )
-    errors: list[tuple[str, str]] = []
-    data = interpolate_env(data, os.environ if env is None else env, errors)
-    if errors:
-        raise JobConfigError(file, errors)
+    env_errors: list[tuple[str, str]] = []
+    data = interpolate_env(data, os.environ if env is None else env, env_errors)
+    # A value whose ${NAME} is missing is reported once, by the environment check.
+    unresolved = [key for key, _ in env_errors]
+    problems = list(env_errors)
+    repaired: list[str] = []
+    echoes: list[str] = []
     try:
-        config = JobConfig.model_validate(data)
+        config: JobConfig | None = JobConfig.model_validate(data)
     except ValidationError as exc:
-        raise JobConfigError(file, [pydantic_problem(e) for e in exc.errors()]) from None
-    config._file = file
-    config._base_dir = Path(base_dir) if base_dir is not None else None
-    compile_job(config)
+        shape = [pydantic_problem(e) for e in exc.errors()]
+        problems += [
+            (key, text) for key, text in shape if not related(key, unresolved, containing=True)
+        ]
+        config, repaired, echoes = repair(data, exc)
+    if config is not None:
+        config._file = file
+        config._base_dir = Path(base_dir) if base_dir is not None else None
+        meaning, _ = job_problems(config)
+        # Leave out what a reported problem explains: a value left unresolved (and its
+        # source or request as a whole), a place repaired (and what is inside it), an
+        # expansion "never used" once its request lost a template.
+        problems += [
+            (key, text)
+            for key, text in meaning
+            if not related(key, unresolved, containing=True)
+            and not related(key, repaired)
+            and not (key in echoes and "never used" in text)
+        ]
+    if problems:
+        raise JobConfigError(file, problems)
+    assert config is not None
     return config
 
 

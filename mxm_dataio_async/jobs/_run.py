@@ -27,7 +27,7 @@ from mxm_dataio_async.jobs._config import JobConfig
 from mxm_dataio_async.jobs._errors import JobConfigError
 from mxm_dataio_async.jobs._expand import JobPlan, PlannedRequest
 from mxm_dataio_async.jobs._load import load_job
-from mxm_dataio_async.jobs._sources import register_sources
+from mxm_dataio_async.jobs._sources import job_import_path, register_sources
 
 __all__ = ["JobSummary", "SourceSummary", "resolve_root", "run_job"]
 
@@ -267,8 +267,24 @@ async def run_job(
     plan = JobPlan(config, limit=limit, only=only)
     store_root = resolve_root(config, root)
     payloads_at = resolve_payloads(config, payloads)
-    counters = {name: _Counter(name, plan.count(name)) for name in plan.sources}
     clock = SYSTEM_CLOCK if clock is None else clock
+    # An adapter factory's module may sit next to the job file, and import more of its own
+    # neighbours while the run goes on: the folder is on the import path for the whole run.
+    with job_import_path(config.base_dir):
+        return await _run(config, plan, store_root, payloads_at, wait, on_progress, stop, clock)
+
+
+async def _run(
+    config: JobConfig,
+    plan: JobPlan,
+    store_root: str | Path,
+    payloads_at: str | Path | None,
+    wait: bool,
+    on_progress: ProgressCallback | None,
+    stop: anyio.Event | None,
+    clock: Clock,
+) -> JobSummary:
+    counters = {name: _Counter(name, plan.count(name)) for name in plan.sources}
     started = time.perf_counter()
     async with Store(store_root, payloads=payloads_at, clock=clock) as store:
         # A stop cancels everything but the store (opened outside this scope), so the sessions

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
-from collections.abc import Callable
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from mxm_dataio_async._limits import RateLimit
@@ -22,11 +26,52 @@ from mxm_dataio_async.jobs._config import (
     SourceSpec,
 )
 
-__all__ = ["build_adapter", "check_source", "register_sources", "resolve_factory"]
+__all__ = [
+    "build_adapter",
+    "check_source",
+    "job_import_path",
+    "register_sources",
+    "resolve_factory",
+]
+
+_path_lock = threading.Lock()
+_path_users: dict[str, int] = {}
 
 
-def resolve_factory(path: str) -> Callable[..., Any]:
-    """``"pkg.mod:factory"`` or ``"pkg.mod.factory"`` -> the callable; ``ValueError`` if not."""
+@contextlib.contextmanager
+def job_import_path(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """While the block runs, ``folder`` (a job file's) is on ``sys.path``, so that an adapter
+    factory in a module next to the job file imports (``cd jobdir && mxm-dataio run job.yaml``:
+    a console script does not put the current directory on the path).
+
+    It is appended, after the installed packages and the standard library, so a file in the
+    job's folder never shadows them; and removed again when the last user leaves (runs may
+    overlap). A folder that was on the path already is left alone.
+    """
+    entry = os.fspath(folder)
+    with _path_lock:
+        owned = entry in _path_users or entry not in sys.path
+        if owned:
+            if entry not in _path_users:
+                sys.path.append(entry)
+                importlib.invalidate_caches()
+            _path_users[entry] = _path_users.get(entry, 0) + 1
+    try:
+        yield
+    finally:
+        if owned:
+            with _path_lock:
+                _path_users[entry] -= 1
+                if not _path_users[entry]:
+                    del _path_users[entry]
+                    with contextlib.suppress(ValueError):
+                        sys.path.remove(entry)
+
+
+def resolve_factory(path: str, folder: str | os.PathLike[str] | None = None) -> Callable[..., Any]:
+    """``"pkg.mod:factory"`` or ``"pkg.mod.factory"`` -> the callable; ``ValueError`` if not.
+
+    ``folder`` (the job file's) is searched too, after the installed packages."""
     module_name, sep, attr = path.partition(":")
     if not sep:
         module_name, _, attr = path.rpartition(".")
@@ -36,9 +81,18 @@ def resolve_factory(path: str) -> Callable[..., Any]:
             "'pkg.module:factory'"
         )
     try:
-        module = importlib.import_module(module_name)
+        if folder is None:
+            module = importlib.import_module(module_name)
+        else:
+            with job_import_path(folder):
+                module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"adapter {path!r}: cannot import {module_name!r} ({exc})") from None
+        where = "" if folder is None else f" and in the job file's folder ({os.fspath(folder)})"
+        raise ValueError(
+            f"adapter {path!r}: cannot import {module_name!r} ({exc}); looked for among the "
+            f"installed packages, on PYTHONPATH{where}: install it, put it next to the job "
+            "file, or add its folder to PYTHONPATH"
+        ) from None
     target: Any = module
     for part in attr.split("."):
         try:
@@ -103,7 +157,7 @@ def check_source(name: str, spec: SourceSpec, config: JobConfig) -> list[tuple[s
             errors.append((f"{where}.root", f"{str(root)!r} is not a directory"))
     else:
         try:
-            factory = resolve_factory(spec.adapter)
+            factory = resolve_factory(spec.adapter, config.base_dir)
         except ValueError as exc:
             errors.append((f"{where}.adapter", str(exc)))
             return errors
@@ -124,7 +178,7 @@ async def build_adapter(spec: SourceSpec, config: JobConfig) -> object:
     if isinstance(spec, FileSource):
         return FileAdapter(config.resolve(spec.root))
     assert isinstance(spec, PluginSource)
-    adapter = resolve_factory(spec.adapter)(**spec.options)
+    adapter = resolve_factory(spec.adapter, config.base_dir)(**spec.options)
     if inspect.isawaitable(adapter):
         adapter = await adapter
     return adapter

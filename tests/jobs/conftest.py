@@ -116,7 +116,7 @@ def bars_job(
     symbols: list[str] | None = None,
     start: str = "2024-01-01",
     end: str = "2024-03-31",
-    chunk: str = "1M",
+    chunk: str = "1mo",
     **extra: Any,
 ) -> dict[str, Any]:
     """The README's example job against the loopback server."""

@@ -99,7 +99,7 @@ def test_the_example_is_valid(tmp_path: Path) -> None:
         (
             {"requests__0__expand__dates__chunk": "5m"},
             "requests[0].expand.dates.chunk",
-            "write M for calendar months",
+            "write 5mo for calendar months",
         ),
         (
             {"requests__0__expand__dates__chunk": "1q"},
@@ -291,3 +291,84 @@ def test_the_readme_example_is_a_valid_job(tmp_path: Path) -> None:
     assert config.job == "prices_daily"
     assert plan.total == 3 * 13  # three symbols x 13 chunks of 30 days in 2024
     assert copy.deepcopy(yaml.safe_load(_readme_job()))["concurrency"] == config.concurrency
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    """Regression: problems came in stages: unknown keys and bad chunks first, undefined
+    placeholders, unknown sources and dates out of order only once those were fixed."""
+    data = bars_job(URL)
+    entry = data["requests"][0]
+    entry["endpointt"] = "/typo"  # unknown key
+    entry["expand"]["dates"]["chunk"] = "1M"  # ambiguous unit
+    entry["endpoint"] = "/bars/{symbol}/{sym}"  # undefined placeholder
+    entry["ttl"] = "1m"  # ambiguous unit
+    data["requests"].append(
+        {
+            "source": "pricez",  # unknown source
+            "kind": "bars",
+            "endpoint": "/x/{n}",
+            "expand": {
+                "n": [1, {"bad": 1}],  # a value that is not a scalar
+                "dates": {"start": "2024-02-01", "end": "2024-01-01", "chunk": "1mo"},
+            },
+            "params": {"q": "{start}{missing}"},
+        }
+    )
+    data["requests"].append({"kind": "no source"})  # missing key: the entry is left out
+    data["sources"]["prices"]["retry"]["max_attempts"] = 0  # out of range
+    data["sources"]["prices"]["base_url"] = "ftp://x"  # wrong meaning, beside the range error
+    data["concurrency"] = 0
+    err = error_of(tmp_path, data)
+    problems = {(key, problem.split(";")[0].split(":")[0]) for key, problem in err.problems}
+    assert problems == {
+        ("sources.prices.retry.max_attempts", "Input should be greater than or equal to 1, got 0"),
+        ("requests[0].endpointt", "unknown key 'endpointt'"),
+        ("requests[0].expand.dates.chunk", "invalid chunk '1M'"),
+        ("requests[0].ttl", "invalid duration '1m'"),
+        ("requests[0].endpoint", "undefined placeholder {sym}"),
+        (
+            "requests[1].expand.n[1]",
+            "expansion values are strings, numbers, booleans or dates, not a mapping",
+        ),
+        ("requests[1].source", "unknown source 'pricez'"),
+        ("requests[1].expand.dates.end", "end 2024-01-01 is before start 2024-02-01"),
+        ("requests[1].params.q", "undefined placeholder {missing}"),
+        ("requests[2]", "missing required key 'source'"),
+        ("sources.prices", "base_url must start with http"),
+        ("concurrency", "Input should be greater than or equal to 1, got 0"),
+    }, str(err)
+    assert str(err).splitlines()[0].endswith(f"{len(err.problems)} problems:")
+
+
+def test_a_missing_environment_variable_is_reported_once_beside_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PRICES_TOKEN")
+    data = bars_job(URL)
+    data["requests"][0]["endpoint"] = "/bars/{symbol}/${SYMBOL_PATH}"
+    data["concurrency"] = "${CONCURRENCY}"
+    err = error_of(tmp_path, data)
+    assert [k for k, _ in err.problems] == [
+        "sources.prices.headers.Authorization",
+        "requests[0].endpoint",
+        "concurrency",
+    ], str(err)  # not also "{SYMBOL_PATH} undefined" or "concurrency is not an integer"
+    assert all("environment variable" in p for _, p in err.problems)
+
+
+def test_a_repair_adds_no_problem_of_its_own(tmp_path: Path) -> None:
+    """The meaning is checked on a repaired copy; what the repair changed is not reported again
+    (the expansions are not "never used" because the bad params were left out)."""
+    data = bars_job(URL)
+    data["requests"][0]["params"] = "start={start}"  # not a mapping
+    data["requests"][0]["endpoint"] = "/bars/{symbol}/{oops}"
+    data["requests"][0]["expand"]["dates"]["start"] = "someday"  # a stand-in range is used
+    data["requests"].append({"kind": "k", "source": "prices", "method": ["GET"]})
+    err = error_of(tmp_path, data)
+    assert [k for k, _ in err.problems] == [
+        "requests[0].params",
+        "requests[0].expand.dates.start",
+        "requests[1].method",
+        "requests[0].endpoint",
+    ], str(err)
+    assert "(left out)" not in str(err) and "2000-01-01" not in str(err)

@@ -33,7 +33,7 @@ def chunk_start(start: date, k: int, chunk: Chunk) -> date:
     return months_later(start, k * chunk.count * (12 if chunk.unit == "y" else 1))
 
 
-chunks = st.builds(Chunk, st.integers(1, 60), st.sampled_from(["d", "w", "M", "y"]))
+chunks = st.builds(Chunk, st.integers(1, 60), st.sampled_from(["d", "w", "mo", "y"]))
 
 
 @settings(deadline=None)  # a slow CI machine is not a failure
@@ -88,7 +88,7 @@ def test_count_is_arithmetic_and_matches_the_chunks(start: date, length: int, ch
 
 
 def test_month_ends_clamp_and_do_not_drift() -> None:
-    got = list(date_chunks(date(2024, 1, 31), date(2024, 6, 30), "1M"))
+    got = list(date_chunks(date(2024, 1, 31), date(2024, 6, 30), "1mo"))
     assert got == [
         (date(2024, 1, 31), date(2024, 2, 28)),
         (date(2024, 2, 29), date(2024, 3, 30)),
@@ -100,10 +100,10 @@ def test_month_ends_clamp_and_do_not_drift() -> None:
 
 
 def test_calendar_months_and_years_from_the_first() -> None:
-    months = list(date_chunks(date(2024, 1, 1), date(2024, 12, 31), "1M"))
+    months = list(date_chunks(date(2024, 1, 1), date(2024, 12, 31), "1mo"))
     assert len(months) == 12
     assert [(a.month, a.day, b.day) for a, b in months][:3] == [(1, 1, 31), (2, 1, 29), (3, 1, 31)]
-    quarters = list(date_chunks(date(2023, 1, 1), date(2023, 12, 31), "3M"))
+    quarters = list(date_chunks(date(2023, 1, 1), date(2023, 12, 31), "3mo"))
     assert [b for _, b in quarters] == [
         date(2023, 3, 31),
         date(2023, 6, 30),
@@ -133,8 +133,8 @@ def test_edges() -> None:
         (date(2024, 1, 8), date(2024, 1, 14)),
     ]
     # At the end of the calendar, the next chunk start does not exist: the last is clipped.
-    assert len(list(date_chunks(date(9999, 1, 1), date.max, "1M"))) == 12
-    assert count_chunks(date(9999, 1, 1), date.max, "1M") == 12
+    assert len(list(date_chunks(date(9999, 1, 1), date.max, "1mo"))) == 12
+    assert count_chunks(date(9999, 1, 1), date.max, "1mo") == 12
     assert list(date_chunks(date.max - 2 * DAY, date.max, "2d")) == [
         (date.max - 2 * DAY, date.max - DAY),
         (date.max, date.max),
@@ -150,7 +150,7 @@ def test_edges() -> None:
     [
         ("30d", Chunk(30, "d")),
         (" 2w ", Chunk(2, "w")),
-        ("1M", Chunk(1, "M")),
+        ("1mo", Chunk(1, "mo")),
         ("1y", Chunk(1, "y")),
     ],
 )
@@ -163,8 +163,12 @@ def test_parse_chunk(text: str, expected: Chunk) -> None:
     ("text", "problem"),
     [
         ("0d", "chunk must be positive"),
-        ("-1M", "chunk must be positive"),
-        ("1m", "write M for calendar months"),
+        ("-1mo", "chunk must be positive"),
+        ("1m", "'1m' is ambiguous .*write 1mo for calendar months"),
+        ("1M", "'1M' is ambiguous .*write 1mo for calendar months"),
+        ("12h", "whole days or more, not hours"),
+        ("90min", "whole days or more, not minutes"),
+        ("1y6mo", "one unit per chunk"),
         ("1q", "unknown unit"),
         ("d", "invalid chunk"),
         ("", "invalid chunk"),

@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 import pytest
+import yaml
 
 import mxm_dataio_async as dio
 from mxm_dataio_async._request import build_request
@@ -272,7 +273,7 @@ async def test_stop_ends_a_run_early_and_cleanly(job_server: JobServer, tmp_path
     root = Path(summary.root)  # a folder here (the job's store: ./dataio)
     assert query(root, "SELECT count(*) FROM leases") == [(0,)]
     [(status, ended)] = query(root, "SELECT status, ended_at FROM sessions")
-    assert ended is not None and status in ("ok", "error")
+    assert ended is not None and status in ("ok", "error", "cancelled")
     rest = await run_job(path)
     assert not rest.interrupted and rest.ok
     assert rest.fetched + rest.from_cache == 60 and rest.from_cache >= summary.fetched
@@ -301,3 +302,76 @@ async def test_concurrency_is_job_wide(tmp_path: Path) -> None:
     job["requests"] = [dict(r, cache_mode="bypass") for r in requests]
     summary = await run_job(write_job(tmp_path / "job.yaml", job))
     assert summary.fetched == 90 and InFlight.peak == 6  # each source's own cap: 3 x 2
+
+
+def _factory_beside(job_dir: Path, module: str) -> Path:
+    """A job whose adapter factory is a module next to the job file; the adapter imports a
+    second neighbour only when it is called, during the run."""
+    job_dir.mkdir()
+    (job_dir / f"{module}.py").write_text(
+        "import mxm_dataio_async as dio\n\n\n"
+        "def make(prefix):\n"
+        "    def handler(request):\n"
+        f"        import {module}_helpers\n\n"
+        f"        return {module}_helpers.body(prefix, request.endpoint)\n\n"
+        "    return dio.MockAdapter(handler)\n",
+        encoding="utf-8",
+    )
+    (job_dir / f"{module}_helpers.py").write_text(
+        "def body(prefix, endpoint):\n    return f'{prefix} {endpoint}'.encode()\n",
+        encoding="utf-8",
+    )
+    data = {
+        "job": "beside",
+        "store": "./dataio",
+        "sources": {"feed": {"adapter": f"{module}:make", "prefix": "hello"}},
+        "requests": [
+            {"source": "feed", "kind": "k", "endpoint": "/n/{n}", "expand": {"n": [1, 2, 3]}}
+        ],
+    }
+    return write_job(job_dir / "job.yaml", data)
+
+
+def test_a_factory_next_to_the_job_file_imports(tmp_path: Path) -> None:
+    """Regression: ``cd jobdir && mxm-dataio run job.yaml`` could not import a factory module
+    beside the job file (a console script does not put the current folder on the path)."""
+    import subprocess
+    import sys
+
+    from tests.jobs.conftest import cli_env
+
+    path = _factory_beside(tmp_path / "jobdir", "beside_feed_cli")
+    script = Path(sys.executable).with_name("mxm-dataio")
+    assert script.exists()
+    done = subprocess.run(
+        [str(script), "run", "job.yaml", "--json"],
+        cwd=path.parent,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["fetched"] == 3
+    bodies = query(path.parent / "dataio", "SELECT count(*) FROM responses WHERE status = 'ok'")
+    assert bodies == [(3,)]
+
+
+async def test_the_job_folder_is_on_the_import_path_for_the_run_only(tmp_path: Path) -> None:
+    import sys
+
+    path = _factory_beside(tmp_path / "jobdir", "beside_feed_api")
+    before = list(sys.path)
+    summary = await run_job(path)
+    assert summary.ok and summary.fetched == 3
+    assert sys.path == before  # put back after the run
+    async with dio.Store(path.parent / "dataio") as store:
+        got = sorted([await store.read(r) async for r in store.iter_responses(status="ok")])
+    assert got == [b"hello /n/1", b"hello /n/2", b"hello /n/3"]
+    # Elsewhere, the error says where it looked and what to do.
+    data = yaml.safe_load(path.read_text())
+    data["sources"]["feed"]["adapter"] = "not_beside_anything:make"
+    with pytest.raises(dio.DataIOError) as info:
+        load_job(write_job(path, data))
+    assert "job file's folder" in str(info.value) and "PYTHONPATH" in str(info.value)

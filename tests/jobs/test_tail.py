@@ -110,3 +110,45 @@ async def _make_store(root: Path) -> None:
 
     async with dio.Store(root):
         pass
+
+
+def test_a_checkpoint_keeps_its_filters(job_server: JobServer, tmp_path: Path) -> None:
+    """Regression: the same checkpoint name under other filters silently skipped rows (its
+    position is one place in recording order, advanced under the first filters)."""
+    data = bars_job(job_server.url, symbols=["CSPX.L"])
+    data["requests"].append({**data["requests"][0], "kind": "quotes"})
+    path = write_job(tmp_path / "job.yaml", data)
+    root = tmp_path / "dataio"
+    _run(path)
+    ids = _all_ids(root)
+    assert len(ids) == 6
+    bars = _lines(cli("tail", "--checkpoint", "etl", "--root", str(root), "--kind", "bars").stdout)
+    assert [r["kind"] for r in bars] == ["bars"] * 3
+    for other in ([], ["--kind", "quotes"], ["--kind", "bars", "--source", "prices"]):
+        refused = cli("tail", "--checkpoint", "etl", "--root", str(root), *other)
+        assert refused.returncode == 1 and refused.stdout == "", refused.stderr
+        message = " ".join(refused.stderr.split())
+        assert "checkpoint 'etl' was used with other filters" in message
+        assert "own --checkpoint name" in message
+    # The same filters go on where they stopped (nothing new); their own name sees every row.
+    same = cli("tail", "--checkpoint", "etl", "--root", str(root), "--kind", "bars")
+    assert same.returncode == 0 and same.stdout == ""
+    quotes = cli("tail", "--checkpoint", "etl-quotes", "--root", str(root), "--kind", "quotes")
+    assert [r["kind"] for r in _lines(quotes.stdout)] == ["quotes"] * 3
+    # A name first used without filters refuses filters later, too.
+    assert len(_lines(cli("tail", "--checkpoint", "all", "--root", str(root)).stdout)) == 6
+    later = cli("tail", "--checkpoint", "all", "--root", str(root), "--kind", "bars")
+    assert later.returncode == 1 and "other filters" in later.stderr
+    # A checkpoint written as a plain name (the store API, or an older tail) is unfiltered.
+    anyio.run(_checkpoint, root, "legacy", ids[2])
+    legacy = cli("tail", "--checkpoint", "legacy", "--root", str(root), "--kind", "quotes")
+    assert legacy.returncode == 1 and "other filters" in legacy.stderr
+    rest = _lines(cli("tail", "--checkpoint", "legacy", "--root", str(root)).stdout)
+    assert [r["id"] for r in rest] == ids[3:]
+
+
+async def _checkpoint(root: Path, name: str, cursor: str) -> None:
+    import mxm_dataio_async as dio
+
+    async with dio.Store(root) as store:
+        await store.write_checkpoint(name, cursor)

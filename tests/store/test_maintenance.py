@@ -162,7 +162,7 @@ async def test_gc_grace_protects_young_files(tmp_path: Path) -> None:
         make_old(old)
         dry = await store.gc(dry_run=True)  # default grace: one hour
         assert dry.orphan_files == [old] and dry.kept_recent == 1 and old.exists()
-        report = await store.gc(grace="30m")
+        report = await store.gc(grace="30min")
         assert report.orphan_files == [old] and report.orphan_bytes == len(b"a crashed write")
         assert not old.exists() and young.exists()
         assert (await store.gc(grace=timedelta(0))).orphan_files == [young]
@@ -257,12 +257,12 @@ async def test_export_refuses_a_corrupt_payload(tmp_path: Path) -> None:
 def test_parse_duration() -> None:
     assert parse_duration("30d") == timedelta(days=30)
     assert parse_duration("12h") == timedelta(hours=12)
-    assert parse_duration("90m") == timedelta(minutes=90)
+    assert parse_duration("90min") == timedelta(minutes=90)
     assert parse_duration("2w") == timedelta(weeks=2)
     assert parse_duration("1d12h") == timedelta(days=1, hours=12)
     assert parse_duration(" 45 ") == timedelta(seconds=45)
     assert parse_duration("1.5h") == timedelta(minutes=90)
-    for bad in ("", "d", "30x", "-1d", "1d 2h", "h1"):
+    for bad in ("", "d", "30x", "-1d", "1d 2h", "h1", "90m", "1M"):
         with pytest.raises(ValueError, match="invalid duration"):
             parse_duration(bad)
 
