@@ -3,6 +3,7 @@ checkpoint, as JSON lines)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 from collections.abc import Awaitable, Callable
@@ -76,34 +77,47 @@ def _job_progress() -> Progress:
     )
 
 
+class _Interrupt:
+    """A stop request from Ctrl-C or SIGTERM: ``event`` is set, ``reason()`` says which."""
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.signal: signal.Signals | None = None
+
+    def reason(self) -> str:
+        return "interrupted" if self.signal is None else f"interrupted ({self.signal.name})"
+
+
 async def _on_signals(
-    fn: Callable[[anyio.Event], Awaitable[T]], *, cancel: bool
+    fn: Callable[[_Interrupt], Awaitable[T]], *, cancel: bool
 ) -> tuple[T | None, bool]:
-    """Run ``fn(stop)``; Ctrl-C (or SIGTERM) sets ``stop`` (and with ``cancel=True`` also
-    cancels ``fn``). Returns ``(result, interrupted)``. A second Ctrl-C interrupts at once."""
-    stop = anyio.Event()
+    """Run ``fn(interrupt)``; Ctrl-C (or SIGTERM) sets ``interrupt.event`` (and with
+    ``cancel=True`` also cancels ``fn``). Returns ``(result, interrupted)``. A second Ctrl-C
+    interrupts at once."""
+    interrupt = _Interrupt()
     outcome: list[T] = []
     failure: list[Exception] = []
     async with anyio.create_task_group() as tg:
 
         async def watch() -> None:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    stop.set()
+                async for signum in signals:
+                    interrupt.signal = signal.Signals(signum)
+                    interrupt.event.set()
                     if cancel:
                         tg.cancel_scope.cancel()
                     return  # the default handler is back: a second Ctrl-C raises at once
 
         tg.start_soon(watch)
         try:
-            outcome.append(await fn(stop))
+            outcome.append(await fn(interrupt))
         except Exception as exc:  # re-raised below, not wrapped in an ExceptionGroup
             failure.append(exc)
         finally:
             tg.cancel_scope.cancel()
     if failure:
         raise failure[0]
-    return (outcome[0] if outcome else None), stop.is_set()
+    return (outcome[0] if outcome else None), interrupt.event.is_set()
 
 
 def _plan_json(value: Any) -> str:
@@ -259,23 +273,10 @@ def run_command(
                 plan = JobPlan(config, limit=limit, only=only)
                 _print_dry_run(plan, store_root, show, as_json)
                 return
-            if as_json:
-                summary, interrupted = _run(
-                    lambda: _on_signals(
-                        lambda stop: run_job(
-                            config,
-                            root=store_root,
-                            payloads=payloads_at,
-                            limit=limit,
-                            only=only,
-                            wait=wait,
-                            stop=stop,
-                        ),
-                        cancel=False,
-                    )
-                )
-            else:
-                with _job_progress() as progress:
+            with contextlib.ExitStack() as stack:
+                on_progress: Callable[[SourceSummary], None] | None = None
+                if not as_json:
+                    progress = stack.enter_context(_job_progress())
                     tasks: dict[str, TaskID] = {}
 
                     def on_progress(s: SourceSummary) -> None:
@@ -287,21 +288,22 @@ def run_command(
                             tasks[s.source], completed=s.done, cached=s.from_cache, failed=s.failed
                         )
 
-                    summary, interrupted = _run(
-                        lambda: _on_signals(
-                            lambda stop: run_job(
-                                config,
-                                root=store_root,
-                                payloads=payloads_at,
-                                limit=limit,
-                                only=only,
-                                wait=wait,
-                                on_progress=on_progress,
-                                stop=stop,
-                            ),
-                            cancel=False,
-                        )
+                summary, interrupted = _run(
+                    lambda: _on_signals(
+                        lambda interrupt: run_job(
+                            config,
+                            root=store_root,
+                            payloads=payloads_at,
+                            limit=limit,
+                            only=only,
+                            wait=wait,
+                            on_progress=on_progress,
+                            stop=interrupt.event,
+                            stop_reason=interrupt.reason,
+                        ),
+                        cancel=False,
                     )
+                )
         except JobConfigError as exc:
             err_console.print(f"[red]invalid job:[/red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(EXIT_INVALID_JOB) from None

@@ -243,6 +243,7 @@ async def run_job(
     wait: bool = False,
     on_progress: ProgressCallback | None = None,
     stop: anyio.Event | None = None,
+    stop_reason: Callable[[], str] | None = None,
     clock: Clock | None = None,
 ) -> JobSummary:
     """Run a job (a job file's path or a loaded ``JobConfig``) to the end; returns its summary.
@@ -254,7 +255,9 @@ async def run_job(
     source's own ``concurrency`` in that source. Failed requests are counted, not raised:
     check ``summary.ok``. ``on_progress`` gets a ``SourceSummary`` for each source when it starts
     and after each finished request. Setting ``stop`` ends the run early but cleanly (in-flight
-    requests cancelled, sessions closed, lease released): the summary says ``interrupted``.
+    requests cancelled, sessions closed, lease released): the summary says ``interrupted``, and
+    each session ends ``cancelled`` with ``stop_reason()`` as its error (default
+    ``"interrupted"``; the CLI passes ``"interrupted (SIGINT)"`` and the like).
     ``clock`` (default: the system clock) drives the lease (expiry, heartbeat, polls), the retry
     waits and rate limits, and the recorded timestamps; tests pass a ``FakeClock``.
 
@@ -271,7 +274,9 @@ async def run_job(
     # An adapter factory's module may sit next to the job file, and import more of its own
     # neighbours while the run goes on: the folder is on the import path for the whole run.
     with job_import_path(config.base_dir):
-        return await _run(config, plan, store_root, payloads_at, wait, on_progress, stop, clock)
+        return await _run(
+            config, plan, store_root, payloads_at, wait, on_progress, stop, stop_reason, clock
+        )
 
 
 async def _run(
@@ -282,6 +287,7 @@ async def _run(
     wait: bool,
     on_progress: ProgressCallback | None,
     stop: anyio.Event | None,
+    stop_reason: Callable[[], str] | None,
     clock: Clock,
 ) -> JobSummary:
     counters = {name: _Counter(name, plan.count(name)) for name in plan.sources}
@@ -291,9 +297,13 @@ async def _run(
         # still record their end and the lease is released.
         body = anyio.CancelScope()
         failures: list[Exception] = []
+        sessions: list[AsyncSession] = []
 
         async def watch(event: anyio.Event) -> None:
             await event.wait()
+            reason = "interrupted" if stop_reason is None else stop_reason()
+            for session in sessions:  # recorded as the reason each one ended
+                session.interrupted = reason
             body.cancel()
 
         async with anyio.create_task_group() as watcher:
@@ -301,7 +311,9 @@ async def _run(
                 watcher.start_soon(watch, stop)
             try:
                 with body:
-                    await _run_sources(config, plan, store, counters, wait, on_progress, clock)
+                    await _run_sources(
+                        config, plan, store, counters, sessions, wait, on_progress, clock
+                    )
             except Exception as exc:  # raised below, not wrapped in an ExceptionGroup
                 failures.append(exc)
             finally:
@@ -322,11 +334,13 @@ async def _run_sources(
     plan: JobPlan,
     store: Store,
     counters: dict[str, _Counter],
+    sessions: list[AsyncSession],
     wait: bool,
     on_progress: ProgressCallback | None,
     clock: Clock,
 ) -> None:
-    """Under the job's lease: one session per source, all at once."""
+    """Under the job's lease: one session per source, all at once (each added to
+    ``sessions`` while it is open)."""
     poll = min(1.0, config.lease_ttl / 3)
     async with (
         store.lease(config.job, ttl=config.lease_ttl, wait=wait, poll=poll),
@@ -345,6 +359,7 @@ async def _run_sources(
             async with AsyncSession(
                 name, store=store, registry=registry, as_of=f"job:{config.job}"
             ) as session:
+                sessions.append(session)
                 counter.session_id = session.session.id
                 if on_progress is not None:
                     on_progress(counter.snapshot())

@@ -267,13 +267,15 @@ async def test_stop_ends_a_run_early_and_cleanly(job_server: JobServer, tmp_path
         if s.done >= 5:
             stop.set()
 
-    summary = await run_job(path, on_progress=on_progress, stop=stop)
+    summary = await run_job(
+        path, on_progress=on_progress, stop=stop, stop_reason=lambda: "stopped by the test"
+    )
     assert summary.interrupted and not summary.ok
     assert 5 <= summary.done < 60
     root = Path(summary.root)  # a folder here (the job's store: ./dataio)
     assert query(root, "SELECT count(*) FROM leases") == [(0,)]
-    [(status, ended)] = query(root, "SELECT status, ended_at FROM sessions")
-    assert ended is not None and status in ("ok", "error", "cancelled")
+    [(status, error, ended)] = query(root, "SELECT status, error, ended_at FROM sessions")
+    assert ended is not None and (status, error) == ("cancelled", "stopped by the test")
     rest = await run_job(path)
     assert not rest.interrupted and rest.ok
     assert rest.fetched + rest.from_cache == 60 and rest.from_cache >= summary.fetched
