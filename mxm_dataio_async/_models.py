@@ -170,6 +170,8 @@ class Session:
     responses: int = 0
     cache_hits: int = 0
     errors: int = 0
+    """Requests that failed in the end (after their retries): one per request, however many
+    attempts it made. ``stats`` counts error *rows* instead (``SourceStats.error_responses``)."""
     bytes_fetched: int = 0
     error: str | None = None
     host: str | None = None

@@ -292,7 +292,8 @@ def test_stats(store: Path) -> None:
         DEMO_COUNT,
         DEMO_COUNT,
     )
-    assert demo["hit_rate"] == 0.5 and demo["error_rate"] == 0.0
+    assert demo["hit_rate"] == 0.5 and demo["error_rate"] == 0.0 and demo["error_responses"] == 0
+    assert "errors" not in demo  # rows, not requests: named apart from Session.errors
     assert (big["requests"], big["cache_hits"], big["responses"], big["hit_rate"]) == (7, 0, 7, 0)
     assert big["bytes"] == sum(len(blob(_fake(f"/b/{i}", b))) for b, n in _BIG for i in range(n))
     assert st["totals"]["requests"] == 2 * DEMO_COUNT + 7

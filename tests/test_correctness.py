@@ -302,6 +302,26 @@ async def test_a_stream_drop_is_a_row_of_its_own(tmp_path: Path) -> None:
     assert "reconnecting" in recorded[1][2] and '"last_event_id":"1"' in recorded[1][3]
 
 
+# -- 9. error counts named apart ----------------------------------------------------------------
+
+
+async def test_failed_requests_and_error_rows_are_named_apart(tmp_path: Path) -> None:
+    upstream = Upstream(*(dio.TransientError("HTTP 502", transport_status=502) for _ in range(3)))
+    reg = registry_with(upstream, retry=dio.RetryPolicy(max_attempts=3))
+    async with dio.Store(tmp_path) as store:
+        async with dio.AsyncSession("m", store=store, registry=reg) as s:
+            with pytest.raises(dio.FetchError):
+                await s.fetch(s.request("k"))
+            await s.fetch(s.request("k", endpoint="/fine"))
+        assert (s.session.requests, s.session.errors) == (2, 1)  # one request failed
+        (m,) = (await store.stats()).sources
+        assert (m.responses, m.error_responses) == (4, 3)  # each failed attempt is a row
+        assert m.error_rate == pytest.approx(3 / 4)
+        with pytest.warns(DeprecationWarning, match="error_responses"):
+            assert m.errors == 3
+        assert (await store.stats()).to_json()["sources"][0]["error_responses"] == 3
+
+
 # -- 9 and 10. sessions and leases of processes that are gone ------------------------------------
 
 _HOLD = textwrap.dedent(

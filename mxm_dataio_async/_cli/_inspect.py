@@ -391,7 +391,7 @@ def stats(
         return
     table = Table(title=f"store {st.root}")
     columns = ("source", "sessions", "requests", "cache hits", "fetched", "hit rate",
-               "responses", "errors", "error rate", "bytes")  # fmt: skip
+               "responses", "error responses", "error rate", "bytes")  # fmt: skip
     for col in columns:
         table.add_column(col, justify="left" if col == "source" else "right")
     for s in [*st.sources, st.totals]:
@@ -403,7 +403,7 @@ def stats(
             str(s.fetched),
             _rate(s.hit_rate),
             str(s.responses),
-            str(s.errors),
+            str(s.error_responses),
             _rate(s.error_rate),
             _size(s.bytes),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,14 +14,29 @@ __all__ = ["SourceStats", "StoreStats", "stats"]
 
 @dataclass(frozen=True, slots=True)
 class SourceStats:
+    """One source's counts. ``error_responses`` counts error *rows* (every failed attempt is
+    one, so a request retried three times adds three), unlike ``Session.errors``, which counts
+    the *requests* that failed in the end."""
+
     source: str
     sessions: int
     requests: int
     cache_hits: int
     fetched: int
     responses: int
-    errors: int
+    error_responses: int
     bytes: int
+
+    @property
+    def errors(self) -> int:
+        """Deprecated: ``error_responses`` (rows, not requests)."""
+        warnings.warn(
+            "SourceStats.errors is now SourceStats.error_responses (error rows, one per failed "
+            "attempt; Session.errors counts failed requests)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.error_responses
 
     @property
     def hit_rate(self) -> float | None:
@@ -29,7 +45,7 @@ class SourceStats:
 
     @property
     def error_rate(self) -> float | None:
-        return self.errors / self.responses if self.responses else None
+        return self.error_responses / self.responses if self.responses else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +70,15 @@ class StoreStats:
 
     @property
     def totals(self) -> SourceStats:
-        names = ("sessions", "requests", "cache_hits", "fetched", "responses", "errors", "bytes")
+        names = (
+            "sessions",
+            "requests",
+            "cache_hits",
+            "fetched",
+            "responses",
+            "error_responses",
+            "bytes",
+        )
         return SourceStats("(all)", *(self._total(n) for n in names))
 
     def to_json(self) -> dict[str, Any]:
@@ -66,7 +90,7 @@ class StoreStats:
                 "cache_hits": s.cache_hits,
                 "fetched": s.fetched,
                 "responses": s.responses,
-                "errors": s.errors,
+                "error_responses": s.error_responses,
                 "bytes": s.bytes,
                 "hit_rate": s.hit_rate,
                 "error_rate": s.error_rate,
