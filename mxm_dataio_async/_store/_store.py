@@ -1,19 +1,18 @@
 """``Store``: the facade over one metadata backend and one payload backend.
 
-Which implementations back a store is decided here and nowhere else: ``Store("./data")`` is
-SQLite (``<root>/dataio.sqlite``) with payload files under ``<root>/payloads/``; ``metadata=`` and
-``payloads=`` take any implementation of the protocols in ``_protocols.py``. The facade owns the
-rule that splits payloads between the two (``inline_threshold``), verified reads, leases with
-their heartbeat, and the maintenance walks, which it runs against the protocols.
+``Store("./data")`` is SQLite (``<root>/dataio.sqlite``) with payload files under
+``<root>/payloads/``; a ``postgresql://`` store or ``s3://`` payloads pick those backends (the
+choice is ``_backends.py``'s), and ``metadata=`` / ``payloads=`` take any implementation of the
+protocols in ``_protocols.py``. The facade owns the rule that splits payloads between the two
+(``inline_threshold``), verified reads, leases (``_lease.py``: acquire, heartbeat, take over a
+dead holder's) and the maintenance walks, which it runs against the protocols.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import os
-import secrets
 import socket
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -29,14 +28,14 @@ from mxm_dataio_async._clock import SYSTEM_CLOCK, Clock
 from mxm_dataio_async._durations import Duration
 from mxm_dataio_async._exceptions import (
     IntegrityError,
-    LeaseHeld,
     StoreClosedError,
     StoreError,
     UsageError,
 )
 from mxm_dataio_async._lifecycle import State
-from mxm_dataio_async._models import Body, Response, ResponseStatus, Session, SessionStatus
-from mxm_dataio_async._store import _bundle, _cleanup, _copy, _stats, _verify
+from mxm_dataio_async._models import Body, Response, ResponseStatus, Session
+from mxm_dataio_async._store import _bundle, _cleanup, _copy, _lease, _stats, _verify
+from mxm_dataio_async._store._backends import metadata_for, payloads_for
 from mxm_dataio_async._store._local import LocalPayloads, pid_alive, verify_bytes
 from mxm_dataio_async._store._protocols import (
     Lease,
@@ -51,31 +50,6 @@ __all__ = ["DEFAULT_INLINE_THRESHOLD", "Store"]
 
 #: Payloads up to this many bytes are stored inline in the metadata store by default.
 DEFAULT_INLINE_THRESHOLD: Final = 64 * 1024
-
-
-def default_holder() -> str:
-    """``host:pid:random``: unique per lease holder, readable in the ``leases`` table."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-
-
-def _gone(host: str | None, pid: int | None) -> bool:
-    """A process of this host that is not running any more (a run killed without cleaning up)."""
-    return host == socket.gethostname() and pid is not None and not pid_alive(pid)
-
-
-def _dead_holder(holder: str) -> bool:
-    """A lease holder (``host:pid:random``) whose process on this host is gone."""
-    host, _, rest = holder.partition(":")
-    pid = rest.partition(":")[0]
-    return pid.isdigit() and _gone(host, int(pid))
-
-
-def _seen(session: Session) -> Session:
-    """A session as it is: one still ``open`` whose process on this host is gone is abandoned
-    (a writable open of the store records that; a read-only view shows it)."""
-    if session.status is SessionStatus.OPEN and _gone(session.host, session.pid):
-        return dataclasses.replace(session, status=SessionStatus.ABANDONED)
-    return session
 
 
 class Store:
@@ -125,7 +99,7 @@ class Store:
         self.read_only = read_only
         if metadata is None:
             assert root is not None
-            metadata, folder = _metadata_for(
+            metadata, folder = metadata_for(
                 root, busy_timeout=busy_timeout, create=create, read_only=read_only, clock=clock
             )
         else:
@@ -138,7 +112,7 @@ class Store:
                 )
             payloads = LocalPayloads(folder, create=create)
         elif isinstance(payloads, str | os.PathLike):
-            payloads = _payloads_for(payloads, create=create)
+            payloads = payloads_for(payloads, create=create)
         self.root: Path | None = Path(folder) if folder is not None else None
         """The store's folder (the embedded backend); None for a store kept in a server."""
         self.location: str = metadata.location
@@ -302,14 +276,16 @@ class Store:
     async def get_session(self, session_id: str) -> Session | None:
         self._require_open()
         found = await self.metadata.get_session(session_id)
-        return None if found is None else _seen(found)
+        return None if found is None else _lease.seen(found)
 
     async def list_sessions(
         self, *, source: str | None = None, limit: int | None = None
     ) -> list[Session]:
         """Sessions, newest first."""
         self._require_open()
-        return [_seen(s) for s in await self.metadata.list_sessions(source=source, limit=limit)]
+        return [
+            _lease.seen(s) for s in await self.metadata.list_sessions(source=source, limit=limit)
+        ]
 
     async def iter_responses(
         self,
@@ -499,51 +475,11 @@ class Store:
         if not ttl > 0:
             raise ValueError(f"lease ttl must be > 0 seconds, got {ttl!r}")
         self._require_open()
-        who = holder or default_holder()
-        clock = self.clock
-        while True:
-            try:
-                held = await self.metadata.acquire_lease(name, who, ttl)
-                break
-            except LeaseHeld as exc:
-                if _dead_holder(exc.holder):  # a run of this host that was killed: take over
-                    held = await self.metadata.acquire_lease(name, who, ttl, replacing=exc.holder)
-                    break
-                if not wait:
-                    raise
-                await clock.sleep(poll)
-        lost: list[LeaseHeld] = []
-        body_scope = anyio.CancelScope()
-        beat_scope = anyio.CancelScope()
-
-        async def heartbeat() -> None:
-            nonlocal held
-            with beat_scope:
-                while True:
-                    await clock.sleep(ttl / 3)
-                    try:
-                        held = await self.metadata.renew_lease(held, ttl)
-                    except LeaseHeld as exc:
-                        lost.append(exc)
-                        body_scope.cancel()
-                        return
-                    except StoreError:
-                        continue  # a busy or briefly failing store: try again before expiry
-
-        # The heartbeat runs in the store's task group, not around the block: an error in the
-        # block then propagates as itself, not wrapped in an ExceptionGroup.
         assert self._tg is not None
-        self._tg.start_soon(heartbeat)
-        try:
-            with body_scope:
-                yield held
-            if lost:
-                raise lost[0]
-        finally:
-            beat_scope.cancel()
-            if not lost:
-                with anyio.CancelScope(shield=True):
-                    await self.metadata.release_lease(held)
+        async with _lease.hold(
+            self.metadata, self._tg, self.clock, name, holder, ttl=ttl, wait=wait, poll=poll
+        ) as held:
+            yield held
 
     # -- maintenance ----------------------------------------------------------------------------
 
@@ -652,46 +588,6 @@ def _digest(response: Response | str) -> bytes:
     if len(digest) != 32:
         raise ValueError(f"not a sha256 checksum: {checksum!r}")
     return digest
-
-
-def _metadata_for(
-    target: str | os.PathLike[str],
-    *,
-    busy_timeout: float,
-    create: bool,
-    read_only: bool,
-    clock: Clock,
-) -> tuple[MetadataStore, Path | None]:
-    """The metadata backend a store names (with its folder, if it has one): a folder is SQLite,
-    ``postgresql://`` is PostgreSQL (the ``postgres`` extra)."""
-    text = os.fspath(target)
-    scheme = text.split("://", 1)[0].lower() if "://" in text else None
-    if scheme is None:
-        root = Path(text)
-        return SqliteMetadata(
-            root, busy_timeout=busy_timeout, create=create, read_only=read_only, clock=clock
-        ), root
-    if scheme in ("postgresql", "postgres"):
-        from mxm_dataio_async._store._postgres import PostgresMetadata  # needs the extra
-
-        return PostgresMetadata(
-            text, busy_timeout=busy_timeout, create=create, read_only=read_only, clock=clock
-        ), None
-    raise ValueError(f"unknown store {scheme}://...: give a folder (SQLite) or a postgresql:// URL")
-
-
-def _payloads_for(target: str | os.PathLike[str], *, create: bool) -> PayloadStore:
-    """The payload backend ``payloads=`` names: a folder, or ``s3://bucket/prefix`` (the ``s3``
-    extra; endpoint, region and credentials from the AWS_* variables or the URL's options)."""
-    text = os.fspath(target)
-    if "://" not in text:
-        return LocalPayloads(text, create=create)
-    if text.lower().startswith("s3://"):
-        from mxm_dataio_async._store._s3 import S3Payloads  # needs the extra
-
-        return S3Payloads(text, create=create)
-    scheme = text.split("://", 1)[0]
-    raise ValueError(f"unknown payloads {scheme}://...: give a folder or an s3://bucket/prefix URL")
 
 
 async def _prefixed(head: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
