@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -104,6 +105,89 @@ async def test_retrying_an_unsafe_request_is_an_opt_in(tmp_path: Path) -> None:
     safe = Upstream(dio.TransientError("read timed out"))
     async with dio.AsyncSession("m", root=str(tmp_path / "c"), registry=registry_with(safe)) as s:
         assert (await s.fetch(s.request("k"))).attempts == 2  # a GET is retried as always
+
+
+@pytest.fixture
+async def posting_server() -> AsyncIterator[tuple[str, dict[str, int]]]:
+    """``/slow`` takes the POST and never answers; ``/busy`` answers 503 (with Retry-After when
+    asked); the number of POSTs each path received is counted."""
+    hits: dict[str, int] = {}
+    never = anyio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        hits["slow"] = hits.get("slow", 0) + 1
+        await never.wait()
+        raise AssertionError("unreachable")
+
+    async def busy(request: web.Request) -> web.Response:
+        hits["busy"] = hits.get("busy", 0) + 1
+        headers = {"Retry-After": "1"} if "retry_after" in request.query else {}
+        if hits["busy"] > 1:
+            return web.Response(text="done")
+        return web.Response(status=503, headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/slow", slow)
+    app.router.add_post("/busy", busy)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}", hits
+    finally:
+        never.set()
+        await runner.cleanup()
+
+
+def http_registry(base_url: str, **adapter: Any) -> dio.Registry:
+    reg = dio.Registry(clock=FakeClock())
+    reg.register(
+        "h",
+        dio.HttpAdapter(base_url=base_url, **adapter),
+        retry=dio.RetryPolicy(max_attempts=3),
+    )
+    return reg
+
+
+async def test_a_post_the_server_took_is_not_sent_again_over_http(
+    tmp_path: Path, posting_server: tuple[str, dict[str, int]]
+) -> None:
+    url, hits = posting_server
+    async with (
+        http_registry(url, timeout=0.2) as reg,
+        dio.AsyncSession("h", root=str(tmp_path), registry=reg) as s,
+    ):
+        with pytest.raises(dio.FetchError, match="not safe to repeat"):
+            await s.fetch(s.request("k", method="POST", endpoint="/slow", body={"order": 1}))
+        with pytest.raises(dio.FetchError, match="not safe to repeat"):
+            await s.fetch(s.request("k", method="POST", endpoint="/busy"))
+    assert hits == {"slow": 1, "busy": 1}
+
+
+async def test_a_post_is_retried_when_it_never_reached_the_server_or_was_told_to_over_http(
+    tmp_path: Path, posting_server: tuple[str, dict[str, int]]
+) -> None:
+    url, hits = posting_server
+    with socket.socket() as probe:  # a port nothing listens on: every connect is refused
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    async with (
+        http_registry(closed) as reg,
+        dio.AsyncSession("h", root=str(tmp_path / "a"), registry=reg) as s,
+    ):
+        with pytest.raises(dio.FetchError, match="cannot connect") as info:
+            await s.fetch(s.request("k", method="POST", endpoint="/x", body={"order": 1}))
+    assert info.value.attempts == 3  # every attempt, since none was sent
+    async with (
+        http_registry(url) as reg,
+        dio.AsyncSession("h", root=str(tmp_path / "b"), registry=reg) as s,
+    ):
+        resp = await s.fetch(
+            s.request("k", method="POST", endpoint="/busy", params={"retry_after": "1"})
+        )
+    assert (resp.attempts, hits) == (2, {"busy": 2})  # a 503 with Retry-After: sent again
 
 
 # -- 3. cached bytes must answer the request -----------------------------------------------------

@@ -1,26 +1,37 @@
 """The parts of HttpAdapter that are not the exchange itself: request building (query strings,
-header layers, redaction and timeout options) and the streamed response body."""
+header layers) and its options (redaction, timeouts, TLS, proxy, response header limits)."""
 
 from __future__ import annotations
 
-from collections import deque
+import inspect
+import os
+import ssl
 from collections.abc import Iterable, Mapping
+from typing import Any, Final, NoReturn, TypeAlias
 
 import aiohttp
 
 from mxm_dataio_async._exceptions import FetchError
 from mxm_dataio_async._identity import JSONValue
 from mxm_dataio_async._redact import Redaction
-from mxm_dataio_async.adapters._http_errors import CLIENT_ERRORS, Where, translate
 
 __all__ = [
-    "BodyStream",
+    "ClientCert",
+    "SSLOption",
+    "check_proxy",
     "header",
+    "header_limits",
     "make_redaction",
+    "make_ssl",
     "make_timeout",
     "merge_headers",
     "query",
+    "min_total",
 ]
+
+PathLike: TypeAlias = str | os.PathLike[str]
+SSLOption: TypeAlias = ssl.SSLContext | bool | PathLike | None
+ClientCert: TypeAlias = PathLike | tuple[PathLike, PathLike] | None
 
 
 def _query_value(key: str, value: JSONValue) -> str:
@@ -106,70 +117,90 @@ def make_timeout(timeout: float | aiohttp.ClientTimeout) -> aiohttp.ClientTimeou
     return aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
 
 
-class BodyStream:
-    """A response body as an async iterator of chunks; it owns the aiohttp response.
+def _no_password() -> NoReturn:
+    # Without this, OpenSSL would prompt on the terminal for an encrypted key's passphrase.
+    raise ValueError("the client key is encrypted: load it into an SSLContext of your own")
 
-    The response is released at the end of the body and closed by ``aclose()`` or any error, so a
-    consumer that stops early (or never starts) frees the connection either way. A class rather
-    than an async generator because a generator never started cannot run its ``finally``.
+
+def make_ssl(option: SSLOption, client_cert: ClientCert) -> ssl.SSLContext | bool:
+    """What aiohttp's connector gets as ``ssl``.
+
+    ``None`` / ``True``: verify against the default CAs (aiohttp's default context); ``False``: no
+    verification; a path: verify against that CA bundle (a PEM file, or a directory of hashed
+    certificates); an ``SSLContext``: used as is. ``client_cert``: a PEM file holding certificate
+    and key, or a ``(certificate, key)`` pair of files, presented to servers that ask for one.
     """
-
-    __slots__ = ("_chunk_size", "_max_body", "_prefix", "_received", "_resp", "_where")
-
-    def __init__(
-        self,
-        resp: aiohttp.ClientResponse,
-        *,
-        prefix: Iterable[bytes] = (),
-        received: int = 0,
-        chunk_size: int,
-        max_body: int | None,
-        where: Where,
-    ) -> None:
-        self._resp: aiohttp.ClientResponse | None = resp
-        self._prefix = deque(prefix)
-        self._received = received
-        self._chunk_size = chunk_size
-        self._max_body = max_body
-        self._where = where
-
-    def __aiter__(self) -> BodyStream:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._prefix:
-            return self._prefix.popleft()
-        resp = self._resp
-        if resp is None:
-            raise StopAsyncIteration
+    if isinstance(option, ssl.SSLContext):
+        if client_cert is not None:
+            raise ValueError(
+                "client_cert cannot be combined with an SSLContext: load the certificate into the "
+                "context (context.load_cert_chain(certfile, keyfile))"
+            )
+        return option
+    if option is None:
+        option = True
+    if isinstance(option, bool):
+        if client_cert is None:
+            return option
+        context = ssl.create_default_context()
+        if not option:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+    elif isinstance(option, str | os.PathLike):
+        path = os.fspath(option)
         try:
-            chunk = await resp.content.read(self._chunk_size)
-        except BaseException as exc:
-            self._close()
-            if isinstance(exc, CLIENT_ERRORS):
-                raise translate(exc, self._where) from exc
-            raise
-        if not chunk:
-            self._resp = None
-            resp.release()
-            raise StopAsyncIteration
-        self._received += len(chunk)
-        if self._max_body is not None and self._received > self._max_body:
-            self._close()
-            raise FetchError(f"response body from {self._where} exceeds max_body={self._max_body}")
-        return chunk
+            if os.path.isdir(path):
+                context = ssl.create_default_context(capath=path)
+            else:
+                context = ssl.create_default_context(cafile=path)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"ssl: cannot load the CA bundle {path!r}: {exc}") from exc
+    else:
+        raise TypeError(
+            "ssl must be an SSLContext, True, False, or the path of a CA bundle, "
+            f"not {type(option).__name__}"
+        )
+    if client_cert is not None:
+        if isinstance(client_cert, tuple):
+            cert, key = client_cert
+            certfile, keyfile = os.fspath(cert), os.fspath(key)
+        else:
+            certfile, keyfile = os.fspath(client_cert), None
+        try:
+            context.load_cert_chain(certfile, keyfile, password=_no_password)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"client_cert: cannot load {certfile!r}: {exc}") from exc
+    return context
 
-    async def aclose(self) -> None:
-        """Stop early: drop the connection (its unread rest is useless)."""
-        self._close()
 
-    def _close(self) -> None:
-        self._prefix.clear()
-        resp, self._resp = self._resp, None
-        if resp is not None:
-            resp.close()
+def check_proxy(proxy: str | None) -> str | None:
+    if proxy is not None and not (
+        isinstance(proxy, str) and proxy.startswith(("http://", "https://"))
+    ):
+        raise ValueError(f"proxy must be an http:// or https:// URL, not {proxy!r}")
+    return proxy
 
-    @property
-    def released(self) -> bool:
-        """Whether the response has been let go (consumed, closed or failed)."""
-        return self._resp is None
+
+_SESSION_PARAMETERS: Final = inspect.signature(aiohttp.ClientSession).parameters
+
+
+def header_limits(**limits: int) -> dict[str, Any]:
+    """aiohttp's response-head limits (``max_line_size``, ``max_field_size``, ``max_headers``), as
+    ``ClientSession`` keywords; one this aiohttp lacks may only be left at aiohttp's default."""
+    out: dict[str, Any] = {}
+    for name, value in limits.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        parameter = _SESSION_PARAMETERS.get(name)
+        if parameter is not None:
+            out[name] = value
+        elif value != {"max_headers": 128}.get(name, 8190):
+            raise ValueError(f"{name} needs a newer aiohttp than {aiohttp.__version__}")
+    return out
+
+
+def min_total(a: float | None, b: float | None) -> float | None:
+    """The smaller of two limits, ``None`` meaning none."""
+    if a is None:
+        return b
+    return a if b is None else min(a, b)

@@ -35,7 +35,15 @@ class Sender(Protocol):
 
 @runtime_checkable
 class Streamer(Protocol):
-    """Yields one ``AdapterResult`` per message of a stream."""
+    """Yields one ``AdapterResult`` per message of a stream.
+
+    A streamer that resumes a dropped stream by itself (as ``HttpAdapter`` does for server-sent
+    events) yields a *drop* before each reconnect: ``AdapterResult(data=b"", error=<why it
+    dropped>, adapter_meta={"reconnect": {"last_event_id": <the id it resumes from, or None>,
+    "attempt": <n, from 1>}}, url=<the stream's URL>)``. A result with ``error`` set is never a
+    message: the session records it as an error row of the stream and does not hand it to the
+    caller. Raising ends the stream.
+    """
 
     def stream(self, request: Request) -> AsyncIterator[AdapterResult]: ...
 

@@ -1,7 +1,8 @@
 """HttpAdapter: fetch, send and server-sent events over aiohttp.
 
 Every aiohttp (and socket) exception is classified in one function, :func:`translate`: what a
-retry may fix becomes ``TransientError``, the rest ``FetchError``; none escapes raw.
+retry may fix becomes ``TransientError``, the rest ``FetchError``; none escapes raw. Every read of
+a body is bounded (:mod:`._http_body`), so no attempt outlives its timeouts.
 """
 
 from __future__ import annotations
@@ -19,30 +20,38 @@ from yarl import URL
 
 from mxm_dataio_async._exceptions import DataIOError, FetchError, TransientError
 from mxm_dataio_async._models import AdapterResult, Request, Response
-from mxm_dataio_async._redact import REDACTED, Redaction
+from mxm_dataio_async._redact import Redaction
+from mxm_dataio_async.adapters._http_body import Body, BodyStream, past, past_deadline
 from mxm_dataio_async.adapters._http_errors import (
     CLIENT_ERRORS,
     Where,
     is_transient_status,
     parse_retry_after,
+    plain_headers,
     status_text,
     translate,
 )
 from mxm_dataio_async.adapters._http_parts import (
-    BodyStream,
+    ClientCert,
+    SSLOption,
+    check_proxy,
     header,
+    header_limits,
     make_redaction,
+    make_ssl,
     make_timeout,
     merge_headers,
+    min_total,
     query,
 )
 from mxm_dataio_async.adapters._sse import SSEDecoder, SSEError
 
-__all__ = ["DEFAULT_STREAM_THRESHOLD", "HttpAdapter", "parse_retry_after"]
+__all__ = ["DEFAULT_STREAM_THRESHOLD", "DEFAULT_TOTAL_TIMEOUT", "HttpAdapter", "parse_retry_after"]
 
 DEFAULT_STREAM_THRESHOLD: Final = 1 << 20  # 1 MiB
+DEFAULT_TOTAL_TIMEOUT: Final = 300.0  # seconds: one attempt, from sending to the end of the body
 _DEFAULT_CHUNK_SIZE: Final = 1 << 18  # 256 KiB, aiohttp's own read buffer size
-_SMALL_ERROR_BODY: Final = 1 << 16  # read (and so reuse the connection) below this, else drop it
+_ERROR_BODY: Final = 1 << 16  # what a retried error response's body contributes to its error
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -63,22 +72,43 @@ class HttpAdapter:
     the adapter's ``headers``. Cookies are never kept between requests (send a ``Cookie`` header).
 
     Outcomes: 2xx is a normal result. 429 and 5xx except 501, connection errors, timeouts and a
-    body cut short (shorter than its Content-Length, a reset mid-body) raise ``TransientError``
-    (``retry_after`` from ``Retry-After``). Other statuses (4xx, 501, an unfollowed 3xx) are final:
-    the result carries the body and ``error="HTTP 404 Not Found"``, which the session records and
-    turns into ``FetchError``.
+    body cut short or corrupt (shorter than its Content-Length, a reset mid-body, a bad chunk)
+    raise ``TransientError`` with ``url`` (the URL that answered or failed); for 429/5xx also
+    ``retry_after`` (from ``Retry-After``), ``headers`` and ``body`` (its first 64 KiB). Other
+    statuses (4xx, 501, an unfollowed 3xx) are final: the result carries the body and
+    ``error="HTTP 404 Not Found"``, which the session records and turns into ``FetchError``. A
+    response head the parser refuses (garbage status line, too many or too large headers) is a
+    final ``FetchError("protocol error ...: <the parser's reason>")`` with ``transport_status``
+    ``None``: no status was received. Every ``FetchError`` the adapter raises carries ``url``.
 
-    Stored bytes are the *decoded* body: aiohttp undoes ``Content-Encoding`` (gzip, deflate; br
-    with brotli installed), and ``adapter_meta["content_encoding"]`` records the header that was
-    on the wire (or ``None``). Bodies of at most ``stream_threshold`` bytes come back as
-    ``bytes``; larger ones, or ones whose decoded size is not known up front and turns out larger,
-    as an async iterator of chunks that owns the connection (iterate it to the end or ``aclose()``
-    it). ``max_body`` (bytes, decoded) turns a larger body into ``FetchError``.
+    Stored bytes are the *decoded* body: aiohttp undoes ``Content-Encoding`` (gzip, deflate, br),
+    and ``adapter_meta["content_encoding"]`` records the header that was on the wire (or ``None``).
+    Bodies of at most ``stream_threshold`` bytes come back as ``bytes``; larger ones, or ones whose
+    decoded size is not known up front and turns out larger, as an async iterator of chunks that
+    owns the connection (iterate it to the end or ``aclose()`` it). ``max_body`` (bytes, decoded)
+    turns a larger body into ``FetchError`` (a ``HEAD`` answer, which has none, is never refused).
 
-    ``timeout``: a number bounds each network wait (connecting, every read), with no total limit;
-    pass an ``aiohttp.ClientTimeout`` for anything else. Secrets (``redact`` header names or a
+    ``adapter_meta`` also holds ``request_headers`` (the headers actually sent, aiohttp's own
+    ``User-Agent``, ``Accept-Encoding``, ``Host`` included) and, when redirects were followed,
+    ``redirects``: one ``{"status", "url", "location", "headers"}`` per hop, in order.
+    ``elapsed_ms`` is the adapter's own time, from sending the request to the end of the body;
+    ``None`` for a streamed body, whose end comes after the result is returned.
+
+    ``timeout``: a number bounds each network wait (connecting, every read); pass an
+    ``aiohttp.ClientTimeout`` for anything else. ``total_timeout`` (seconds, default 300, ``None``
+    for none) bounds each attempt from sending the request to the end of its body, a streamed body
+    included, so raise it for very large downloads. Secrets (``redact`` header names or a
     ``Redaction``, ``redact_params`` query names, URL credentials) are replaced in every URL,
     header and message the adapter returns; ``redaction`` tells the session the same names.
+
+    TLS: ``ssl`` is ``None`` (verify with the default CAs), ``False`` (no verification), the path
+    of a CA bundle (a private CA) or an ``ssl.SSLContext``; ``client_cert`` a PEM file with
+    certificate and key, or a ``(certificate, key)`` pair of files (not with an ``SSLContext``:
+    load it into the context). ``proxy``: an ``http://`` proxy URL (credentials in it are used);
+    ``trust_env=True`` lets aiohttp take proxies from ``HTTP_PROXY`` / ``HTTPS_PROXY`` /
+    ``NO_PROXY`` and credentials from ``~/.netrc`` (off by default: what is sent should not depend
+    on the environment). Response heads are limited by ``max_line_size`` (the status line),
+    ``max_field_size`` (one header; 64 KiB, as Python's ``http.client``) and ``max_headers``.
 
     Server-sent events (``stream()``): see :meth:`stream`. ``max_reconnects``, ``reconnect_delay``
     (seconds, until the server sends ``retry:``) and ``sleep`` (an injection point for tests)
@@ -93,6 +123,7 @@ class HttpAdapter:
         *,
         headers: Mapping[str, str] | None = None,
         timeout: float | aiohttp.ClientTimeout = 30.0,
+        total_timeout: float | None = DEFAULT_TOTAL_TIMEOUT,
         redact: Redaction | Iterable[str] | None = None,
         redact_params: Iterable[str] = (),
         max_body: int | None = None,
@@ -101,6 +132,13 @@ class HttpAdapter:
         chunk_size: int = _DEFAULT_CHUNK_SIZE,
         max_reconnects: int = 5,
         reconnect_delay: float = 1.0,
+        ssl: SSLOption = None,
+        client_cert: ClientCert = None,
+        proxy: str | None = None,
+        trust_env: bool = False,
+        max_line_size: int = 8190,
+        max_field_size: int = 1 << 16,
+        max_headers: int = 128,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         if base_url is not None:
@@ -124,15 +162,30 @@ class HttpAdapter:
             raise ValueError("chunk_size must be at least 1")
         if not reconnect_delay >= 0:
             raise ValueError(f"reconnect_delay must be >= 0 seconds, got {reconnect_delay!r}")
+        if total_timeout is not None and (
+            isinstance(total_timeout, bool)
+            or not isinstance(total_timeout, int | float)
+            or not total_timeout > 0
+        ):
+            raise ValueError(f"total_timeout must be > 0 seconds or None, got {total_timeout!r}")
         self.base_url = base_url
         self.headers: dict[str, str] = dict(headers or {})
         self.timeout = make_timeout(timeout)
+        self.total_timeout = None if total_timeout is None else float(total_timeout)
+        # The attempt's limit: total_timeout, or the ClientTimeout's own total if that is less.
+        self._total = min_total(self.timeout.total, self.total_timeout)
         self.redaction: Redaction = make_redaction(redact, redact_params)
         self.max_body = max_body
         self.stream_threshold = stream_threshold
         self.chunk_size = chunk_size
         self.max_reconnects = max_reconnects
         self.reconnect_delay = float(reconnect_delay)
+        self.proxy = check_proxy(proxy)
+        self.trust_env = bool(trust_env)
+        self._ssl = make_ssl(ssl, client_cert)
+        self._limits = header_limits(
+            max_line_size=max_line_size, max_field_size=max_field_size, max_headers=max_headers
+        )
         self._connector_limit = connector_limit
         self._sleep = sleep
         self._session: aiohttp.ClientSession | None = None
@@ -165,11 +218,13 @@ class HttpAdapter:
             )
         # Created here, not in __init__: aiohttp binds the session to the running loop.
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self._connector_limit),
+            connector=aiohttp.TCPConnector(limit=self._connector_limit, ssl=self._ssl),
             timeout=self.timeout,
             auto_decompress=True,
             cookie_jar=aiohttp.DummyCookieJar(),  # no hidden state between recorded requests
             read_bufsize=self.chunk_size,
+            trust_env=self.trust_env,
+            **self._limits,
         )
         # aiohttp silently repeats an idempotent request once when a reused keep-alive connection
         # turns out closed. That is an upstream attempt nobody records and no limiter counts: turn
@@ -214,30 +269,43 @@ class HttpAdapter:
         request: Request,
         *,
         payload: bytes | None,
+        deadline: float | None,
         extra_headers: Mapping[str, str] | None = None,
         client_timeout: aiohttp.ClientTimeout | None = None,
     ) -> tuple[aiohttp.ClientResponse, Where]:
+        """Send ``request``; the response with its head read, and where it came from."""
         url = self.url_for(request)
-        where = Where(url, self.redaction)
         headers = merge_headers(self.headers, request.headers, extra_headers)
         data = payload
         if data is None and request.body is not None:
             data = json.dumps(request.body, separators=(",", ":"), ensure_ascii=False).encode()
             if header(headers, "content-type") is None:
                 headers["Content-Type"] = "application/json"
-        params = query(request.params) if request.params else None
         try:
-            resp = await self._client().request(
-                request.method,
-                url,
-                params=params,
-                headers=headers,
-                data=data,
-                timeout=client_timeout if client_timeout is not None else self.timeout,
-            )
+            params = query(request.params) if request.params else None
+        except FetchError as exc:
+            exc.url = self.redaction.url(url)
+            raise
+        where = Where(url, self.redaction, params)
+        # The attempt's deadline bounds sending and the head here, and each body read in Body.
+        # (Measured cheaper per request than setting aiohttp's own total timeout.)
+        timer = asyncio.timeout(None if deadline is None else deadline - time.monotonic())
+        try:
+            async with timer:
+                resp = await self._client().request(
+                    request.method,
+                    url,
+                    params=params,
+                    headers=headers,
+                    data=data,
+                    proxy=self.proxy,
+                    timeout=client_timeout if client_timeout is not None else self.timeout,
+                )
         except CLIENT_ERRORS as exc:
+            if timer.expired() or (isinstance(exc, asyncio.TimeoutError) and past(deadline)):
+                raise past_deadline(where, self._total) from exc
             raise translate(exc, where) from exc
-        return resp, where
+        return resp, Where(resp.url, self.redaction)
 
     # -- capabilities ----------------------------------------------------------------------------
 
@@ -278,79 +346,49 @@ class HttpAdapter:
         conditional: bool = False,
     ) -> AdapterResult:
         started = time.perf_counter()
-        resp, where = await self._open(request, payload=payload, extra_headers=extra_headers)
+        total = self._total
+        deadline = None if total is None else time.monotonic() + total
+        resp, where = await self._open(
+            request, payload=payload, extra_headers=extra_headers, deadline=deadline
+        )
         try:
+            body = Body(
+                resp, where, sock_read=self.timeout.sock_read, deadline=deadline, total=total
+            )
             status = resp.status
             if is_transient_status(status):
-                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                await self._discard(resp)
-                raise TransientError(
-                    f"{status_text(resp)} from {where}",
-                    retry_after=retry_after,
-                    transport_status=status,
+                raise await self._transient(resp, body, f"{status_text(resp)} from {where}")
+            data: bytes | BodyStream
+            if status in (204, 304) or resp.method == "HEAD":
+                resp.release()  # no body, whatever Content-Length says
+                data = b""
+            else:
+                data = await body.collect(
+                    max_body=self.max_body,
+                    threshold=self.stream_threshold,
+                    chunk_size=self.chunk_size,
                 )
-            if status == 304 and conditional:
-                resp.release()
-                return self._result(resp, b"", started, not_modified=True)
-            data = await self._body(resp, where)
         except BaseException:
             resp.close()
             raise
+        if status == 304 and conditional:
+            return self._result(resp, data, started, not_modified=True)
         error = None if 200 <= status <= 299 else status_text(resp)
         return self._result(resp, data, started, error=error)
 
-    async def _discard(self, resp: aiohttp.ClientResponse) -> None:
-        """Drop an error response; read a small body first so its connection can be reused."""
-        length = resp.content_length
-        if length is not None and length <= _SMALL_ERROR_BODY:
-            try:
-                await resp.read()
-            except CLIENT_ERRORS:
-                resp.close()
-                return
-        resp.release()
-
-    async def _body(self, resp: aiohttp.ClientResponse, where: Where) -> bytes | BodyStream:
-        max_body = self.max_body
-        threshold = self.stream_threshold
-        length = resp.content_length
-        encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
-        if length is not None and encoding == "identity":
-            # The decoded size is known: refuse, stream or read in one go.
-            if max_body is not None and length > max_body:
-                raise FetchError(
-                    f"response body from {where} is {length} bytes, above max_body={max_body}"
-                )
-            if length > threshold:
-                return BodyStream(resp, chunk_size=self.chunk_size, max_body=max_body, where=where)
-            try:
-                return await resp.read()
-            except CLIENT_ERRORS as exc:
-                raise translate(exc, where) from exc
-        # Decoded size unknown (chunked or compressed): buffer up to the threshold, then decide.
-        chunks: list[bytes] = []
-        received = 0
-        try:
-            while True:
-                chunk = await resp.content.read(self.chunk_size)
-                if not chunk:
-                    resp.release()
-                    return b"".join(chunks)
-                received += len(chunk)
-                if max_body is not None and received > max_body:
-                    raise FetchError(f"response body from {where} exceeds max_body={max_body}")
-                chunks.append(chunk)
-                if received > threshold:
-                    return BodyStream(
-                        resp,
-                        prefix=chunks,
-                        received=received,
-                        chunk_size=self.chunk_size,
-                        max_body=max_body,
-                        where=where,
-                    )
-        except CLIENT_ERRORS as exc:
-            raise translate(exc, where) from exc
+    async def _transient(
+        self, resp: aiohttp.ClientResponse, body: Body, text: str
+    ) -> TransientError:
+        """The error for a 429/5xx: what the upstream answered, with the start of its body (read
+        within the limits; the connection is kept when the body ended there)."""
+        return TransientError(
+            text,
+            retry_after=parse_retry_after(resp.headers.get("Retry-After")),
+            transport_status=resp.status,
+            url=body.where.url,
+            headers=self._response_headers(resp.headers),
+            body=await body.head(_ERROR_BODY),
+        )
 
     def _result(
         self,
@@ -360,21 +398,32 @@ class HttpAdapter:
         *,
         not_modified: bool = False,
         error: str | None = None,
-        meta: dict[str, Any] | None = None,
     ) -> AdapterResult:
         raw = resp.headers
-        adapter_meta: dict[str, Any] = {"content_encoding": raw.get("Content-Encoding")}
-        if meta:
-            adapter_meta.update(meta)
+        meta: dict[str, Any] = {
+            "content_encoding": raw.get("Content-Encoding"),
+            "request_headers": self._response_headers(resp.request_info.headers),
+        }
+        if resp.history:
+            meta["redirects"] = [
+                {
+                    "status": hop.status,
+                    "url": self._public_url(hop.url),
+                    "location": self.redaction.url(hop.headers.get("Location", "")) or "",
+                    "headers": self._response_headers(hop.headers),
+                }
+                for hop in resp.history
+            ]
+        streamed = isinstance(data, BodyStream)
         return AdapterResult(
             data=data,
             content_type=resp.content_type if "Content-Type" in raw else None,
             encoding=resp.charset,
             transport_status=resp.status,
             url=self._public_url(resp.url),
-            elapsed_ms=(time.perf_counter() - started) * 1000.0,
+            elapsed_ms=None if streamed else (time.perf_counter() - started) * 1000.0,
             headers=self._response_headers(raw),
-            adapter_meta=adapter_meta,
+            adapter_meta=meta,
             not_modified=not_modified,
             error=error,
         )
@@ -393,20 +442,7 @@ class HttpAdapter:
 
     def _response_headers(self, raw: CIMultiDictProxy[str]) -> dict[str, str]:
         """A plain dict: repeated headers joined with ", ", secrets replaced."""
-        out: dict[str, str] = {}
-        first: dict[str, str] = {}
-        secret = self.redaction.headers
-        for key, value in raw.items():
-            lkey = key.lower()
-            if lkey in secret:
-                value = REDACTED
-            name = first.get(lkey)
-            if name is None:
-                first[lkey] = key
-                out[key] = value
-            elif value != REDACTED or out[name] != REDACTED:
-                out[name] = f"{out[name]}, {value}"
-        return out
+        return plain_headers(raw, self.redaction)
 
     # -- server-sent events ----------------------------------------------------------------------
 
@@ -417,10 +453,18 @@ class HttpAdapter:
         and ``adapter_meta={"event": <type, "message" by default>, "id": <last event id or None>}``.
 
         Reconnection follows the EventSource model: when the connection drops or the server
-        closes it, or a (re)connect fails transiently (connection error, timeout, 429, 5xx except
-        501), the adapter waits (the server's ``retry:`` hint, else ``reconnect_delay``, at least
-        any ``Retry-After``) and reconnects with ``Last-Event-ID``. After ``max_reconnects``
-        consecutive attempts without receiving an event it raises ``TransientError``.
+        closes it, or a (re)connect fails transiently (connection error, timeout, a protocol
+        error, 429, 5xx except 501), the adapter waits (the server's ``retry:`` hint, else
+        ``reconnect_delay``, at least any ``Retry-After``) and reconnects with ``Last-Event-ID``.
+        After ``max_reconnects`` consecutive attempts without receiving an event it raises
+        ``TransientError``.
+
+        Before each reconnect it yields a *drop*, not a message: ``AdapterResult(data=b"",
+        error=<why it dropped>, adapter_meta={"reconnect": {"last_event_id": <the id it resumes
+        from, or None>, "attempt": <n, counting consecutive reconnects from 1>}}, url=...)``, with
+        the failed connection's ``transport_status`` and ``headers`` when it had any. A consumer
+        tells drops from messages by ``error``: the session records a drop as an error row of the
+        stream and does not hand it on.
 
         The stream ends cleanly when the server answers a (re)connect with **204 No Content**:
         so a finite stream is served by closing the connection after the last event and answering
@@ -429,6 +473,7 @@ class HttpAdapter:
 
         Each result also carries the connection's status, redacted URL and headers, and
         ``elapsed_ms`` from the (re)connect to the event. ``max_body`` bounds one event's size.
+        Reads time out per ``timeout`` (``total_timeout`` does not apply to a stream).
         """
         last_id = header(request.headers, "Last-Event-ID") or ""
         delay = self.reconnect_delay
@@ -445,47 +490,45 @@ class HttpAdapter:
             extra = dict(accept)
             if last_id:
                 extra["Last-Event-ID"] = last_id
+            started = time.perf_counter()
             try:
-                started = time.perf_counter()
                 resp, where = await self._open(
-                    request, payload=None, extra_headers=extra, client_timeout=timeout
+                    request,
+                    payload=None,
+                    extra_headers=extra,
+                    client_timeout=timeout,
+                    deadline=None,
                 )
                 try:
+                    body = Body(resp, where, sock_read=timeout.sock_read)
                     status = resp.status
                     if status == 204:
                         resp.release()
                         return
                     if is_transient_status(status):
-                        raise TransientError(
-                            f"{status_text(resp)} from event stream {where}",
-                            retry_after=parse_retry_after(resp.headers.get("Retry-After")),
-                            transport_status=status,
-                        )
+                        text = f"{status_text(resp)} from event stream {where}"
+                        raise await self._transient(resp, body, text)
                     if status != 200:
                         raise FetchError(
                             f"event stream {where} answered {status_text(resp)}",
                             transport_status=status,
+                            url=where.url,
                         )
                     if resp.content_type != "text/event-stream":
                         raise FetchError(
                             f"event stream {where} answered with Content-Type "
                             f"{resp.content_type!r}, not 'text/event-stream'",
                             transport_status=status,
+                            url=where.url,
                         )
                     url = self._public_url(resp.url)
                     headers = self._response_headers(resp.headers)
                     decoder = SSEDecoder(last_event_id=last_id, max_size=self.max_body)
-                    while True:
-                        try:
-                            chunk = await resp.content.readany()
-                        except CLIENT_ERRORS as exc:
-                            raise translate(exc, where) from exc
-                        if not chunk:
-                            break
+                    while chunk := await body.read(0):
                         try:
                             events = decoder.feed(chunk)
                         except SSEError as exc:
-                            raise FetchError(f"event stream {where}: {exc}") from exc
+                            raise FetchError(f"event stream {where}: {exc}", url=where.url) from exc
                         if decoder.retry is not None:
                             delay = decoder.retry / 1000.0
                         for event in events:
@@ -503,7 +546,11 @@ class HttpAdapter:
                             )
                         last_id = decoder.last_event_id
                     decoder.end()
-                    raise TransientError(f"event stream {where} closed by the server")
+                    raise TransientError(
+                        f"event stream {where} closed by the server",
+                        transport_status=status,
+                        url=where.url,
+                    )
                 finally:
                     resp.close()
             except TransientError as exc:
@@ -513,6 +560,19 @@ class HttpAdapter:
                         f"{exc} (gave up after {self.max_reconnects} reconnects without an event)",
                         retry_after=exc.retry_after,
                         transport_status=exc.transport_status,
+                        url=exc.url,
+                        headers=exc.headers,
+                        body=exc.body,
                     ) from exc
                 wait = max(delay, exc.retry_after or 0.0)
+                dropped = exc
+            yield AdapterResult(
+                data=b"",
+                transport_status=dropped.transport_status,
+                url=dropped.url,
+                elapsed_ms=(time.perf_counter() - started) * 1000.0,
+                headers=dropped.headers,
+                adapter_meta={"reconnect": {"last_event_id": last_id or None, "attempt": failures}},
+                error=str(dropped),
+            )
             await self._sleep(wait)

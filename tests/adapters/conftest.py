@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ async def _body_stream(request: web.Request, size: int, *, declared: bool) -> we
     if declared:
         resp.content_length = size
     await resp.prepare(request)
-    left = size
+    left = size if request.method != "HEAD" else 0  # a HEAD answer has no body
     while left > 0:
         piece = BLOCK[: min(left, len(BLOCK))]
         await resp.write(piece)
@@ -157,6 +158,33 @@ def _make_app(server: LocalServer) -> web.Application:
         # /redirect?to=/path&...: redirect there, keeping the query string.
         raise web.HTTPFound(location=f"{request.query.get('to', '/echo')}?{request.query_string}")
 
+    async def hops(request: web.Request) -> web.Response:
+        # /hops/{n}?...: n redirects (301, 302, 307 in turn), keeping the query, then 200.
+        await record(request)
+        n = int(request.match_info["n"])
+        if n == 0:
+            return web.Response(text="landed")
+        code = (301, 302, 307)[n % 3]
+        location = f"/hops/{n - 1}?{request.query_string}" if request.query_string else None
+        return web.Response(
+            status=code,
+            headers={"Location": location or f"/hops/{n - 1}", "X-Hop": str(n)},
+        )
+
+    async def error_body(request: web.Request) -> web.StreamResponse:
+        # /error-body?code=503&size=N: that status with an N-byte chunked body (BLOCK bytes).
+        await record(request)
+        code = int(request.query.get("code", "503"))
+        resp = web.StreamResponse(status=code, headers={"Content-Type": "text/plain"})
+        await resp.prepare(request)
+        left = int(request.query["size"])
+        while left > 0:
+            piece = BLOCK[: min(left, len(BLOCK))]
+            await resp.write(piece)
+            left -= len(piece)
+        await resp.write_eof()
+        return resp
+
     async def sse(request: web.Request) -> web.StreamResponse:
         await record(request)
         if not server.sse_script:
@@ -176,6 +204,8 @@ def _make_app(server: LocalServer) -> web.Application:
     app.router.add_get("/secret-headers", secret_headers)
     app.router.add_get("/redirect", redirect)
     app.router.add_get("/sse", sse)
+    app.router.add_get("/hops/{n}", hops)
+    app.router.add_get("/error-body", error_body)
     return app
 
 
@@ -200,6 +230,12 @@ RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[No
 async def read_head(reader: asyncio.StreamReader) -> bytes:
     """Read one request head (up to the blank line)."""
     return await reader.readuntil(b"\r\n\r\n")
+
+
+async def wait_for_close(reader: asyncio.StreamReader, cap: float = 30.0) -> None:
+    """Keep the connection open, saying nothing, until the client closes it (or ``cap`` s)."""
+    with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+        await asyncio.wait_for(reader.read(), cap)
 
 
 @pytest.fixture

@@ -228,3 +228,14 @@ async def test_sse_through_session_stream(server: LocalServer, tmp_path: Path) -
         assert [await s.read(m) for m in messages] == [b"zero", b"one", b"two"]
         assert messages[2].adapter_meta == {"event": "final", "id": "2"}
     assert [seen.headers.get("Last-Event-ID") for seen in server.seen] == [None, "1", "2"]
+    # Each drop the adapter announced is an error row of the stream, never a message.
+    drops = rows(
+        tmp_path,
+        "SELECT error, adapter_meta FROM responses WHERE status = 'error' ORDER BY sequence",
+    )
+    assert len(drops) == 2
+    assert [json.loads(meta)["reconnect"] for _, meta in drops] == [
+        {"last_event_id": "1", "attempt": 1},
+        {"last_event_id": "2", "attempt": 1},
+    ]
+    assert "closed by the server" in drops[1][0]

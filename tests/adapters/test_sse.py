@@ -171,9 +171,15 @@ async def plain_text(request: web.Request) -> web.StreamResponse:
     return web.Response(text="data: x\n\n", content_type="text/plain")
 
 
-async def collect(adapter: HttpAdapter, request: Request) -> list[AdapterResult]:
+async def collect_all(adapter: HttpAdapter, request: Request) -> list[AdapterResult]:
+    """Everything the stream yields: its messages and its drops (``error`` set)."""
     with anyio.fail_after(10):
         return [r async for r in adapter.stream(request)]
+
+
+async def collect(adapter: HttpAdapter, request: Request) -> list[AdapterResult]:
+    """The stream's messages (what the session hands on), without its drops."""
+    return [r for r in await collect_all(adapter, request) if r.error is None]
 
 
 def last_event_ids(server: LocalServer) -> list[str | None]:
@@ -300,3 +306,70 @@ async def test_stream_consumer_stops_early(server: LocalServer) -> None:
         assert [r.data for r in got] == [b"0", b"1", b"2"]
         with anyio.fail_after(5):
             assert (await adapter.fetch(req("/echo"))).transport_status == 200
+
+
+async def test_stream_yields_a_drop_before_each_reconnect(server: LocalServer) -> None:
+    """Each reconnect is announced by a drop (``error`` set, ``data`` empty) naming why and the
+    Last-Event-ID it resumes from, for the session to record; messages are unchanged."""
+    server.sse_script = [
+        send_then_drop(sse_event("a", id="1"), sse_event("b", id="2")),
+        status(503, {"Retry-After": "3"}),
+        send_then_close(sse_event("c", id="3")),
+    ]  # and then 204
+    sleeps = Sleeps()
+    async with HttpAdapter(server.url, sleep=sleeps, reconnect_delay=0.5) as adapter:
+        results = await collect_all(adapter, req(params={"token": "SSESECRET"}))
+    kinds = ["drop" if r.error is not None else r.data.decode() for r in results]  # type: ignore[union-attr]
+    assert kinds == ["a", "b", "drop", "drop", "c", "drop"]
+    drops = [r for r in results if r.error is not None]
+    assert [d.adapter_meta for d in drops] == [
+        {"reconnect": {"last_event_id": "2", "attempt": 1}},
+        {"reconnect": {"last_event_id": "2", "attempt": 2}},
+        {"reconnect": {"last_event_id": "3", "attempt": 1}},
+    ]
+    assert all(d.data == b"" for d in drops)
+    url = f"{server.url}/sse?token=[REDACTED]"
+    assert [d.url for d in drops] == [url, url, url]
+    first, refused, closed = drops
+    assert first.error is not None and "incomplete response body" in first.error
+    assert refused.error is not None and "HTTP 503" in refused.error
+    assert refused.transport_status == 503
+    assert refused.headers is not None and refused.headers["Retry-After"] == "3"
+    assert closed.error is not None and "closed by the server" in closed.error
+    assert last_event_ids(server) == [None, "2", "2", "3"]
+    assert sleeps.calls == [0.5, 3.0, 0.5]
+
+
+async def test_stream_drop_on_a_connect_failure_has_the_url() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    async with HttpAdapter(url, sleep=Sleeps(), max_reconnects=2) as adapter:
+        gen = adapter.stream(req(headers={"Last-Event-ID": "41"}))
+        with anyio.fail_after(10):
+            drop = await gen.__anext__()
+        await gen.aclose()
+    assert drop.error is not None and "cannot connect" in drop.error
+    assert drop.url == f"{url}/sse"
+    assert drop.transport_status is None
+    assert drop.adapter_meta == {"reconnect": {"last_event_id": "41", "attempt": 1}}
+
+
+async def test_stream_reconnects_after_a_protocol_error(server: LocalServer) -> None:
+    async def bad_chunk(request: web.Request) -> web.StreamResponse:
+        resp = await open_stream(request)
+        await resp.write(sse_event("a", id="1"))
+        await anyio.sleep(0.2)  # "a" arrives on its own (else aiohttp drops it with the rest)
+        assert request.transport is not None
+        request.transport.write(b"zz\r\n")  # not a chunk size
+        await anyio.sleep(30)  # and keep the connection open: the client must not wait for it
+        return resp
+
+    server.sse_script = [bad_chunk, send_then_close(sse_event("b", id="2"))]
+    async with HttpAdapter(server.url, sleep=Sleeps(), timeout=60) as adapter:
+        results = await collect_all(adapter, req())
+    assert [r.data for r in results if r.error is None] == [b"a", b"b"]
+    drop = results[1]
+    assert drop.error is not None and "protocol error" in drop.error
+    assert drop.adapter_meta == {"reconnect": {"last_event_id": "1", "attempt": 1}}

@@ -161,9 +161,9 @@ async def test_corrupt_payloads_raise_integrity_error(tmp_path: Path) -> None:
             _ = [c async for c in view.iter_payload(big)]
     assert path.exists()  # a read-only store reports, and changes nothing
     async with Store(tmp_path, inline_threshold=100) as store:
-        with pytest.raises(IntegrityError, match="corrupt.*discarded"):
+        with pytest.raises(IntegrityError, match=r"corrupt.*discarded"):
             await store.read(inline)
-        with pytest.raises(IntegrityError, match="corrupt.*discarded"):
+        with pytest.raises(IntegrityError, match=r"corrupt.*discarded"):
             await store.read(big)
         assert not path.exists()  # the bad copy is gone: a fetch stores the bytes afresh
         with pytest.raises(IntegrityError, match="not in the store"):
