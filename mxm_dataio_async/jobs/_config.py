@@ -24,6 +24,7 @@ from pydantic_core import ErrorDetails
 
 from mxm_dataio_async._durations import parse_duration
 from mxm_dataio_async._models import CacheMode
+from mxm_dataio_async.adapters.http import DEFAULT_TOTAL_TIMEOUT
 from mxm_dataio_async.jobs._dates import Chunk, parse_chunk
 
 __all__ = [
@@ -155,6 +156,16 @@ class HttpSource(_SourceBase):
     redact: list[str] = Field(default_factory=list)
     redact_params: list[str] = Field(default_factory=list)
     connector_limit: int = Field(default=100, ge=0)
+    total_timeout: float | None = Field(default=DEFAULT_TOTAL_TIMEOUT, gt=0)
+    ssl: bool | str | None = None
+    """``false`` (no verification) or a CA bundle's path (relative: from the job file)."""
+    client_cert: str | tuple[str, str] | None = None
+    """A PEM file with certificate and key, or ``[certificate, key]`` (paths as for ``ssl``)."""
+    proxy: str | None = None
+    trust_env: bool = False
+    max_line_size: int = Field(default=8190, ge=1)
+    max_field_size: int = Field(default=1 << 16, ge=1)
+    max_headers: int = Field(default=128, ge=1)
 
 
 class FileSource(_SourceBase):

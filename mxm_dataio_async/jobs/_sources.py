@@ -121,15 +121,31 @@ def _retry(spec: RetrySpec | None) -> RetryPolicy | None:
     )
 
 
-def _http(spec: HttpSource) -> HttpAdapter:
+def _http(spec: HttpSource, config: JobConfig) -> HttpAdapter:
+    ssl = config.resolve(spec.ssl) if isinstance(spec.ssl, str) else spec.ssl
+    cert = spec.client_cert
     return HttpAdapter(
         spec.base_url,
         headers=spec.headers,
         timeout=spec.timeout,
+        total_timeout=spec.total_timeout,
         redact=spec.redact or None,
         redact_params=spec.redact_params,
         max_body=spec.max_body,
         connector_limit=spec.connector_limit,
+        ssl=ssl,
+        client_cert=(
+            config.resolve(cert)
+            if isinstance(cert, str)
+            else None
+            if cert is None
+            else (config.resolve(cert[0]), config.resolve(cert[1]))
+        ),
+        proxy=spec.proxy,
+        trust_env=spec.trust_env,
+        max_line_size=spec.max_line_size,
+        max_field_size=spec.max_field_size,
+        max_headers=spec.max_headers,
     )
 
 
@@ -148,7 +164,7 @@ def check_source(name: str, spec: SourceSpec, config: JobConfig) -> list[tuple[s
         errors.append((f"{where}.retry", str(exc)))
     if isinstance(spec, HttpSource):
         try:
-            _http(spec)
+            _http(spec, config)
         except (TypeError, ValueError) as exc:
             errors.append((where, str(exc)))
     elif isinstance(spec, FileSource):
@@ -174,7 +190,7 @@ def check_source(name: str, spec: SourceSpec, config: JobConfig) -> list[tuple[s
 async def build_adapter(spec: SourceSpec, config: JobConfig) -> object:
     """The adapter a source describes (a factory may be sync or async)."""
     if isinstance(spec, HttpSource):
-        return _http(spec)
+        return _http(spec, config)
     if isinstance(spec, FileSource):
         return FileAdapter(config.resolve(spec.root))
     assert isinstance(spec, PluginSource)

@@ -241,3 +241,36 @@ async def test_environment_is_ignored_by_default(env_proxy: Proxy, server: Local
     assert env_proxy.seen == []
     assert len(server.seen) == 1
 
+
+async def test_a_job_files_http_source_takes_the_tls_options(
+    tls_server: StartTLS, pki: PKI, tmp_path: Path
+) -> None:
+    """``ssl`` and ``client_cert`` in a job file, as paths relative to the job file's folder."""
+    import yaml
+
+    from mxm_dataio_async.jobs import JobConfigError, load_job, run_job
+
+    url = await tls_server(require_client_cert=True)
+    for name in ("ca.pem", "client.pem", "client.key"):
+        (tmp_path / name).write_bytes((pki.ca.parent / name).read_bytes())
+    source = {
+        "adapter": "http",
+        "base_url": url,
+        "ssl": "ca.pem",
+        "client_cert": ["client.pem", "client.key"],
+        "total_timeout": 30,
+        "max_field_size": 100_000,
+    }
+    job = {
+        "job": "tls",
+        "store": "./dataio",
+        "sources": {"api": source},
+        "requests": [{"source": "api", "kind": "who", "endpoint": "/who"}],
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job), encoding="utf-8")
+    summary = await run_job(path)
+    assert (summary.ok, summary.fetched) == (True, 1)
+    path.write_text(yaml.safe_dump({**job, "sources": {"api": {**source, "ssl": "no.pem"}}}))
+    with pytest.raises(JobConfigError, match=r"sources\.api: ssl: cannot load the CA bundle"):
+        load_job(path)
