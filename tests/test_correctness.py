@@ -22,6 +22,7 @@ from aiohttp import web
 
 import mxm_dataio_async as dio
 from mxm_dataio_async.testing import FakeClock
+from tests._serve import serving
 
 pytestmark = pytest.mark.anyio
 
@@ -129,16 +130,11 @@ async def posting_server() -> AsyncIterator[tuple[str, dict[str, int]]]:
     app = web.Application()
     app.router.add_post("/slow", slow)
     app.router.add_post("/busy", busy)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
-        yield f"http://127.0.0.1:{port}", hits
+        async with serving(app) as url:
+            yield url, hits
     finally:
         never.set()
-        await runner.cleanup()
 
 
 def http_registry(base_url: str, **adapter: Any) -> dio.Registry:
@@ -213,15 +209,8 @@ async def negotiating_server() -> AsyncIterator[tuple[str, dict[str, int]]]:
     app = web.Application()
     app.router.add_get("/bytes", ranged)
     app.router.add_get("/greeting", greeting)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}", hits
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        yield url, hits
 
 
 async def test_a_range_is_part_of_the_identity(

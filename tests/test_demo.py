@@ -72,6 +72,7 @@ async def test_the_readme_example_finishes_in_seconds_and_shows_progress(
 
     import mxm_dataio_async as dio
     from mxm_dataio_async.testing import FakeClock
+    from tests._serve import serving
 
     hits: list[str] = []
 
@@ -82,15 +83,10 @@ async def test_the_readme_example_finishes_in_seconds_and_shows_progress(
     app = web.Application()
     app.router.add_get("/quote", answer)
     app.router.add_get("/bars/{n}", answer)
-    server = web.AppRunner(app, access_log=None)
-    await server.setup()
-    site = web.TCPSite(server, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = server.addresses[0][1]
+    async with serving(app) as url:
         code = _example_code()
         for old, new in (
-            ("http://127.0.0.1:8080", f"http://127.0.0.1:{port}"),
+            ("http://127.0.0.1:8080", url),
             ('"./data"', repr(str(tmp_path / "data"))),
             ("dio.Registry()", "dio.Registry(clock=clock)"),
             ("\nanyio.run(main)", "\n"),
@@ -111,5 +107,3 @@ async def test_the_readme_example_finishes_in_seconds_and_shows_progress(
                 assert fetched > 100
                 assert clock.monotonic() <= 10, "the example's rate limit makes it take minutes"
         assert len(hits) == fetched  # the rerun is served from the store (ttl=3600)
-    finally:
-        await server.cleanup()

@@ -45,8 +45,15 @@ class LocalServer:
         return self.counters[key]
 
 
-async def _body_stream(request: web.Request, size: int, *, declared: bool) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+async def _body_stream(
+    request: web.Request,
+    size: int,
+    *,
+    declared: bool,
+    status: int = 200,
+    content_type: str = "application/octet-stream",
+) -> web.StreamResponse:
+    resp = web.StreamResponse(status=status, headers={"Content-Type": content_type})
     if declared:
         resp.content_length = size
     await resp.prepare(request)
@@ -175,15 +182,10 @@ def _make_app(server: LocalServer) -> web.Application:
         # /error-body?code=503&size=N: that status with an N-byte chunked body (BLOCK bytes).
         await record(request)
         code = int(request.query.get("code", "503"))
-        resp = web.StreamResponse(status=code, headers={"Content-Type": "text/plain"})
-        await resp.prepare(request)
-        left = int(request.query["size"])
-        while left > 0:
-            piece = BLOCK[: min(left, len(BLOCK))]
-            await resp.write(piece)
-            left -= len(piece)
-        await resp.write_eof()
-        return resp
+        size = int(request.query["size"])
+        return await _body_stream(
+            request, size, declared=False, status=code, content_type="text/plain"
+        )
 
     async def sse(request: web.Request) -> web.StreamResponse:
         await record(request)

@@ -15,6 +15,7 @@ from mxm_dataio_async._exceptions import DataIOError, FetchError, TransientError
 from mxm_dataio_async._models import Request
 from mxm_dataio_async._request import build_request
 from mxm_dataio_async.adapters.http import DEFAULT_TOTAL_TIMEOUT, HttpAdapter
+from tests._serve import serving
 from tests.adapters.conftest import LocalServer, RawHandler, read_head, wait_for_close
 
 pytestmark = pytest.mark.anyio
@@ -242,15 +243,8 @@ async def test_br_body_is_decoded() -> None:
 
     app = web.Application()
     app.router.add_get("/br", br)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        async with HttpAdapter(f"http://127.0.0.1:{runner.addresses[0][1]}") as adapter:
-            result = await adapter.fetch(req("/br"))
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url, HttpAdapter(url) as adapter:
+        result = await adapter.fetch(req("/br"))
     assert result.data == text
     assert result.adapter_meta is not None
     assert result.adapter_meta["content_encoding"] == "br"
