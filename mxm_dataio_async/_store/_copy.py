@@ -15,13 +15,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 from mxm_dataio_async._exceptions import IntegrityError
-from mxm_dataio_async._store._protocols import TABLES, PayloadRow
-
-if TYPE_CHECKING:
-    from mxm_dataio_async._store._store import Store
+from mxm_dataio_async._store._protocols import TABLES, MetadataStore, PayloadRow, PayloadStore
 
 __all__ = ["CopyReport", "copy_store"]
 
@@ -29,6 +26,18 @@ _ROWS: Final = 500  # rows per destination transaction
 
 CopyProgress = Callable[[str, int], None]
 """``on_progress(phase, done)``: ``payloads``, ``sessions``, ``requests`` or ``responses``."""
+
+
+class Side(Protocol):
+    """What a copy needs of either store (a ``Store`` is one): its two backends and the size
+    up to which it keeps payloads inline."""
+
+    @property
+    def metadata(self) -> MetadataStore: ...
+    @property
+    def payloads(self) -> PayloadStore: ...
+    @property
+    def inline_threshold(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +68,7 @@ class CopyReport:
 
 
 async def copy_store(
-    source: Store, target: Store, *, on_progress: CopyProgress | None = None
+    source: Side, target: Side, *, on_progress: CopyProgress | None = None
 ) -> CopyReport:
     """Copy every session, request, response and payload of ``source`` into ``target``."""
     progress = on_progress or (lambda phase, done: None)
@@ -110,7 +119,7 @@ async def copy_store(
     )
 
 
-async def _move(source: Store, target: Store, row: PayloadRow) -> tuple[PayloadRow, int]:
+async def _move(source: Side, target: Side, row: PayloadRow) -> tuple[PayloadRow, int]:
     """One payload into the target's tier for its size: its row for the target, and whether an
     object was written. The bytes are verified against the sha256 whichever way they go."""
     hx = row.digest.hex()
