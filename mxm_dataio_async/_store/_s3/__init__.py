@@ -41,8 +41,11 @@ Writes:
 - The source is read in the caller's task (its context and cancel scopes stay where they were
   entered; its error propagates as itself) and handed to obstore through a rendezvous channel.
   obstore's upload is never cancelled from outside (dropping it would orphan the upload): when
-  the source fails or the caller is cancelled, the channel ends with an error, obstore aborts
-  the multipart upload itself, and the temporary is deleted; only then does the error propagate.
+  the source fails or the caller is cancelled, the channel ends, obstore completes the upload
+  with what it has (waiting for the parts in flight), and that short temporary is deleted; only
+  then does the error propagate. (Ending the channel with an error made obstore abort while a
+  part was still being written: SeaweedFS finished that part after the abort and the upload came
+  back, hidden, about one time in ten.)
 
 Crash safety (a process killed mid-write):
 - Before a multipart upload starts, an empty *marker* object is created at its temporary key.

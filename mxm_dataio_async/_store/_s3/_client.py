@@ -63,7 +63,6 @@ __all__ = [  # obstore's names too: _payloads reaches them as client.<name>
     "UnauthenticatedError",
     "UnknownConfigurationKeyError",
     "obs",
-    "Abandoned",
     "Config",
     "classify",
     "failure",
@@ -296,10 +295,3 @@ def failure(exc: BaseException, action: str, where: str, config: Config) -> Stor
     else:
         hint = "the S3 request failed"
     return StoreError(f"cannot {action} {where}: {hint} [{summary(_masked(exc, config))}]")
-
-
-# -- the store -------------------------------------------------------------------------------------
-
-
-class Abandoned(Exception):
-    """Ends a streamed upload's input with an error, so that obstore aborts the upload."""

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 
 from mxm_dataio_async._store._s3 import _client as client
 from mxm_dataio_async._store._s3._client import (
-    Abandoned,
     classify,
     failure,
     host,
@@ -44,7 +43,7 @@ _FEED_PIECE: Final = 1 * MiB  # source chunks are handed to obstore in pieces of
 _READ_WINDOW: Final = 8 * MiB  # iter() reads ranges of this size
 _CHUNK: Final = 256 * 1024
 _PAGE: Final = 1000  # keys per list request (S3's maximum)
-_SETTLE: Final = 60.0  # seconds to wait for obstore to abort or finish an abandoned upload
+_SETTLE: Final = 60.0  # seconds to wait for obstore to finish an abandoned upload
 _OPEN_SWEEP: Final = 10.0  # seconds open() spends at most on removing dead writers' temporaries
 _EXIT_GRACE: Final = 0.01  # seconds aclose() yields to obstore's threads (see the docstring)
 _TMP: Final = "tmp"
@@ -255,15 +254,16 @@ class S3Payloads:
     ) -> int:
         """Stream ``head`` and the rest of ``source`` to ``tmp``, hashing; returns the size."""
         send, recv = anyio.create_memory_object_stream[bytes](0)
-        abandoned = False
 
         async def feed() -> AsyncIterator[bytes]:
-            # Runs in tasks obstore creates: it only takes pieces from the channel.
+            # Runs in tasks obstore creates: it only takes pieces from the channel. An abandoned
+            # upload ends like a finished one: obstore then waits for every part in flight and
+            # completes a (short) temporary that is deleted below. Ending it with an error would
+            # make obstore abort while parts are still being written, and a part the server
+            # finishes after the abort brings the upload back, hidden (seen on SeaweedFS).
             with contextlib.suppress(anyio.ClosedResourceError, anyio.EndOfStream):
                 async for piece in recv:
                     yield piece
-            if abandoned:
-                raise Abandoned("the streamed body did not finish")
 
         # obstore starts the upload at once (a Future, not a coroutine); it pulls from feed().
         upload = asyncio.ensure_future(
@@ -303,7 +303,6 @@ class S3Payloads:
             # shield: cancelling us must not drop obstore's upload half-way (see below).
             await self._io(asyncio.shield(upload), "upload payload to", tmp)
         except BaseException:
-            abandoned = True
             send.close()
             await self._settle(upload)
             await self._discard(tmp)
@@ -311,7 +310,7 @@ class S3Payloads:
         return size
 
     async def _settle(self, upload: Awaitable[Any]) -> None:
-        """Wait (shielded, bounded) for an abandoned upload to abort or finish."""
+        """Wait (shielded, bounded) for an abandoned upload to finish (or fail)."""
         with (
             anyio.CancelScope(shield=True),
             anyio.move_on_after(_SETTLE),
