@@ -23,6 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from _common import placement
 from aiohttp import web
 
 SIZES = (1024, 32 * 1024, 1024 * 1024)
@@ -86,7 +87,10 @@ def main() -> None:
     parser.add_argument("--lifetime", type=float, default=900.0, help="seconds before exiting")
     parser.add_argument("--parent", type=int, default=os.getppid(), help="exit when it is gone")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
+    parser.add_argument("--cpu", type=int, help="the core to run on (default: any)")
     args = parser.parse_args()
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
     factory = None
     if args.loop == "uvloop":
         try:
@@ -123,6 +127,9 @@ class ServerProcess:
             "--loop",
             self.loop,
         ]
+        core = placement()[0]  # a core of its own: the client's trials run on another
+        if core is not None:
+            cmd += ["--cpu", str(core)]
         self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         assert self._proc.stdout is not None
         line = self._proc.stdout.readline()  # the server prints its port at once, or dies

@@ -28,8 +28,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -37,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from _common import machine, run
+from _common import Trials, machine, pin, placement, run, trial_main
 from _server import ServerProcess
 
 RUNGS: dict[str, str] = {
@@ -117,15 +115,9 @@ async def trial(rung: str, port: int, n: int, concurrency: int, tag: str) -> dic
                 return await _drive(one, n, concurrency)
 
 
-def _spawn(spec: dict[str, Any]) -> dict[str, Any]:
-    out = subprocess.run(
-        [sys.executable, __file__, "--trial", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-    )
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+def _trial(spec: dict[str, Any]) -> dict[str, Any]:
+    coro = trial(spec["rung"], spec["port"], spec["n"], spec["concurrency"], spec["tag"])
+    result: dict[str, Any] = run(coro, spec["loop"])
     return result
 
 
@@ -139,13 +131,13 @@ def main() -> None:
     parser.add_argument("--trial", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trial:
-        spec = json.loads(args.trial)
-        coro = trial(spec["rung"], spec["port"], spec["n"], spec["concurrency"], spec["tag"])
-        print(json.dumps(run(coro, spec["loop"])))
+        trial_main(_trial, args.trial)
         return
 
     runs: dict[str, list[dict[str, Any]]] = {rung: [] for rung in RUNGS}
     with ServerProcess(lifetime=1800) as server:
+        pin(placement()[1])  # the driver calibrates (and its trials run) on the client's core
+        trials = Trials(__file__)
         for r in range(args.repeat):
             for rung in RUNGS:  # interleaved: drift on a shared machine hits every rung alike
                 spec = {
@@ -156,9 +148,10 @@ def main() -> None:
                     "loop": args.loop,
                     "tag": f"{rung}-{r}-",
                 }
-                runs[rung].append(_spawn(spec))
-                last = runs[rung][-1]
-                print(f"run {r + 1}/{args.repeat}  {rung:8s} {last['per_s']:9,.0f}/s", flush=True)
+                result, info = trials.run(spec, timeout=600)
+                runs[rung].append(result | info)
+                again = f"  (run {info['tries']} times: a slowed core)" if info["tries"] > 1 else ""
+                print(f"run {r + 1}/{args.repeat}  {rung:8s} {result['per_s']:9,.0f}/s{again}")
     rows = []
     previous: float | None = None
     for rung, label in RUNGS.items():
@@ -173,6 +166,7 @@ def main() -> None:
         step = "" if row["step_us"] is None else f"{row['step_us']:+.0f}"
         print(f"| {row['label']} | {row['per_s']:,.0f} | {row['cpu_us']:.0f} | {step} |")
     config = {k: v for k, v in vars(args).items() if k not in ("trial", "out")}
+    config["reruns_on_a_slowed_core"] = trials.reruns
     report = {"machine": machine(), "config": config, "medians": rows, "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
