@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import io
 import json
@@ -711,7 +712,33 @@ def test_short_session_prefixes_say_too_short_or_ambiguous(tmp_path: Path) -> No
 
 
 def test_version() -> None:
-    assert cli("--version").stdout.strip() == f"mxm-dataio {dio.__version__}"
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    assert cli("--version").stdout.strip() == f"mxm-dataio {dio.__version__} (event loop: {loop})"
+
+
+@pytest.mark.parametrize("chosen", ["", "asyncio", "uvloop"])
+def test_commands_run_on_uvloop_when_installed(
+    chosen: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from mxm_dataio_async._cli._common import _run
+
+    if chosen == "uvloop" or not chosen:
+        pytest.importorskip("uvloop")
+    monkeypatch.setenv("MXM_DATAIO_LOOP", chosen)
+
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+    assert _run(loop_module) == ("asyncio" if chosen == "asyncio" else "uvloop")
+
+
+def test_a_bad_loop_choice_is_one_line(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MXM_DATAIO_LOOP", "trio")
+    result = runner.invoke(app, ["sessions", "--root", str(store)])
+    assert result.exit_code == 1
+    assert "MXM_DATAIO_LOOP must be asyncio or uvloop, not 'trio'" in result.stderr
 
 
 def test_help_paragraphs_reflow() -> None:

