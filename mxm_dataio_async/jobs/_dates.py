@@ -137,6 +137,16 @@ def date_chunks(start: date, end: date, chunk: Chunk | str) -> Iterator[tuple[da
         first, k = following, k + 1
 
 
+def nth_chunk(start: date, end: date, chunk: Chunk | str, k: int) -> tuple[date, date]:
+    """Chunk ``k`` of ``date_chunks(start, end, chunk)``, computed without iterating."""
+    step = parse_chunk(chunk)
+    first = _chunk_start(start, k, step) if k >= 0 else None
+    if first is None or first > end:
+        raise IndexError(f"chunk {k} is outside {start}..{end} by {chunk}")
+    following = _chunk_start(start, k + 1, step)
+    return first, end if following is None or following > end else following - _ONE_DAY
+
+
 def count_chunks(start: date, end: date, chunk: Chunk | str) -> int:
     """How many chunks ``date_chunks(start, end, chunk)`` yields, computed without iterating."""
     step = parse_chunk(chunk)

@@ -19,7 +19,7 @@ from mxm_dataio_async._models import CacheMode, Request
 from mxm_dataio_async._redact import Redaction
 from mxm_dataio_async._request import build_request
 from mxm_dataio_async.jobs._config import DateRange, JobConfig, RequestSpec, today_utc
-from mxm_dataio_async.jobs._dates import Chunk, count_chunks, date_chunks
+from mxm_dataio_async.jobs._dates import Chunk, count_chunks, date_chunks, nth_chunk
 from mxm_dataio_async.jobs._errors import JobConfigError
 from mxm_dataio_async.jobs._sources import check_source
 from mxm_dataio_async.jobs._template import Template, TemplateTree, compile_text, compile_tree
@@ -104,6 +104,9 @@ class _ValuesAxis:
     def __len__(self) -> int:
         return len(self.items)
 
+    def __getitem__(self, k: int) -> tuple[object, ...]:
+        return self.items[k]
+
 
 @dataclass(frozen=True, slots=True)
 class _DatesAxis:
@@ -119,6 +122,13 @@ class _DatesAxis:
 
     def __len__(self) -> int:
         return 1 if self.chunk is None else count_chunks(self.start, self.end, self.chunk)
+
+    def __getitem__(self, k: int) -> tuple[object, ...]:
+        if self.chunk is None:
+            if k != 0:
+                raise IndexError(k)
+            return (self.start, self.end)
+        return nth_chunk(self.start, self.end, self.chunk, k)
 
 
 _Axis = _ValuesAxis | _DatesAxis
@@ -170,26 +180,40 @@ class _Entry:
         return n
 
     def __iter__(self) -> Iterator[PlannedRequest]:
-        spec = self.spec
         for combo in _product(self.axes) if self.axes else iter([()]):
-            values = dict(self.base)
-            for axis, item in zip(self.axes, combo, strict=True):
-                values.update(zip(axis.names, item, strict=True))
-            yield PlannedRequest(
-                source=spec.source,
-                kind=spec.kind,
-                method=spec.method,
-                endpoint=None if self.endpoint is None else self.endpoint.render(values),
-                params=self.params.render(values),
-                body=self.body.render(values),
-                headers=spec.headers,
-                as_of_bucket=None if self.bucket is None else self.bucket.render(values),
-                cache_tag=None if self.tag is None else self.tag.render(values),
-                ttl=spec.ttl,
-                cache_mode=spec.cache_mode,
-                entry=self.index,
-                values=values,
-            )
+            yield self._planned(combo)
+
+    def at(self, i: int) -> PlannedRequest:
+        """The ``i``-th request of the expansion (as iteration would give it), computed
+        directly: ``i`` is read as a mixed-radix number whose last digit is the last axis."""
+        if not 0 <= i < self.count():
+            raise IndexError(f"request {i} of requests[{self.index}], which has {self.count()}")
+        combo: list[tuple[object, ...]] = []
+        for axis in reversed(self.axes):
+            i, k = divmod(i, len(axis))
+            combo.append(axis[k])
+        return self._planned(tuple(reversed(combo)))
+
+    def _planned(self, combo: tuple[tuple[object, ...], ...]) -> PlannedRequest:
+        spec = self.spec
+        values = dict(self.base)
+        for axis, item in zip(self.axes, combo, strict=True):
+            values.update(zip(axis.names, item, strict=True))
+        return PlannedRequest(
+            source=spec.source,
+            kind=spec.kind,
+            method=spec.method,
+            endpoint=None if self.endpoint is None else self.endpoint.render(values),
+            params=self.params.render(values),
+            body=self.body.render(values),
+            headers=spec.headers,
+            as_of_bucket=None if self.bucket is None else self.bucket.render(values),
+            cache_tag=None if self.tag is None else self.tag.render(values),
+            ttl=spec.ttl,
+            cache_mode=spec.cache_mode,
+            entry=self.index,
+            values=values,
+        )
 
 
 def _compile_entry(
@@ -372,6 +396,18 @@ class JobPlan:
     def for_source(self, source: str) -> Iterator[PlannedRequest]:
         """The plan's requests of one source, in order (lazily)."""
         return self._iter(source)
+
+    def at(self, index: int) -> PlannedRequest:
+        """The plan's request number ``index`` (0-based, in the plan's order), computed without
+        iterating what comes before it: workers sharing a run address requests by index."""
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"a plan index is an int, got {index!r}")
+        if index >= 0:
+            for entry, take, _ in self._entries:
+                if index < take:
+                    return entry.at(index)
+                index -= take
+        raise IndexError(f"plan index out of range (the plan has {self.total} requests)")
 
     def _iter(self, source: str | None) -> Iterator[PlannedRequest]:
         for entry, take, n in self._entries:
