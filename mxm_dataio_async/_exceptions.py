@@ -4,11 +4,14 @@
 DataIOError
 ├── AdapterNotFound      (also KeyError)     unknown source name
 ├── CapabilityError      (also TypeError)    adapter lacks fetch / send / stream
+├── CoordinationError                        Redis (shared by worker processes) did not answer
 ├── CacheMiss            (also LookupError)  only_if_cached and nothing stored
 ├── TransientError                           raised by adapters: "try again", optional retry_after
 ├── FetchError                               final failure of one request (request, attempts, cause)
 ├── IntegrityError                           stored bytes do not match their checksum
 ├── LeaseHeld                                another run holds the job's lease
+├── ClaimLost                                a worker's claim on a chunk expired: nothing recorded
+├── RunMismatch          (also ValueError)   a worker's job file differs from its run's
 ├── UsageError           (also RuntimeError) misuse: a session entered twice, used when closed
 │   └── StoreClosedError (also StoreError)   the store is not open (never opened, or closed)
 └── StoreError                               the store cannot be opened, read or written
@@ -33,10 +36,12 @@ __all__ = [
     "AdapterNotFound",
     "CacheMiss",
     "CapabilityError",
+    "ClaimLost",
     "DataIOError",
     "FetchError",
     "IntegrityError",
     "LeaseHeld",
+    "RunMismatch",
     "StoreClosedError",
     "StoreError",
     "TransientError",
@@ -63,6 +68,12 @@ class AdapterNotFound(DataIOError, KeyError):
 
 class CapabilityError(DataIOError, TypeError):
     """The adapter registered for a source does not implement the requested capability."""
+
+
+class CoordinationError(DataIOError):
+    """The Redis that worker processes share (global rate gates, cross-process coalescing) did
+    not answer, or refused a command. A gate fails closed on it (no grant without Redis) unless it
+    was told to fall back to a local share of the rate; the message names the server."""
 
 
 class CacheMiss(DataIOError, LookupError):
@@ -163,3 +174,12 @@ class UsageError(DataIOError, RuntimeError):
 
 class StoreClosedError(UsageError, StoreError):
     """An operation was attempted on a store that is not open (never opened, or closed)."""
+
+
+class ClaimLost(DataIOError):
+    """A worker's claim on a chunk of a run expired or was taken over by another worker, so what
+    it tried to record under that claim was not written (nothing of it is in the store)."""
+
+
+class RunMismatch(DataIOError, ValueError):
+    """A worker joined a run whose recorded configuration differs from its own job file."""

@@ -34,6 +34,7 @@ from mxm_dataio_async._recorder import Attempt, Recorder, error_text
 from mxm_dataio_async._registry import SourceEntry
 from mxm_dataio_async._retry import DeadlineExceeded, Retrying, retry_waits_disabled
 from mxm_dataio_async._store import Store
+from mxm_dataio_async._store._work import Fence
 
 __all__ = ["Pipeline"]
 
@@ -63,7 +64,7 @@ class Pipeline:
 
     # -- fetch ----------------------------------------------------------------------------------
 
-    async def fetch(self, request: Request) -> Response:
+    async def fetch(self, request: Request, *, fence: Fence | None = None) -> Response:
         recorder = self._recorder
         recorder.began()
         # Plan: look up what is stored (unless the mode never serves it), then decide (pure).
@@ -94,7 +95,7 @@ class Pipeline:
         # Registry and Store.
         try:
             response = await self._coalescer.run(
-                key, lambda: self._produce(request, decision, persist), owner=self._owner
+                key, lambda: self._produce(request, decision, persist, fence), owner=self._owner
             )
         except DataIOError:
             recorder.failed_request()
@@ -103,7 +104,9 @@ class Pipeline:
             recorder.joined(request, response, persist=persist)
         return response
 
-    async def _produce(self, request: Request, decision: Decision, persist: bool) -> Response:
+    async def _produce(
+        self, request: Request, decision: Decision, persist: bool, fence: Fence | None
+    ) -> Response:
         """Attempts until one answers or the retry schedule gives up, then the recorded answer."""
         recorder, clock, entry = self._recorder, self._clock, self._entry
         unsafe = request.unsafe and not request.retry_unsafe
@@ -133,6 +136,7 @@ class Pipeline:
                     wait_ms=times.wait_ms(now),
                     persist=persist,
                     answered=answered,
+                    fence=fence,
                 )
                 hint = exc.retry_after if isinstance(exc, TransientError) else None
                 if hint and not retry_waits_disabled():
@@ -143,7 +147,7 @@ class Pipeline:
                 await clock.sleep(wait)
         result = attempt.result
         if result.error is not None:
-            refused = await recorder.refused(request, attempt, persist=persist)
+            refused = await recorder.refused(request, attempt, persist=persist, fence=fence)
             raise FetchError(
                 f"{request!r}: {result.error}",
                 request=request,
@@ -154,8 +158,8 @@ class Pipeline:
             )
         if result.not_modified:
             assert decision.cached is not None
-            return await recorder.revalidated(request, decision.cached, attempt)
-        return await recorder.fetched(request, attempt, persist=persist)
+            return await recorder.revalidated(request, decision.cached, attempt, fence=fence)
+        return await recorder.fetched(request, attempt, persist=persist, fence=fence)
 
     async def _bounded_attempt(
         self,

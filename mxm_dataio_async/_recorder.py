@@ -28,6 +28,7 @@ from mxm_dataio_async._models import (
 )
 from mxm_dataio_async._redact import REDACTED, Redaction
 from mxm_dataio_async._store import MetadataStore, Recording, StagedPayload
+from mxm_dataio_async._store._work import Fence
 
 __all__ = ["Attempt", "Recorder", "error_text", "vary_of"]
 
@@ -177,7 +178,9 @@ class Recorder:
         if persist:
             self._metadata.record_later(Recording(self.stored(request), served_from=response.id))
 
-    async def fetched(self, request: Request, attempt: Attempt, *, persist: bool) -> Response:
+    async def fetched(
+        self, request: Request, attempt: Attempt, *, persist: bool, fence: Fence | None = None
+    ) -> Response:
         """An attempt that produced the answer (``ok``)."""
         checksum, size = attempt.identity()
         response = self._response(
@@ -190,10 +193,12 @@ class Recorder:
             vary=vary_of(attempt.result.headers, request.headers),
         )
         self._counts["bytes"] += size
-        await self._commit(request, response, attempt.staged, persist=persist)
+        await self._commit(request, response, attempt.staged, persist=persist, fence=fence)
         return response
 
-    async def revalidated(self, request: Request, cached: Response, attempt: Attempt) -> Response:
+    async def revalidated(
+        self, request: Request, cached: Response, attempt: Attempt, *, fence: Fence | None = None
+    ) -> Response:
         """A 304-style answer: a new row pointing at the stored payload."""
         headers = dict(cached.headers or {})
         headers.update(self._redaction.headers_of(attempt.result.headers) or {})
@@ -208,10 +213,12 @@ class Recorder:
             content_type=attempt.result.content_type or cached.content_type,
             encoding=attempt.result.encoding or cached.encoding,
         )
-        await self._commit(request, response, None, persist=True)
+        await self._commit(request, response, None, persist=True, fence=fence)
         return response
 
-    async def refused(self, request: Request, attempt: Attempt, *, persist: bool) -> Response:
+    async def refused(
+        self, request: Request, attempt: Attempt, *, persist: bool, fence: Fence | None = None
+    ) -> Response:
         """A final upstream refusal (``AdapterResult.error``), recorded with its body."""
         checksum, size = attempt.identity()
         response = self._response(
@@ -223,7 +230,7 @@ class Recorder:
             error=attempt.result.error,
             payload=attempt.data,
         )
-        await self._commit(request, response, attempt.staged, persist=persist)
+        await self._commit(request, response, attempt.staged, persist=persist, fence=fence)
         return response
 
     async def failed(
@@ -238,11 +245,13 @@ class Recorder:
         sent: StagedPayload | None = None,
         answered: StagedPayload | None = None,
         wait_ms: float | None = None,
+        fence: Fence | None = None,
     ) -> str:
         """An attempt that raised: its error row. What the upstream answered, if the error
         carries it (``TransientError``: the URL, response headers and the start of the body,
         staged as ``answered``), goes on the row too; with a send, the bytes it tried to send.
-        Returns the row's id."""
+        Returns the row's id. Under a ``fence`` the row is fenced but marks no index (the
+        request may yet be retried)."""
         red = self._redaction
         headers = getattr(exc, "headers", None)
         response = self._response(
@@ -260,7 +269,14 @@ class Recorder:
             url=red.url(getattr(exc, "url", None)),
             wait_ms=wait_ms,
         )
-        await self._commit(request, response, answered, persist=persist, sent=sent)
+        await self._commit(
+            request,
+            response,
+            answered,
+            persist=persist,
+            sent=sent,
+            fence=None if fence is None else fence.unmarked(),
+        )
         return response.id
 
     async def dropped(
@@ -326,6 +342,7 @@ class Recorder:
         *,
         persist: bool,
         sent: StagedPayload | None = None,
+        fence: Fence | None = None,
     ) -> None:
         if not persist:
             return
@@ -337,6 +354,7 @@ class Recorder:
                 (response,),
                 payloads,
                 sent=None if sent is None else sent.checksum,
+                fence=fence,
             )
         )
 

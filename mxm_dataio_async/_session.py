@@ -37,6 +37,7 @@ from mxm_dataio_async._recorder import Recorder
 from mxm_dataio_async._registry import Registry, SourceEntry, default_registry
 from mxm_dataio_async._request import build_request, check_cache_mode, check_ttl
 from mxm_dataio_async._store import Store
+from mxm_dataio_async._store._work import Fence
 
 __all__ = ["AsyncSession"]
 
@@ -268,17 +269,20 @@ class AsyncSession:
 
     # -- fetch, read, send, stream --------------------------------------------------------------
 
-    async def fetch(self, request: Request) -> Response:
+    async def fetch(self, request: Request, *, fence: Fence | None = None) -> Response:
         """Fetch ``request`` under its cache mode; returns once the response is durable.
 
         Raises ``CacheMiss`` (only_if_cached, nothing stored), ``FetchError`` (the adapter failed
         for good; every attempt is recorded), ``CapabilityError`` (the adapter cannot fetch).
+        ``fence`` is for workers sharing a run (``Claim.fence(index)``): what this fetch records
+        commits only while the claim holds, else ``ClaimLost`` and nothing is written; a
+        recorded answer marks the plan index done in the same transaction.
         """
         self._require_open()
         self._check_request(request)
         if not self._entry.can_fetch:
             raise CapabilityError(f"the adapter for {self.source!r} cannot fetch (no fetch())")
-        return await self._pipeline.fetch(request)
+        return await self._pipeline.fetch(request, fence=fence)
 
     async def read(self, response: Response) -> bytes:
         """The exact payload bytes of ``response``, verified (``IntegrityError`` if corrupt)."""

@@ -25,6 +25,7 @@ from datetime import datetime
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from mxm_dataio_async._models import Request, Response, ResponseStatus, Session
+from mxm_dataio_async._store._work import Fence
 
 __all__ = [
     "TABLES",
@@ -80,6 +81,10 @@ class Recording:
     payloads: Sequence[StagedPayload] = ()
     served_from: str | None = None
     sent: str | None = None
+    fence: Fence | None = None
+    """Recorded under a worker's claim on a chunk of a run: commit only while the claim holds
+    (``ClaimLost`` otherwise), and mark ``fence.index`` done in the same transaction. Only a
+    store with a work queue (PostgreSQL) accepts it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ from mxm_dataio_async._store._protocols import (
     Table,
 )
 from mxm_dataio_async._store._sqlite import DB_NAME, SqliteMetadata
+from mxm_dataio_async._store._work import WorkQueue
 
 __all__ = ["DEFAULT_INLINE_THRESHOLD", "Store"]
 
@@ -480,6 +481,19 @@ class Store:
             self.metadata, self._tg, self.clock, name, holder, ttl=ttl, wait=wait, poll=poll
         ) as held:
             yield held
+
+    @property
+    def work(self) -> WorkQueue:
+        """The work queue of runs shared by many workers (``mxm-dataio worker``): the metadata
+        store's, which only PostgreSQL has (``UsageError`` otherwise)."""
+        self._require_open()
+        work = getattr(self.metadata, "work", None)
+        if not isinstance(work, WorkQueue):
+            raise UsageError(
+                f"a run shared by many workers needs a PostgreSQL store (postgresql://...); "
+                f"the store at {self.location} has no work queue"
+            )
+        return work
 
     # -- maintenance ----------------------------------------------------------------------------
 

@@ -63,6 +63,7 @@ from mxm_dataio_async._store._postgres._sql import (
     shielded,
     utc,
 )
+from mxm_dataio_async._store._postgres._work import PostgresWorkQueue
 from mxm_dataio_async._store._postgres._writer import Job, Writer
 from mxm_dataio_async._store._protocols import (
     DanglingReference,
@@ -307,11 +308,36 @@ class PostgresMetadata:
         if recording.payloads:  # (a cache hit's audit row has none: no clock read for it)
             now = utc(self.clock.now())
             payloads = [(p.digest, p.size, p.tier, p.data, now) for p in recording.payloads]
+        fence = recording.fence
+        done: list[Sequence[Any]] | None = None
+        if fence is not None and fence.index is not None and recording.responses:
+            answer = recording.responses[-1]
+            outcome = "fetched" if answer.status is ResponseStatus.OK else "failed"
+            done = [(fence.run_id, fence.index, fence.source, answer.id, outcome)]
         return Job(
             payloads=payloads,
             requests=[request_row(request, recording.served_from, recording.sent)],
             responses=[response_row(request, r) for r in recording.responses],
+            fence=None if fence is None else (fence.run_id, fence.chunk, fence.owner),
+            done=done,
         )
+
+    @property
+    def work(self) -> PostgresWorkQueue:
+        """The work queue of runs shared by many workers, in this store's database."""
+        return PostgresWorkQueue(self)
+
+    async def on_connection(
+        self,
+        action: str,
+        fn: Callable[[Connection], Awaitable[T]],
+        *,
+        write: bool = False,
+        retry: bool = True,
+    ) -> T:
+        """``fn`` on a pooled connection, with this store's error translation and retries (for
+        the modules of this package that run their own statements)."""
+        return await self._run(action, fn, write=write, retry=retry)
 
     # -- reading --------------------------------------------------------------------------------
 

@@ -180,7 +180,67 @@ async def _to_v3(conn: Connection) -> None:
     await conn.execute(_V3)
 
 
-MIGRATIONS: dict[int, Callable[[Connection], Awaitable[None]]] = {0: _to_v1, 1: _to_v2, 2: _to_v3}
+_V4 = """
+-- Runs shared by many workers (see _store/_work.py): a run, its plan enqueued as chunks of plan
+-- indices, the indices done (each marked in the transaction that recorded its answer, fenced by
+-- the claim), and the workers' heartbeats. Leases are on this server's clock.
+CREATE TABLE job_runs (
+    id          text COLLATE "C" PRIMARY KEY,
+    job         text NOT NULL,
+    config_hash text NOT NULL,
+    total       bigint NOT NULL,
+    chunk_size  integer NOT NULL,
+    planned     boolean NOT NULL DEFAULT false,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz
+);
+CREATE TABLE job_chunks (
+    run_id      text COLLATE "C" NOT NULL REFERENCES job_runs (id) ON DELETE CASCADE,
+    chunk       integer NOT NULL,
+    first_index bigint NOT NULL,
+    stop_index  bigint NOT NULL,
+    state       text NOT NULL DEFAULT 'pending'
+                CHECK (state IN ('pending', 'claimed', 'done', 'dead')),
+    owner       text,
+    lease_until timestamptz,
+    attempts    integer NOT NULL DEFAULT 0,
+    error       text,
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run_id, chunk)
+);
+-- What a claim looks for: open chunks in order.
+CREATE INDEX ix_job_chunks_open ON job_chunks (run_id, chunk) WHERE state IN ('pending', 'claimed');
+CREATE TABLE job_done (
+    run_id      text COLLATE "C" NOT NULL REFERENCES job_runs (id) ON DELETE CASCADE,
+    idx         bigint NOT NULL,
+    source      text,
+    response_id text COLLATE "C",
+    outcome     text NOT NULL CHECK (outcome IN ('fetched', 'cached', 'failed')),
+    done_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (run_id, idx)
+);
+CREATE TABLE job_workers (
+    run_id     text COLLATE "C" NOT NULL REFERENCES job_runs (id) ON DELETE CASCADE,
+    worker     text COLLATE "C" NOT NULL,
+    host       text NOT NULL,
+    pid        integer NOT NULL,
+    started_at timestamptz NOT NULL DEFAULT now(),
+    seen_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run_id, worker)
+);
+"""
+
+
+async def _to_v4(conn: Connection) -> None:
+    await conn.execute(_V4)
+
+
+MIGRATIONS: dict[int, Callable[[Connection], Awaitable[None]]] = {
+    0: _to_v1,
+    1: _to_v2,
+    2: _to_v3,
+    3: _to_v4,
+}
 SCHEMA_VERSION = max(MIGRATIONS) + 1
 
 

@@ -31,7 +31,7 @@ from typing import Any, Final
 
 import anyio
 
-from mxm_dataio_async._exceptions import StoreClosedError, StoreError
+from mxm_dataio_async._exceptions import ClaimLost, StoreClosedError, StoreError
 from mxm_dataio_async._store._postgres._rows import (
     COLUMNS,
     PAYLOAD_TYPES,
@@ -43,6 +43,7 @@ from mxm_dataio_async._store._postgres._sql import (
     is_transient,
     pg_error,
 )
+from mxm_dataio_async._store._postgres._work import DONE_SQL, FENCE_SQL
 
 __all__ = ["RECORD_SQL", "SESSION_SQL", "Job", "Writer", "batch_args"]
 
@@ -88,9 +89,13 @@ _TRANSIENT_RETRIES: Final = 20
 
 
 class Job:
-    """The rows one write commits together (tuples in the column order of their tables)."""
+    """The rows one write commits together (tuples in the column order of their tables).
 
-    __slots__ = ("future", "payloads", "requests", "responses", "sessions")
+    ``fence`` (run id, chunk, owner): the job commits only while that claim holds (else its
+    outcome is ``ClaimLost``), and its ``done`` rows (``job_done``) mark plan indices done with it.
+    """
+
+    __slots__ = ("done", "fence", "future", "payloads", "requests", "responses", "sessions")
 
     def __init__(
         self,
@@ -99,11 +104,15 @@ class Job:
         requests: list[Row] | None = None,
         responses: list[Row] | None = None,
         sessions: list[Row] | None = None,
+        fence: tuple[str, int, str] | None = None,
+        done: list[Row] | None = None,
     ) -> None:
         self.payloads = payloads or []
         self.requests = requests or []
         self.responses = responses or []
         self.sessions = sessions or []
+        self.fence = fence
+        self.done = done or []
         self.future: asyncio.Future[None] | None = None
 
 
@@ -252,22 +261,25 @@ class Writer:
 
     async def _commit_batch(self, batch: list[Job]) -> list[BaseException | None]:
         try:
-            await self._commit(batch)
+            outcomes = await self._commit(batch)
         except _Unavailable as exc:
             return [exc.error] * len(batch)
         except StoreError as exc:
             if len(batch) > 1:
                 # Isolate the offending job so one bad row does not fail its neighbours.
-                outcomes: list[BaseException | None] = []
+                each: list[BaseException | None] = []
                 for job in batch:
-                    outcomes.extend(await self._commit_batch([job]))
-                return outcomes
+                    each.extend(await self._commit_batch([job]))
+                return each
             return [exc]
         self.batches += 1
         self.jobs += len(batch)
-        return [None] * len(batch)
+        return outcomes
 
-    async def _commit(self, batch: list[Job]) -> None:
+    async def _commit(self, batch: list[Job]) -> list[BaseException | None]:
+        """Commit the batch in one transaction; each job's outcome (``ClaimLost`` for a fenced
+        job whose claim no longer holds, ``None`` for the rest)."""
+        fenced = any(job.fence is not None for job in batch)
         sessions, args, probe = batch_args(batch)
         maybe_landed = False
         deadline: float | None = None
@@ -276,8 +288,10 @@ class Writer:
         while True:
             try:
                 async with self._pool.acquire() as conn:
+                    if fenced:
+                        return await _commit_fenced(conn, batch, maybe_landed)
                     if maybe_landed and probe is not None and await conn.fetchval(_LANDED, probe):
-                        return  # the lost attempt had committed
+                        return [None] * len(batch)  # the lost attempt had committed
                     if sessions:
                         async with conn.transaction():
                             await conn.executemany(SESSION_SQL, sessions)
@@ -285,7 +299,7 @@ class Writer:
                                 await conn.execute(RECORD_SQL, *args)
                     elif args is not None:
                         await conn.execute(RECORD_SQL, *args)
-                return
+                return [None] * len(batch)
             except DRIVER_ERRORS as exc:
                 if is_disconnect(exc):
                     maybe_landed = True
@@ -309,3 +323,50 @@ class Writer:
                 raise StoreError(
                     f"cannot commit to the store: {type(exc).__name__}: {exc}"
                 ) from exc
+
+
+async def _commit_fenced(
+    conn: Any, batch: list[Job], maybe_landed: bool
+) -> list[BaseException | None]:
+    """A batch with fenced jobs: in one transaction, lock the claims that still hold (``FOR
+    SHARE``: no other worker can take them before this commits), then write the unfenced jobs
+    and the fenced ones whose claim holds, with their ``job_done`` rows. After a lost connection
+    (``maybe_landed``) the jobs whose responses are already there are not written again."""
+    landed: set[str] = set()
+    if maybe_landed:
+        ids = [job.responses[0][0] for job in batch if job.responses]
+        if ids:
+            rows = await conn.fetch("SELECT id FROM responses WHERE id = ANY($1::text[])", ids)
+            landed = {r[0] for r in rows}
+    async with conn.transaction():
+        wanted = [job.fence for job in batch if job.fence is not None]
+        held: set[tuple[str, int, str]] = set()
+        if wanted:
+            rows = await conn.fetch(
+                FENCE_SQL, [f[0] for f in wanted], [f[1] for f in wanted], [f[2] for f in wanted]
+            )
+            held = {(r[0], int(r[1]), r[2]) for r in rows}
+        outcomes: list[BaseException | None] = []
+        keep: list[Job] = []
+        for job in batch:
+            if job.fence is not None and job.fence not in held:
+                run_id, chunk, owner = job.fence
+                outcomes.append(
+                    ClaimLost(
+                        f"the claim of {owner} on chunk {chunk} of run {run_id!r} expired or was "
+                        "taken over; nothing was recorded under it"
+                    )
+                )
+                continue
+            outcomes.append(None)
+            if not (job.responses and job.responses[0][0] in landed):
+                keep.append(job)
+        sessions, args, _ = batch_args(keep)
+        if sessions:
+            await conn.executemany(SESSION_SQL, sessions)
+        if args is not None:
+            await conn.execute(RECORD_SQL, *args)
+        done = [row for job in keep for row in job.done]
+        if done:
+            await conn.execute(DONE_SQL, *_columns(done, 5))
+    return outcomes

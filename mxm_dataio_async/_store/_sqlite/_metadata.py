@@ -269,6 +269,11 @@ class SqliteMetadata:
         self._require_writer().submit(self._rows(recording), wait=False)
 
     def _rows(self, recording: Recording) -> list[Row]:
+        if recording.fence is not None:
+            raise UsageError(
+                "a recording fenced by a run's claim needs a store with a work queue "
+                "(PostgreSQL); this SQLite store has none"
+            )
         request = recording.request
         rows: list[Row] = []
         if recording.payloads:  # (a cache hit's audit row has none: no clock read for it)

@@ -34,6 +34,10 @@ TABLES = {
     "checkpoints",
     "leases",
     "bad_payloads",
+    "job_runs",
+    "job_chunks",
+    "job_done",
+    "job_workers",
 }
 
 
