@@ -32,7 +32,10 @@ COMPONENTS: list[tuple[str, str]] = [
     ("redaction", r"_redact\.py"),
     ("models (ids, timestamps, dataclasses)", r"_models\.py"),
     ("adapter (own code)", r"mxm_dataio_async/adapters/"),
-    ("session (fetch, _produce, _new_response)", r"_session\.py"),
+    ("pipeline (plan, attempts)", r"_pipeline\.py|_policy\.py"),
+    ("recorder (rows, redaction, counts)", r"_recorder\.py"),
+    ("session (facade, lifecycle)", r"_session\.py"),
+    ("clock", r"_clock\.py"),
     ("benchmark driver", r"http_bench\.py|_common\.py"),
 ]
 _LOOP_TOP = re.compile(r"Handle\._run|_run_once|run_forever|Runner\.run")
