@@ -7,6 +7,9 @@
 - What the maintenance methods return: :class:`VerifyReport` (with its :class:`Problem` list),
   :class:`GcReport`, :class:`PruneReport`, :class:`StoreStats`, :class:`ExportReport`,
   :class:`ImportReport`; and the :class:`Lease` a job holds on a store.
+- Runs shared by many workers: the :class:`WorkQueue` protocol (``Store.work``, PostgreSQL) and
+  what it hands out: :class:`RunInfo`, :class:`Claim`, :class:`Fence`, :class:`Mark`,
+  :class:`RunStatus`, :class:`WorkerStatus`.
 - Admission control: the :class:`RateGate` protocol (what ``Registry.register(gate=...)``
   takes), the in-process :class:`SourceLimiter` and its :class:`LimiterStatistics` snapshot.
 """
@@ -36,17 +39,29 @@ from mxm_dataio_async._store._sqlite import SqliteMetadata
 from mxm_dataio_async._store._stats import SourceStats, StoreStats
 from mxm_dataio_async._store._store import DEFAULT_INLINE_THRESHOLD, Store
 from mxm_dataio_async._store._verify import Problem, ProblemKind, VerifyReport
+from mxm_dataio_async._store._work import (
+    Claim,
+    Fence,
+    Mark,
+    RunInfo,
+    RunStatus,
+    WorkerStatus,
+    WorkQueue,
+)
 
 __all__ = [
+    "Claim",
     "CopyReport",
     "DEFAULT_INLINE_THRESHOLD",
     "DanglingReference",
     "ExportReport",
+    "Fence",
     "GcReport",
     "ImportReport",
     "Lease",
     "LimiterStatistics",
     "LocalPayloads",
+    "Mark",
     "MetadataStats",
     "MetadataStore",
     "PayloadRow",
@@ -57,6 +72,8 @@ __all__ = [
     "PruneReport",
     "RateGate",
     "Recording",
+    "RunInfo",
+    "RunStatus",
     "SourceCounts",
     "SourceLimiter",
     "SourceStats",
@@ -66,6 +83,8 @@ __all__ = [
     "StoreStats",
     "StoredObject",
     "VerifyReport",
+    "WorkQueue",
+    "WorkerStatus",
 ]
 
 

@@ -5,14 +5,16 @@ when named)."""
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 
 from mxm_dataio_async._clock import Clock
+from mxm_dataio_async._exceptions import UsageError
 from mxm_dataio_async._store._local import LocalPayloads
-from mxm_dataio_async._store._protocols import MetadataStore, PayloadStore
+from mxm_dataio_async._store._protocols import MetadataStore, PayloadStore, StoredObject
 from mxm_dataio_async._store._sqlite import SqliteMetadata
 
-__all__ = ["metadata_for", "payloads_for"]
+__all__ = ["AbsentPayloads", "metadata_for", "payloads_for"]
 
 
 def metadata_for(
@@ -53,3 +55,52 @@ def payloads_for(target: str | os.PathLike[str], *, create: bool) -> PayloadStor
         return S3Payloads(text, create=create)
     scheme = text.split("://", 1)[0]
     raise ValueError(f"unknown payloads {scheme}://...: give a folder or an s3://bucket/prefix URL")
+
+
+class AbsentPayloads:
+    """The payload store of a read-only view opened without one (``Store("postgresql://...",
+    read_only=True)``): rows, sessions, stats and run status read fine; any payload access says
+    to pass ``payloads=``."""
+
+    def __init__(self, metadata_location: str) -> None:
+        self._for = metadata_location
+
+    @property
+    def location(self) -> str:
+        return "(no payload store given)"
+
+    def _refuse(self) -> UsageError:
+        return UsageError(
+            f"the store at {self._for} was opened without its payloads: pass payloads= "
+            "(--payloads: s3://bucket/prefix or a folder) to read payload bytes"
+        )
+
+    async def open(self) -> int:
+        return 0
+
+    async def aclose(self) -> None:
+        return None
+
+    async def put(self, digest: bytes, data: bytes) -> None:
+        raise self._refuse()
+
+    async def put_stream(self, chunks: AsyncIterable[bytes]) -> tuple[bytes, int]:
+        raise self._refuse()
+
+    async def get(self, digest: bytes, size: int) -> bytes:
+        raise self._refuse()
+
+    def iter(self, digest: bytes, size: int, chunk_size: int = 256 * 1024) -> AsyncIterator[bytes]:
+        raise self._refuse()
+
+    async def stat(self, digest: bytes) -> StoredObject | None:
+        raise self._refuse()
+
+    def list(self) -> AsyncIterator[StoredObject]:
+        raise self._refuse()
+
+    def leftovers(self, grace: float) -> AsyncIterator[StoredObject]:
+        raise self._refuse()
+
+    async def delete(self, target: bytes | StoredObject) -> bool:
+        raise self._refuse()

@@ -35,7 +35,7 @@ from mxm_dataio_async._exceptions import (
 from mxm_dataio_async._lifecycle import State
 from mxm_dataio_async._models import Body, Response, ResponseStatus, Session
 from mxm_dataio_async._store import _bundle, _cleanup, _copy, _lease, _stats, _verify
-from mxm_dataio_async._store._backends import metadata_for, payloads_for
+from mxm_dataio_async._store._backends import AbsentPayloads, metadata_for, payloads_for
 from mxm_dataio_async._store._local import LocalPayloads, pid_alive, verify_bytes
 from mxm_dataio_async._store._protocols import (
     Lease,
@@ -106,12 +106,15 @@ class Store:
         else:
             folder = getattr(metadata, "root", None)
         if payloads is None:
-            if folder is None:
+            if folder is None and read_only:
+                payloads = AbsentPayloads(metadata.location)  # rows only: payloads= to read bytes
+            elif folder is None:
                 raise TypeError(
                     f"say where payloads above the inline threshold go for {metadata.location}: "
                     "payloads='s3://bucket/prefix' or a folder"
                 )
-            payloads = LocalPayloads(folder, create=create)
+            else:
+                payloads = LocalPayloads(folder, create=create)
         elif isinstance(payloads, str | os.PathLike):
             payloads = payloads_for(payloads, create=create)
         self.root: Path | None = Path(folder) if folder is not None else None

@@ -189,8 +189,8 @@ class WorkQueue(Protocol):
         expired chunk already claimed ``max_attempts`` times is dead instead."""
         ...
 
-    async def extend(self, run_id: str, owner: str, ttl: float) -> set[int]:
-        """Extend the unexpired leases ``owner`` holds; returns the chunks it still holds."""
+    async def extend(self, run_id: str, owner: str, ttl: float, chunks: Sequence[int]) -> set[int]:
+        """Extend ``owner``'s unexpired leases on ``chunks``; returns those it still holds."""
         ...
 
     async def complete(self, claim: Claim, marks: Sequence[Mark]) -> None:

@@ -30,6 +30,7 @@ from mxm_dataio_async.jobs._run import (
     resolve_root,
     run_job,
 )
+from mxm_dataio_async.jobs._worker import WorkerSummary, config_hash, run_status, run_worker
 
 __all__ = [
     "Chunk",
@@ -39,6 +40,8 @@ __all__ = [
     "JobSummary",
     "PlannedRequest",
     "SourceSummary",
+    "WorkerSummary",
+    "config_hash",
     "count_chunks",
     "date_chunks",
     "job_from_data",
@@ -48,4 +51,6 @@ __all__ = [
     "resolve_payloads",
     "resolve_root",
     "run_job",
+    "run_status",
+    "run_worker",
 ]

@@ -71,6 +71,7 @@ _CLAIM: Final = (
 )
 _EXTEND: Final = (
     "WITH held AS (SELECT chunk FROM job_chunks WHERE run_id = $1 AND owner = $2 "
+    "AND chunk = ANY($4::int[]) "
     "AND state = 'claimed' AND lease_until > clock_timestamp() ORDER BY chunk FOR UPDATE) "
     "UPDATE job_chunks AS c SET lease_until = clock_timestamp() + make_interval(secs => $3) "
     "FROM held WHERE c.run_id = $1 AND c.chunk = held.chunk RETURNING c.chunk"
@@ -137,8 +138,10 @@ async def _claim(
     )
 
 
-async def _extend(conn: Connection, run_id: str, owner: str, ttl: float) -> set[int]:
-    rows = await conn.fetch(_EXTEND, run_id, owner, float(ttl))
+async def _extend(
+    conn: Connection, run_id: str, owner: str, ttl: float, chunks: Sequence[int]
+) -> set[int]:
+    rows = await conn.fetch(_EXTEND, run_id, owner, float(ttl), list(chunks))
     return {int(r[0]) for r in rows}
 
 
@@ -300,9 +303,9 @@ class PostgresWorkQueue:
             retry=False,  # a lost claim statement may have claimed: its leases expire
         )
 
-    async def extend(self, run_id: str, owner: str, ttl: float) -> set[int]:
+    async def extend(self, run_id: str, owner: str, ttl: float, chunks: Sequence[int]) -> set[int]:
         return await self._store.on_connection(
-            "extend claims", lambda c: _extend(c, run_id, owner, ttl), write=True
+            "extend claims", lambda c: _extend(c, run_id, owner, ttl, chunks), write=True
         )
 
     async def complete(self, claim: Claim, marks: Sequence[Mark]) -> None:

@@ -105,7 +105,7 @@ async def test_an_expired_claim_is_taken_over_and_its_holder_fenced_out(
     session = make_session("src")
     await m.save_session(session)
     await wait_until_server_passes(postgres_url, stale.lease_until)
-    assert await q.extend("r1", "paused", 30) == set()  # an expired lease is not revived
+    assert await q.extend("r1", "paused", 30, [0]) == set()  # an expired lease is not revived
     (fresh,) = await q.claim("r1", "alive", n=1, ttl=30, max_attempts=3)
     assert (fresh.chunk, fresh.attempt) == (stale.chunk, 2)
 
