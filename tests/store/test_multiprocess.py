@@ -64,3 +64,34 @@ async def test_four_processes_one_store(tmp_path: Path) -> None:
             await store.read(resp)
             n += 1
         assert n == responses
+
+
+def test_switching_to_wal_waits_for_another_process_switching(tmp_path: Path) -> None:
+    """SQLite answers a journal-mode switch SQLITE_BUSY at once where waiting could deadlock
+    (two processes switching one new database); the switch is retried until the other is done,
+    and fails with SQLite's error after the busy timeout."""
+    import threading
+
+    from mxm_dataio_async._store._sqlite._schema import _switch_to_wal
+
+    db = tmp_path / "new.sqlite"
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    switcher = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("CREATE TABLE t (x)")
+        holder.execute("BEGIN EXCLUSIVE")  # what the other process holds while it switches
+        switcher.execute("PRAGMA busy_timeout=0")  # no waiting inside SQLite, as in the deadlock
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            switcher.execute("PRAGMA journal_mode=WAL")
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            _switch_to_wal(switcher, busy_timeout=0.05)
+        released = threading.Timer(0.05, holder.execute, args=("COMMIT",))
+        released.start()
+        try:
+            _switch_to_wal(switcher, busy_timeout=5.0)
+        finally:
+            released.join()
+        assert switcher.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        holder.close()
+        switcher.close()

@@ -14,12 +14,14 @@ Design notes:
 
 from __future__ import annotations
 
+import random
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from mxm_dataio_async._exceptions import StoreError
-from mxm_dataio_async._store._sqlite._sql import configure, sqlite_error, transaction
+from mxm_dataio_async._store._sqlite._sql import configure, is_busy, sqlite_error, transaction
 
 __all__ = ["DB_NAME", "MIGRATIONS", "SCHEMA_VERSION", "prepare"]
 
@@ -181,6 +183,27 @@ MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
 SCHEMA_VERSION = max(MIGRATIONS) + 1
 
 
+def _switch_to_wal(conn: sqlite3.Connection, busy_timeout: float) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while another process is switching too.
+
+    Two processes switching a new (rollback-journal) database at once would deadlock on the
+    exclusive lock, so SQLite answers one of them SQLITE_BUSY at once instead of calling its busy
+    handler (seen when four processes opened one new store under load). The other finishes within
+    milliseconds; after that the pragma is a no-op.
+    """
+    deadline = time.monotonic() + busy_timeout
+    delay = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay * (0.5 + random.random()))  # in the opening thread, never the loop
+        delay = min(delay * 2, 0.1)
+
+
 def prepare(db: Path, busy_timeout: float, *, create: bool, read_only: bool) -> None:
     """Check (and unless read-only, create and migrate) the database. Runs in a worker thread."""
     if not create and not db.is_file():
@@ -224,7 +247,7 @@ def prepare(db: Path, busy_timeout: float, *, create: bool, read_only: bool) -> 
                 f"to {SCHEMA_VERSION}"
             )
         # WAL: readers never block the writer and vice versa; the setting persists in the file.
-        conn.execute("PRAGMA journal_mode=WAL")
+        _switch_to_wal(conn, busy_timeout)
         with transaction(conn, write=True):
             # Re-read under the write lock: another process may have migrated meanwhile.
             version = conn.execute("PRAGMA user_version").fetchone()[0]
