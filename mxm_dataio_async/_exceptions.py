@@ -37,6 +37,7 @@ __all__ = [
     "CacheMiss",
     "CapabilityError",
     "ClaimLost",
+    "CoordinationError",
     "DataIOError",
     "FetchError",
     "IntegrityError",

@@ -29,7 +29,14 @@ from typing import Final, Protocol, runtime_checkable
 
 import anyio
 
-__all__ = ["LimiterStatistics", "RateGate", "RateLimit", "SourceLimiter"]
+__all__ = [
+    "LimiterStatistics",
+    "RateGate",
+    "RateLimit",
+    "SourceLimiter",
+    "check_max_concurrency",
+    "cooldown_seconds",
+]
 
 _NEG_INF: Final = float("-inf")
 
@@ -42,6 +49,26 @@ def _finite_number(name: str, value: object) -> float:
     if not math.isfinite(number):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return number
+
+
+def check_max_concurrency(value: int | None) -> int | None:
+    """``value`` if it is a valid concurrency cap (an int >= 1, or ``None`` for unlimited)."""
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(
+                f"max_concurrency must be an int or None, got {type(value).__name__}: {value!r}"
+            )
+        if value < 1:
+            raise ValueError(f"max_concurrency must be >= 1 (or None for unlimited), got {value}")
+    return value
+
+
+def cooldown_seconds(seconds: float) -> float:
+    """``seconds`` as a valid cooldown length (a finite number >= 0)."""
+    delay = _finite_number("seconds", seconds)
+    if delay < 0:
+        raise ValueError(f"cooldown seconds must be >= 0, got {seconds!r}")
+    return delay
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,16 +236,7 @@ class SourceLimiter:
             raise TypeError(
                 f"rate_limit must be a RateLimit or None, got {type(rate_limit).__name__}"
             )
-        if max_concurrency is not None:
-            if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
-                raise TypeError(
-                    "max_concurrency must be an int or None, got "
-                    f"{type(max_concurrency).__name__}: {max_concurrency!r}"
-                )
-            if max_concurrency < 1:
-                raise ValueError(
-                    f"max_concurrency must be >= 1 (or None for unlimited), got {max_concurrency}"
-                )
+        check_max_concurrency(max_concurrency)
         self._rate_limit = rate_limit
         self._interval: float | None = None if rate_limit is None else rate_limit.interval
         # GCRA burst tolerance: how far ahead of the schedule a grant may be.
@@ -257,10 +275,7 @@ class SourceLimiter:
 
         Slots already held are unaffected. Callers waiting now respect the new cooldown.
         """
-        delay = _finite_number("seconds", seconds)
-        if delay < 0:
-            raise ValueError(f"cooldown seconds must be >= 0, got {seconds!r}")
-        until = self._clock() + delay
+        until = self._clock() + cooldown_seconds(seconds)
         if until > self._cooldown_until:
             self._cooldown_until = until
 

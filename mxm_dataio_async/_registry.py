@@ -2,7 +2,10 @@
 
 A source's rate gate lives here, on its registration, so every session of that source in the
 process shares one budget; and the registry keeps one coalescer per Store it is used with, so
-every session on the same Registry and Store joins every other's in-flight duplicates.
+every session on the same Registry and Store joins every other's in-flight duplicates. Given a
+Redis (``Registry(redis=...)``), both reach across processes: the gates it builds are global and
+its coalescers wait for identical requests in flight in other processes. That choice is made
+here, in one place; nothing else knows whether Redis is involved.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from mxm_dataio_async.adapters.base import Closable, Fetcher, Revalidator, Sende
 
 if TYPE_CHECKING:
     from mxm_dataio_async._models import Response
+    from mxm_dataio_async._redis import RedisCoordination
 
 __all__ = [
     "Registry",
@@ -64,10 +68,20 @@ class Registry:
     ```
     Used as ``async with Registry() as registry:``, it closes its adapters on exit. ``clock``
     drives the rate gates it builds and the retry waits and TTL decisions of its sessions.
+
+    ``redis`` (a ``redis://`` URL or a :class:`~mxm_dataio_async.redis.RedisCoordination`; the
+    ``redis`` extra) shares limits and in-flight requests with every process on that Redis and
+    prefix: each source registered with ``rate_limit`` or ``max_concurrency`` gets a
+    :class:`~mxm_dataio_async.redis.RedisRateGate` (the rate and cooldowns global, the
+    concurrency cap per process), and coalescing reaches across processes. The registry closes
+    that Redis client in ``aclose()``.
     """
 
-    def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self, *, clock: Clock = SYSTEM_CLOCK, redis: RedisCoordination | str | None = None
+    ) -> None:
         self.clock = clock
+        self.redis = _coordination(redis)
         self._entries: dict[str, SourceEntry] = {}
         self._coalescers: weakref.WeakKeyDictionary[
             object, Coalescer[tuple[str, bool, str], Response]
@@ -95,9 +109,10 @@ class Registry:
     ) -> None:
         """Register ``adapter`` under ``name``. A taken name raises ``ValueError``.
 
-        ``rate_limit`` and ``max_concurrency`` build the source's in-process gate (a
-        :class:`SourceLimiter` on the registry's clock); ``gate`` passes one of your own instead
-        (any :class:`RateGate`, e.g. one shared between processes).
+        ``rate_limit`` and ``max_concurrency`` build the source's gate on the registry's clock:
+        in-process (a :class:`SourceLimiter`), or shared by every process
+        (a ``RedisRateGate``) when the registry has a Redis; ``gate`` passes one of your own
+        instead (any :class:`RateGate`).
         """
         if not isinstance(name, str) or not name:
             raise TypeError(f"source name must be a non-empty str, got {name!r}")
@@ -132,14 +147,21 @@ class Registry:
         self._entries[name] = SourceEntry(
             name=name,
             adapter=adapter,
-            gate=gate
-            if gate is not None
-            else SourceLimiter(
-                rate_limit, max_concurrency, clock=self.clock.monotonic, sleep=self.clock.sleep
-            ),
+            gate=gate if gate is not None else self._gate(name, rate_limit, max_concurrency),
             retry=retry if retry is not None else DEFAULT_RETRY,
             redaction=redaction,
             **caps,
+        )
+
+    def _gate(
+        self, name: str, rate_limit: RateLimit | None, max_concurrency: int | None
+    ) -> RateGate:
+        if self.redis is not None and (rate_limit is not None or max_concurrency is not None):
+            from mxm_dataio_async._redis import RedisRateGate
+
+            return RedisRateGate(self.redis, name, rate_limit, max_concurrency, clock=self.clock)
+        return SourceLimiter(
+            rate_limit, max_concurrency, clock=self.clock.monotonic, sleep=self.clock.sleep
         )
 
     def unregister(self, name: str) -> object:
@@ -167,15 +189,25 @@ class Registry:
         return sorted(self._entries)
 
     def coalescer(self, store: object) -> Coalescer[tuple[str, bool, str], Response]:
-        """The single-flight of every session using this registry with ``store``."""
+        """The single-flight of every session using this registry with ``store`` (with a Redis,
+        a ``RedisCoalescer``: also across processes)."""
         found = self._coalescers.get(store)
         if found is None:
-            found = self._coalescers[store] = Coalescer()
+            redis = self.redis
+            if redis is not None and redis.coalesce:
+                from mxm_dataio_async._redis import RedisCoalescer, ResponseLookup
+
+                if isinstance(store, ResponseLookup):
+                    found = RedisCoalescer(redis, store, clock=self.clock)
+            if found is None:
+                found = Coalescer()
+            self._coalescers[store] = found
         return found
 
     async def aclose(self) -> None:
-        """Close every adapter that has ``aclose()``, shielded from cancellation; one that fails
-        does not keep the others open (the first error is raised after all were tried)."""
+        """Close every adapter that has ``aclose()``, and the Redis client, shielded from
+        cancellation; one that fails does not keep the others open (the first error is raised
+        after all were tried)."""
         errors: list[Exception] = []
         with anyio.CancelScope(shield=True):
             for entry in list(self._entries.values()):
@@ -184,6 +216,11 @@ class Registry:
                         await entry.adapter.aclose()
                     except Exception as exc:
                         errors.append(exc)
+            if self.redis is not None:
+                try:
+                    await self.redis.aclose()
+                except Exception as exc:
+                    errors.append(exc)
         if errors:
             raise errors[0]
 
@@ -197,6 +234,20 @@ class Registry:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def _coordination(redis: RedisCoordination | str | None) -> RedisCoordination | None:
+    if redis is None:
+        return None
+    from mxm_dataio_async._redis import RedisCoordination  # the redis extra, only when asked
+
+    if isinstance(redis, str):
+        return RedisCoordination(redis)
+    if not isinstance(redis, RedisCoordination):
+        raise TypeError(
+            f"redis must be a redis:// URL or a RedisCoordination, got {type(redis).__name__}"
+        )
+    return redis
 
 
 #: The module's default registry, used by sessions created without ``registry=``.

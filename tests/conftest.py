@@ -35,3 +35,9 @@ def postgres_url() -> str:
 def s3_url() -> str:
     """``s3://bucket/prefix`` on an S3 server; endpoint and credentials in the AWS_* variables."""
     return service_url("MXM_DATAIO_TEST_S3_URL", "S3")
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """A Redis server's URL (``redis://127.0.0.1:P/0``; give each test its own key prefix)."""
+    return service_url("MXM_DATAIO_TEST_REDIS_URL", "Redis")

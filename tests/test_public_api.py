@@ -12,6 +12,7 @@ import pytest
 
 import mxm_dataio_async as dio
 import mxm_dataio_async.adapters as dio_adapters
+import mxm_dataio_async.redis as dio_redis
 import mxm_dataio_async.store as dio_store
 import mxm_dataio_async.testing as dio_testing
 
@@ -79,6 +80,7 @@ def test_exception_tree() -> None:
         "IntegrityError",
         "StoreError",
         "StoreClosedError",
+        "CoordinationError",
     ):
         assert issubclass(getattr(dio, name), dio.DataIOError), name
     assert issubclass(dio.AdapterNotFound, KeyError)
@@ -88,9 +90,9 @@ def test_exception_tree() -> None:
     assert doc is not None and "DataIOError" in doc and "StoreError" in doc
 
 
-# -- the public surface: root, store, testing ------------------------------------------------------
+# -- the public surface: root, redis, store, testing -----------------------------------------------
 
-PUBLIC_MODULES = (dio, dio_store, dio_testing)
+PUBLIC_MODULES = (dio, dio_redis, dio_store, dio_testing)
 
 # Exported from the root until 0.1.0; served there for one release with a DeprecationWarning.
 MOVED_TO_STORE = (
@@ -128,7 +130,7 @@ def test_public_module_all_is_sorted_complete_and_resolvable(module: ModuleType)
 
 
 def test_root_surface_stays_small() -> None:
-    assert len(dio.__all__) == 41
+    assert len(dio.__all__) == 42
     assert len(dio.__all__) <= 45
 
 
