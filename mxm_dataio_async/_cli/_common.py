@@ -113,6 +113,15 @@ PayloadsOption = Annotated[
         "(default: $MXM_DATAIO_PAYLOADS, else the store's folder).",
     ),
 ]
+RedisOption = Annotated[
+    str | None,
+    typer.Option(
+        "--redis",
+        help="Share every source's rate limit and Retry-After pauses (and in-flight requests) "
+        "with all runs and workers on this Redis: redis://host:6379/0 (default: the job's redis:, "
+        "else $MXM_DATAIO_REDIS; without one, limits are per process).",
+    ),
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts).")]
 VerboseOption = Annotated[
     bool, typer.Option("--verbose", "-v", help="On error, show the details (traceback).")

@@ -30,6 +30,7 @@ from rich.text import Text
 from mxm_dataio_async._cli._common import (
     JsonOption,
     PayloadsOption,
+    RedisOption,
     RootOption,
     StoreOption,
     VerboseOption,
@@ -225,6 +226,7 @@ def run_command(
             "job's payloads:, else $MXM_DATAIO_PAYLOADS, else the store's folder).",
         ),
     ] = None,
+    redis_url: RedisOption = None,
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Count the requests, list the first ones; call nothing."),
@@ -294,6 +296,7 @@ def run_command(
                             config,
                             root=store_root,
                             payloads=payloads_at,
+                            redis=redis_url,
                             limit=limit,
                             only=only,
                             wait=wait,

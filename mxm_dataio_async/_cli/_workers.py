@@ -12,6 +12,7 @@ from rich.table import Table
 
 from mxm_dataio_async._cli._common import (
     JsonOption,
+    RedisOption,
     VerboseOption,
     _errors,
     _print_json,
@@ -58,6 +59,7 @@ def worker_command(
     job_file: Annotated[Path, typer.Argument(help="The job file (YAML); see the README, Jobs.")],
     store_url: JobStoreOption = None,
     payloads_url: JobPayloadsOption = None,
+    redis_url: RedisOption = None,
     run: RunOption = None,
     chunk_size: Annotated[
         int, typer.Option(min=1, help="Plan indices claimed at a time (one lease each).")
@@ -76,7 +78,8 @@ def worker_command(
 
     Start one on each host against the same PostgreSQL store (and S3 payloads): they split the
     plan into chunks, each fetched once; a worker that dies leaves its chunks to the others when
-    their leases expire. Exits when the run is complete (every chunk done or dead). Exit status:
+    their leases expire. With --redis, every source's rate limit holds across all the workers.
+    Exits when the run is complete (every chunk done or dead). Exit status:
     0 complete, 1 an error, 2 the job file is invalid, 4 the run was started with another
     configuration, 130 interrupted.
     """
@@ -91,6 +94,7 @@ def worker_command(
                         job_file,
                         store=store_url,
                         payloads=payloads_url,
+                        redis=redis_url,
                         run=run,
                         chunk_size=chunk_size,
                         lease_ttl=lease_ttl,

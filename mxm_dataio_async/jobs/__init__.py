@@ -27,6 +27,7 @@ from mxm_dataio_async.jobs._run import (
     JobSummary,
     SourceSummary,
     resolve_payloads,
+    resolve_redis,
     resolve_root,
     run_job,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "parse_chunk",
     "parse_job",
     "resolve_payloads",
+    "resolve_redis",
     "resolve_root",
     "run_job",
     "run_status",

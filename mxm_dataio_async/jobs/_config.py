@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -19,6 +20,7 @@ from pydantic import (
     PrivateAttr,
     Tag,
     field_validator,
+    model_validator,
 )
 from pydantic_core import ErrorDetails
 
@@ -34,9 +36,11 @@ __all__ = [
     "JobConfig",
     "PluginSource",
     "RateLimitSpec",
+    "RedisSpec",
     "RequestSpec",
     "RetrySpec",
     "SourceSpec",
+    "check_redis_url",
     "interpolate_env",
     "key_path",
     "pydantic_problem",
@@ -241,6 +245,64 @@ class RequestSpec(_Model):
     cache_tag: str | None = None
 
 
+# -- coordination ---------------------------------------------------------------------------------
+
+
+class RedisSpec(_Model):
+    """The Redis every run and worker of the job shares rate limits and in-flight requests
+    through (``mxm_dataio_async.redis.RedisCoordination``). ``redis: redis://host:6379/0`` is
+    short for ``redis: {url: redis://host:6379/0}``; without ``url`` (``redis: {prefix: p}``)
+    the URL comes from ``--redis`` or ``$MXM_DATAIO_REDIS`` on each host."""
+
+    url: str | None = None
+    prefix: str = "default"
+    """Processes with the same prefix share every source's budget (one per deployment)."""
+    on_unavailable: Literal["fail", "local"] = "fail"
+    local_share: float | None = Field(default=None, gt=0, le=1)
+    timeout: float = Field(default=2.0, gt=0)
+    coalesce: bool = True
+    wait: float = Field(default=60.0, gt=0)
+    flight_ttl: float = Field(default=60.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_redis_url(value)
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value or any(c in value for c in ": \x00"):
+            raise ValueError(f"prefix must be non-empty, without ':', space or NUL: {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _share(self) -> RedisSpec:
+        if (self.on_unavailable == "local") != (self.local_share is not None):
+            raise ValueError(
+                "on_unavailable: local needs local_share (this process's part of each rate while "
+                "Redis is down, e.g. 0.25 for four workers), and local_share needs it"
+            )
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments of ``RedisCoordination`` besides the URL."""
+        return self.model_dump(exclude={"url"})
+
+
+def check_redis_url(url: str) -> str:
+    """``url`` if it names a Redis (``redis://``, ``rediss://`` or ``unix://``)."""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"a Redis URL is redis://host:port/db (or rediss://, unix://): {url!r}")
+    return url
+
+
+def _redis(value: Any) -> Any:
+    return {"url": value} if isinstance(value, str) else value
+
+
 # -- the job -------------------------------------------------------------------------------------
 
 
@@ -252,6 +314,8 @@ class JobConfig(_Model):
     """A folder (relative to the job file's) or a ``postgresql://`` URL."""
     payloads: str | None = None
     """Where payloads above the inline threshold go: a folder or ``s3://bucket/prefix``."""
+    redis: Annotated[RedisSpec | None, BeforeValidator(_redis)] = None
+    """Share rate limits and in-flight requests with every process on this Redis."""
     sources: dict[str, SourceSpec] = Field(min_length=1)
     requests: list[RequestSpec] = Field(min_length=1)
     concurrency: int = Field(default=DEFAULT_CONCURRENCY, ge=1)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 
@@ -23,13 +23,23 @@ from mxm_dataio_async._models import Request
 from mxm_dataio_async._registry import Registry
 from mxm_dataio_async._session import AsyncSession
 from mxm_dataio_async._store import Store
-from mxm_dataio_async.jobs._config import JobConfig
+from mxm_dataio_async.jobs._config import JobConfig, check_redis_url
 from mxm_dataio_async.jobs._errors import JobConfigError
 from mxm_dataio_async.jobs._expand import JobPlan, PlannedRequest
 from mxm_dataio_async.jobs._load import load_job
 from mxm_dataio_async.jobs._sources import job_import_path, register_sources
 
-__all__ = ["JobSummary", "SourceSummary", "resolve_root", "run_job"]
+if TYPE_CHECKING:
+    from mxm_dataio_async._redis import RedisCoordination
+
+__all__ = [
+    "JobSummary",
+    "SourceSummary",
+    "resolve_payloads",
+    "resolve_redis",
+    "resolve_root",
+    "run_job",
+]
 
 _MAX_ERRORS: Final = 20  # failures kept (as text) per source in the summary
 
@@ -229,6 +239,29 @@ def resolve_payloads(
     return _location(env) if env else None
 
 
+def resolve_redis(
+    config: JobConfig, redis: str | RedisCoordination | None = None
+) -> RedisCoordination | None:
+    """The Redis a run shares limits and in-flight requests through: ``redis`` if given (a URL,
+    which keeps the job's ``redis:`` options, or a ``RedisCoordination``), else the job's
+    ``redis:``, else ``$MXM_DATAIO_REDIS``; ``None`` (limits per process) when none is set."""
+    if redis is not None and not isinstance(redis, str):
+        return redis
+    spec = config.redis
+    url = redis or (spec.url if spec is not None else None) or os.environ.get("MXM_DATAIO_REDIS")
+    if not url:
+        if spec is not None:
+            raise JobConfigError(
+                config.file,
+                [("redis", "no url: give one here, or --redis, or set $MXM_DATAIO_REDIS")],
+            )
+        return None
+    from mxm_dataio_async._redis import RedisCoordination  # the redis extra, only when asked
+
+    options = spec.options() if spec is not None else {}
+    return RedisCoordination(check_redis_url(url), **options)
+
+
 def _location(text: str) -> str | Path:
     return text if "://" in text else Path(text)
 
@@ -238,6 +271,7 @@ async def run_job(
     *,
     root: str | os.PathLike[str] | None = None,
     payloads: str | os.PathLike[str] | None = None,
+    redis: str | RedisCoordination | None = None,
     limit: int | None = None,
     only: Sequence[str] | str | None = None,
     wait: bool = False,
@@ -260,6 +294,9 @@ async def run_job(
     ``"interrupted"``; the CLI passes ``"interrupted (SIGINT)"`` and the like).
     ``clock`` (default: the system clock) drives the lease (expiry, heartbeat, polls), the retry
     waits and rate limits, and the recorded timestamps; tests pass a ``FakeClock``.
+    ``redis`` (a ``redis://`` URL or a ``RedisCoordination``; default: the job's ``redis:``, else
+    ``$MXM_DATAIO_REDIS``) makes the sources' rate limits and cooldowns global: shared with every
+    other run and worker on that Redis and prefix.
 
     ```python
     summary = await run_job("prices.yaml", limit=100)
@@ -271,12 +308,25 @@ async def run_job(
     store_root = resolve_root(config, root)
     payloads_at = resolve_payloads(config, payloads)
     clock = SYSTEM_CLOCK if clock is None else clock
+    coordination = resolve_redis(config, redis)
     # An adapter factory's module may sit next to the job file, and import more of its own
     # neighbours while the run goes on: the folder is on the import path for the whole run.
-    with job_import_path(config.base_dir):
-        return await _run(
-            config, plan, store_root, payloads_at, wait, on_progress, stop, stop_reason, clock
-        )
+    try:
+        with job_import_path(config.base_dir):
+            return await _run(
+                config,
+                plan,
+                store_root,
+                payloads_at,
+                wait,
+                on_progress,
+                stop,
+                stop_reason,
+                Registry(clock=clock, redis=coordination),
+            )
+    finally:
+        if coordination is not None:  # the registry closed it, unless the run failed before
+            await coordination.aclose()
 
 
 async def _run(
@@ -288,10 +338,11 @@ async def _run(
     on_progress: ProgressCallback | None,
     stop: anyio.Event | None,
     stop_reason: Callable[[], str] | None,
-    clock: Clock,
+    registry: Registry,
 ) -> JobSummary:
     counters = {name: _Counter(name, plan.count(name)) for name in plan.sources}
     started = time.perf_counter()
+    clock = registry.clock
     async with Store(store_root, payloads=payloads_at, clock=clock) as store:
         # A stop cancels everything but the store (opened outside this scope), so the sessions
         # still record their end and the lease is released.
@@ -312,7 +363,7 @@ async def _run(
             try:
                 with body:
                     await _run_sources(
-                        config, plan, store, counters, sessions, wait, on_progress, clock
+                        config, plan, store, registry, counters, sessions, wait, on_progress
                     )
             except Exception as exc:  # raised below, not wrapped in an ExceptionGroup
                 failures.append(exc)
@@ -333,18 +384,18 @@ async def _run_sources(
     config: JobConfig,
     plan: JobPlan,
     store: Store,
+    registry: Registry,
     counters: dict[str, _Counter],
     sessions: list[AsyncSession],
     wait: bool,
     on_progress: ProgressCallback | None,
-    clock: Clock,
 ) -> None:
     """Under the job's lease: one session per source, all at once (each added to
     ``sessions`` while it is open)."""
     poll = min(1.0, config.lease_ttl / 3)
     async with (
         store.lease(config.job, ttl=config.lease_ttl, wait=wait, poll=poll),
-        Registry(clock=clock) as registry,
+        registry,
     ):
         await register_sources(registry, config, list(plan.sources))
         gate = anyio.Semaphore(config.concurrency)

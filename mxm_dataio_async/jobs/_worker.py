@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 
@@ -37,8 +37,16 @@ from mxm_dataio_async.jobs._config import JobConfig
 from mxm_dataio_async.jobs._errors import JobConfigError
 from mxm_dataio_async.jobs._expand import JobPlan
 from mxm_dataio_async.jobs._load import load_job
-from mxm_dataio_async.jobs._run import _concurrency, resolve_payloads, resolve_root
+from mxm_dataio_async.jobs._run import (
+    _concurrency,
+    resolve_payloads,
+    resolve_redis,
+    resolve_root,
+)
 from mxm_dataio_async.jobs._sources import job_import_path, register_sources
+
+if TYPE_CHECKING:
+    from mxm_dataio_async._redis import RedisCoordination
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "WorkerSummary", "config_hash", "run_status", "run_worker"]
 
@@ -124,13 +132,13 @@ async def run_worker(
     *,
     store: str | os.PathLike[str] | None = None,
     payloads: str | os.PathLike[str] | None = None,
+    redis: str | RedisCoordination | None = None,
     run: str | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     lease_ttl: float | None = None,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     limit: int | None = None,
     only: Sequence[str] | str | None = None,
-    registry: Callable[[], Registry] | None = None,
     stop: anyio.Event | None = None,
     stop_reason: Callable[[], str] | None = None,
     clock: Clock | None = None,
@@ -143,9 +151,12 @@ async def run_worker(
     share it, and one whose job file plans other requests is refused (``RunMismatch``). A
     complete run stays complete: name a new run to fetch again. ``chunk_size`` plan indices are
     claimed at a time for ``lease_ttl`` seconds (default: the job's ``lease_ttl``), renewed every
-    third of it; a chunk that fails ``max_attempts`` times is dead. ``registry`` makes the
-    Registry the sources are registered in (default: ``Registry()``, limits per process). Setting
-    ``stop`` ends the worker early; its chunks are given back when their leases expire.
+    third of it; a chunk that fails ``max_attempts`` times is dead. ``redis`` (a ``redis://`` URL
+    or a ``RedisCoordination``; default: the job's ``redis:``, else ``$MXM_DATAIO_REDIS``) makes
+    each source's rate limit and ``Retry-After`` pauses global across every worker on that Redis,
+    and coalesces identical requests in flight on different workers; without it limits are per
+    process. Setting ``stop`` ends the worker early; its chunks are given back when their leases
+    expire.
 
     ```python
     summary = await run_worker("prices.yaml", store="postgresql://dataio@db/dataio")
@@ -170,13 +181,19 @@ async def run_worker(
         max_attempts=max_attempts,
         clock=SYSTEM_CLOCK if clock is None else clock,
     )
-    with job_import_path(config.base_dir):
-        async with Store(
-            resolve_root(config, store),
-            payloads=resolve_payloads(config, payloads),
-            clock=worker.clock,
-        ) as opened:
-            return await worker.run(opened, registry or Registry, stop, stop_reason)
+    coordination = resolve_redis(config, redis)
+    try:
+        with job_import_path(config.base_dir):
+            async with Store(
+                resolve_root(config, store),
+                payloads=resolve_payloads(config, payloads),
+                clock=worker.clock,
+            ) as opened:
+                registry = Registry(clock=worker.clock, redis=coordination)
+                return await worker.run(opened, registry, stop, stop_reason)
+    finally:
+        if coordination is not None:  # the registry closed it, unless the run failed before
+            await coordination.aclose()
 
 
 async def run_status(
@@ -210,6 +227,7 @@ class _Worker:
         self.counts = _Counts()
         # Chunks being worked on, by number: their cancel scopes (a lost claim cancels it).
         self.active: dict[int, anyio.CancelScope] = {}
+        self.finished = anyio.Event()  # set when a chunk ends (a fresh one per wait)
         self.sessions: dict[str, AsyncSession] = {}
         self.gate = anyio.Semaphore(config.concurrency)
         self.source_gates = {
@@ -224,7 +242,7 @@ class _Worker:
     async def run(
         self,
         store: Store,
-        make_registry: Callable[[], Registry],
+        registry: Registry,
         stop: anyio.Event | None,
         stop_reason: Callable[[], str] | None,
     ) -> WorkerSummary:
@@ -242,7 +260,7 @@ class _Worker:
         await work.worker_seen(self.run_id, self.name, host=socket.gethostname(), pid=os.getpid())
         body = anyio.CancelScope()
         complete = False
-        async with make_registry() as registry:
+        async with registry:
             await register_sources(registry, self.config, list(self.plan.sources))
             async with anyio.create_task_group() as background:
                 background.start_soon(self._heartbeat, work)
@@ -337,7 +355,11 @@ class _Worker:
                         status = await work.run_status(self.run_id, ttl=self.ttl)
                         if status.complete:
                             return True
-                    await self.clock.sleep(self.poll)
+                    # Nothing to claim now: look again when one of this worker's chunks ends
+                    # (the run may then be complete) or after a poll (another's lease expired).
+                    finished = self.finished = anyio.Event()
+                    with self.clock.cancel_after(self.poll):
+                        await finished.wait()
         return False  # pragma: no cover - the loop returns or is cancelled
 
     async def _chunk(self, work: WorkQueue, claim: Claim, slots: anyio.Semaphore) -> None:
@@ -373,6 +395,7 @@ class _Worker:
         finally:
             del self.active[claim.chunk]
             slots.release()
+            self.finished.set()
 
     async def _one(self, claim: Claim, index: int, state: _ChunkRun) -> None:
         """Fetch plan index ``index`` under ``claim``: a recorded answer marks the index done in

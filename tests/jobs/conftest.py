@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,7 +31,9 @@ def _open_gate() -> threading.Event:
 @dataclass
 class JobServer:
     """Counts every request by path and query; ``delay`` slows answers, ``fail`` symbols 404;
-    ``pause()`` holds every answer (requests are still counted on arrival) until ``resume()``."""
+    ``pause()`` holds every answer (requests are still counted on arrival) until ``resume()``.
+    ``arrivals`` has each item request's ``time.monotonic()`` on arrival; an item path in
+    ``throttle`` is answered once with 429 and ``Retry-After`` of that many seconds."""
 
     url: str = ""
     hits: Counter[str] = field(default_factory=Counter)
@@ -38,6 +41,9 @@ class JobServer:
     delay: float = 0.0
     fail: set[str] = field(default_factory=set)
     gate: threading.Event = field(default_factory=_open_gate)
+    arrivals: list[tuple[float, str]] = field(default_factory=list)
+    throttle: dict[str, int] = field(default_factory=dict)
+    throttled: list[tuple[float, str]] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -68,7 +74,12 @@ def _app(srv: JobServer) -> web.Application:
         return web.json_response({"symbol": symbol, "query": dict(request.query)})
 
     async def item(request: web.Request) -> web.Response:
+        srv.arrivals.append((time.monotonic(), request.path_qs))
         srv.hits[request.path_qs] += 1
+        retry_after = srv.throttle.pop(request.path_qs, None)
+        if retry_after is not None:
+            srv.throttled.append((time.monotonic(), request.path_qs))
+            return web.Response(status=429, headers={"Retry-After": str(retry_after)})
         await srv.answer()
         return web.json_response({"item": request.match_info["n"]})
 
