@@ -1,9 +1,10 @@
 """The loopback HTTP server of the benchmarks, run in its own process.
 
 ``/bytes/{size}/{n}`` answers ``size`` deterministic bytes (precomputed; ``n`` only makes each URL
-distinct, so the first pass over a fresh cache is all misses). ``/stats`` answers the requests
-served and the server's own CPU seconds, so a trial can tell how many requests reached upstream
-and whether the server, rather than the client, was the limit.
+distinct, so the first pass over a fresh cache is all misses), after ``?delay=S`` seconds if
+asked. ``/stats`` answers the requests served and the server's own CPU seconds, so a trial can
+tell how many requests reached upstream and whether the server, rather than the client, was the
+limit.
 
 The process binds 127.0.0.1 on port 0, prints ``PORT <n>`` on stdout, and exits by itself after
 ``--lifetime`` seconds or as soon as its parent process is gone.
@@ -42,6 +43,9 @@ def _app(bodies: dict[int, bytes]) -> web.Application:
         if data is None:
             raise web.HTTPNotFound(text=f"sizes served: {sorted(bodies)}")
         served[0] += 1
+        delay = float(request.query.get("delay", "0"))
+        if delay > 0:  # a latency-bound upstream (benchmarks/workers.py)
+            await asyncio.sleep(delay)
         return web.Response(body=data, content_type="application/octet-stream")
 
     async def stats(request: web.Request) -> web.Response:
