@@ -8,7 +8,7 @@ import json
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Protocol, TypeVar
 
 import anyio
 import typer
@@ -123,6 +123,38 @@ async def _on_signals(
 
 def _plan_json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, default=str, separators=(",", ":"))
+
+
+class _Summary(Protocol):
+    @property
+    def interrupted(self) -> bool: ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+_S = TypeVar("_S", bound=_Summary)
+
+
+def _report(
+    summary: _S | None,
+    interrupted: bool,
+    as_json: bool,
+    show: Callable[[_S], None],
+    resume: str,
+) -> _S:
+    """Print a run's (or a worker's) summary; exit 130 if it was interrupted, saying how
+    to ``resume``; else return it."""
+    if summary is not None:
+        if as_json:
+            _print_json(summary.to_json())
+        else:
+            show(summary)
+    if interrupted or summary is None or summary.interrupted:
+        err_console.print(
+            f"[yellow]interrupted:[/yellow] what was recorded is kept; {resume}", soft_wrap=True
+        )
+        raise typer.Exit(EXIT_INTERRUPTED)
+    return summary
 
 
 def _print_dry_run(plan: JobPlan, store_root: str | Path, show: int, as_json: bool) -> None:
@@ -316,17 +348,8 @@ def run_command(
             raise typer.Exit(EXIT_LEASE_HELD) from None
         except KeyboardInterrupt:
             interrupted, summary = True, None
-    if summary is not None:
-        if as_json:
-            _print_json(summary.to_json())
-        else:
-            _print_summary(summary)
-    if interrupted or summary is None or summary.interrupted:
-        err_console.print(
-            "[yellow]interrupted:[/yellow] what was recorded is kept; run the job again "
-            "to fetch the rest"
-        )
-        raise typer.Exit(EXIT_INTERRUPTED)
+    resume = "run the job again to fetch the rest"
+    summary = _report(summary, interrupted, as_json, _print_summary, resume)
     if not summary.ok and not allow_failures:
         raise typer.Exit(EXIT_FAILED)
 

@@ -21,7 +21,7 @@ from mxm_dataio_async._cli._common import (
     console,
     err_console,
 )
-from mxm_dataio_async._cli._jobs import EXIT_INTERRUPTED, EXIT_INVALID_JOB, _on_signals
+from mxm_dataio_async._cli._jobs import EXIT_INVALID_JOB, _on_signals, _report
 
 if TYPE_CHECKING:
     from mxm_dataio_async.jobs import WorkerSummary
@@ -113,17 +113,13 @@ def worker_command(
             raise typer.Exit(EXIT_RUN_MISMATCH) from None
         except KeyboardInterrupt:
             summary, interrupted = None, True
-    if summary is not None:
-        if as_json:
-            _print_json(summary.to_json())
-        else:
-            _print_worker(summary)
-    if interrupted or summary is None or summary.interrupted:
-        err_console.print(
-            "[yellow]interrupted:[/yellow] what was recorded is kept; the chunks this worker "
-            "held go back to the others when their leases expire"
-        )
-        raise typer.Exit(EXIT_INTERRUPTED)
+    _report(
+        summary,
+        interrupted,
+        as_json,
+        _print_worker,
+        "the chunks this worker held go back to the others when their leases expire",
+    )
 
 
 def _print_worker(s: WorkerSummary) -> None:
