@@ -41,6 +41,10 @@ class Phase:
     first_error: str | None = None
     upstream: int | None = None
     server_cpu_s: float | None = None
+    max_gap_ms: float | None = None
+    """The longest the event loop went without a turn (in-process trials)."""
+    slowest_commit_ms: float | None = None
+    """The store's longest commit (in-process trials)."""
 
     @property
     def per_s(self) -> float:

@@ -20,6 +20,7 @@ Nothing here is asserted: targets are reported PASS/MISS.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
@@ -116,11 +117,33 @@ async def trial_ours(
     return phases
 
 
-async def trial_mock(n: int, concurrency: int) -> dict[str, Phase]:
-    """The in-process pipeline: no network, every fetch recorded (miss) or served (hit)."""
+class _LoopGaps:
+    """The longest time between two turns of a task that only yields: how long the event loop
+    was kept from everything else (a stall)."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+
+    async def run(self) -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0)
+            now = time.perf_counter()
+            self.worst = max(self.worst, now - last)
+            last = now
+
+
+async def trial_mock(
+    n: int, concurrency: int, *, checkpoint_off_commit: bool = True
+) -> dict[str, Phase]:
+    """The in-process pipeline: no network, every fetch recorded (miss) or served (hit).
+    ``checkpoint_off_commit=False`` lets SQLite checkpoint inside commits (as before)."""
     import gc
 
     import mxm_dataio_async as dio
+    from mxm_dataio_async._store._sqlite._checkpoint import settings
+
+    settings.off_commit = checkpoint_off_commit
 
     payload = body(1024)
     phases: dict[str, Phase] = {}
@@ -132,6 +155,11 @@ async def trial_mock(n: int, concurrency: int) -> dict[str, Phase]:
                     ok = errors = cached = size = 0
                     first_error: str | None = None
                     gc.collect()
+                    gaps = _LoopGaps()
+                    ticker = asyncio.get_running_loop().create_task(gaps.run())
+                    writer = getattr(store.metadata, "_writer", None)
+                    if writer is not None:
+                        writer.slowest_commit = 0.0
                     wall0, cpu0 = time.perf_counter(), time.process_time()
                     requests = (s.request("k", params={"i": i}) for i in range(n))
                     async for outcome in s.fetch_many(requests, concurrency=concurrency):
@@ -143,6 +171,7 @@ async def trial_mock(n: int, concurrency: int) -> dict[str, Phase]:
                             errors += 1
                             first_error = first_error or repr(outcome.error)
                     seconds, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+                    ticker.cancel()
                 phases[phase] = Phase(
                     requests=n,
                     ok=ok,
@@ -154,6 +183,10 @@ async def trial_mock(n: int, concurrency: int) -> dict[str, Phase]:
                     p50_ms=None,
                     p99_ms=None,
                     first_error=first_error,
+                    max_gap_ms=round(gaps.worst * 1e3, 3),
+                    slowest_commit_ms=None
+                    if writer is None
+                    else round(writer.slowest_commit * 1e3, 3),
                 )
     return phases
 
@@ -161,7 +194,10 @@ async def trial_mock(n: int, concurrency: int) -> dict[str, Phase]:
 def _trial(spec: dict[str, Any]) -> dict[str, Any]:
     client, loop = spec["client"], spec["loop"]
     if client == "mock":
-        phases = run(trial_mock(spec["n"], spec["concurrency"]), loop)
+        off_commit = spec.get("checkpoint_off_commit", True)
+        phases = run(
+            trial_mock(spec["n"], spec["concurrency"], checkpoint_off_commit=off_commit), loop
+        )
     elif client == "ours":
         args = (spec["port"], spec["size"], spec["n"], spec["concurrency"], spec.get("only"))
         phases = run(trial_ours(*args), loop)
@@ -236,6 +272,8 @@ _MEDIAN_FIELDS = (
     "cpu_util",
     "seconds",
     "server_cpu_s",
+    "max_gap_ms",
+    "slowest_commit_ms",
 )
 
 

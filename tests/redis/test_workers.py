@@ -49,7 +49,7 @@ def start_workers(job: Path, store_url: str, redis_url: str) -> list[Any]:
 def test_workers_share_one_rate_limit(
     job_server: JobServer, store_url: str, redis_url: str, prefix: str, tmp_path: Path
 ) -> None:
-    items = 4 * RATE  # four seconds at the shared rate
+    items = 10 * RATE  # ten seconds at the shared rate
     job = write_job(tmp_path / "job.yaml", rated_job(job_server.url, items, prefix))
     procs = start_workers(job, store_url, redis_url)
     try:

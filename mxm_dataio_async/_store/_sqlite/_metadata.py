@@ -44,6 +44,8 @@ from mxm_dataio_async._store._protocols import (
     Tier,
 )
 from mxm_dataio_async._store._sqlite import _coordination, _queries
+from mxm_dataio_async._store._sqlite._checkpoint import Checkpointer
+from mxm_dataio_async._store._sqlite._checkpoint import settings as checkpoints
 from mxm_dataio_async._store._sqlite._reader import BatchReader
 from mxm_dataio_async._store._sqlite._rows import (
     RESPONSE_COLUMNS,
@@ -113,6 +115,7 @@ class SqliteMetadata:
         self._state = State.UNOPENED
         self._stack: AsyncExitStack | None = None
         self._writer: Writer | None = None
+        self._checkpointer: Checkpointer | None = None
         self._reader: aiosqlite.Connection | None = None
         self._batch_reader: BatchReader | None = None
         self._commits = 0  # record() calls completed: the order of the memory below
@@ -161,12 +164,18 @@ class SqliteMetadata:
             # The reader never writes; query_only turns a bug into an error instead of a lock.
             await rconn.execute("PRAGMA query_only=1")
             wconn = None
+            checkpointer = None
             if not self.read_only:
                 wconn = await aiosqlite.connect(self.db_path, isolation_level=None)
                 stack.push_async_callback(_shielded_close, wconn)
                 await wconn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
                 # A commit survives a process crash; only an OS crash may lose the last few.
                 await wconn.execute("PRAGMA synchronous=NORMAL")
+                if checkpoints.off_commit:  # no commit copies the log into the database
+                    cconn = await aiosqlite.connect(self.db_path, isolation_level=None)
+                    stack.push_async_callback(_shielded_close, cconn)
+                    await wconn.execute("PRAGMA wal_autocheckpoint=0")
+                    checkpointer = Checkpointer(cconn)
             found = await rconn.execute_fetchall("SELECT checksum FROM bad_payloads")
         except sqlite3.Error as exc:
             raise sqlite_error(f"open {self.db_path}", exc) from exc
@@ -177,9 +186,13 @@ class SqliteMetadata:
         # open and close happen in the same task, in LIFO order with other scopes (anyio's rule).
         tg = await stack.enter_async_context(anyio.create_task_group())
         if wconn is not None:
-            writer = Writer(wconn)
+            on_commit = None if checkpointer is None else checkpointer.committed
+            writer = Writer(wconn, on_commit=on_commit)
             tg.start_soon(_shielded, writer.run)
             self._writer = writer
+        if checkpointer is not None:
+            tg.start_soon(_shielded, checkpointer.run)
+            self._checkpointer = checkpointer
         tg.start_soon(_shielded, batch_reader.run)
         self._batch_reader = batch_reader
 
@@ -192,11 +205,14 @@ class SqliteMetadata:
         stack, self._stack = self._stack, None
         if self._writer is not None:
             self._writer.drain_and_stop()
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         if self._batch_reader is not None:
             self._batch_reader.stop()
         if stack is not None:
             await stack.aclose()  # exiting the task group waits for the writer's last commit
         self._writer = None
+        self._checkpointer = None
         self._reader = None
         self._batch_reader = None
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import aiosqlite
@@ -74,8 +75,15 @@ class _Job:
 class Writer:
     """Owns the write connection; one task runs :meth:`run` for the store's lifetime."""
 
-    def __init__(self, conn: aiosqlite.Connection, *, max_batch: int = 2048) -> None:
+    def __init__(
+        self,
+        conn: aiosqlite.Connection,
+        *,
+        max_batch: int = 2048,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
         self._conn = conn
+        self._on_commit = on_commit  # told after each commit (the WAL checkpointer)
         self._max_batch = max_batch
         self._pending: list[_Job] = []
         self._wakeup = asyncio.Event()
@@ -84,6 +92,7 @@ class Writer:
         self._loop = asyncio.get_running_loop()
         self.batches = 0
         self.jobs = 0
+        self.slowest_commit = 0.0  # seconds, the longest transaction so far (benchmarks report it)
 
     def submit(self, rows: list[Row], *, wait: bool = True) -> asyncio.Future[None] | None:
         """Queue ``rows`` to commit together; the future resolves once they are committed.
@@ -138,6 +147,7 @@ class Writer:
         self._wakeup.set()
 
     async def _commit_batch(self, batch: list[_Job]) -> None:
+        started = time.perf_counter()
         try:
             await self._commit([row for job in batch for row in job.rows])
         except StoreError as exc:
@@ -154,6 +164,9 @@ class Writer:
             return
         self.batches += 1
         self.jobs += len(batch)
+        self.slowest_commit = max(self.slowest_commit, time.perf_counter() - started)
+        if self._on_commit is not None:
+            self._on_commit()
         for job in batch:
             if job.future is not None and not job.future.done():
                 job.future.set_result(None)

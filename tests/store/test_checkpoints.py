@@ -1,0 +1,107 @@
+"""WAL checkpoints run off the commit path: the writer's connection never checkpoints, a task of
+the store does so shortly after commits, from a connection of its own, and the log stays small."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+import mxm_dataio_async as dio
+from mxm_dataio_async._store import DB_NAME, SqliteMetadata, Store
+from mxm_dataio_async._store._sqlite._checkpoint import Checkpointer, settings
+
+pytestmark = pytest.mark.anyio
+
+BODY = os.urandom(3000)  # inline (under the store's threshold): every row adds log pages
+ROUNDS = 8
+PER_ROUND = 100
+
+
+def _checkpointer(store: Store) -> Checkpointer:
+    metadata = store.metadata
+    assert isinstance(metadata, SqliteMetadata)
+    found = metadata._checkpointer
+    assert found is not None
+    return found
+
+
+async def _checkpointed(checkpointer: Checkpointer) -> None:
+    """Wait for the store's task to run its next checkpoint (after the commits just made)."""
+    seen = checkpointer.checkpoints
+    with anyio.fail_after(10):
+        while checkpointer.checkpoints == seen:  # noqa: ASYNC110 - another task's work
+            await anyio.sleep(0.005)
+
+
+async def _fetch_rounds(store: Store, between: Callable[[], Awaitable[None]] | None = None) -> None:
+    registry = dio.Registry()
+    registry.register("src", dio.MockAdapter(lambda req: BODY + str(req.params["i"]).encode()))
+    async with dio.AsyncSession("src", store=store, registry=registry) as s:
+        for r in range(ROUNDS):
+            for i in range(PER_ROUND):
+                await s.fetch(s.request("item", params={"i": r * PER_ROUND + i}))
+            if between is not None:
+                await between()
+
+
+async def test_the_writer_never_checkpoints_and_the_log_stays_small(tmp_path: Path) -> None:
+    async with Store(tmp_path, inline_threshold=4096) as store:
+        checkpointer = _checkpointer(store)
+        metadata = store.metadata
+        assert isinstance(metadata, SqliteMetadata) and metadata._writer is not None
+        writer_conn = metadata._writer._conn
+        [(pages,)] = await writer_conn.execute_fetchall("PRAGMA wal_autocheckpoint")
+        assert pages == 0  # no commit copies the log into the database
+
+        frames: list[int] = []  # frames in the log after each round
+
+        async def checkpointed() -> None:
+            await _checkpointed(checkpointer)
+            busy, logged, moved = await checkpointer.checkpoint() or (1, 0, 0)
+            assert busy == 0 and moved == logged  # all of it is in the database now
+            frames.append(logged)
+
+        await _fetch_rounds(store, checkpointed)
+        # Each round's log was checkpointed, so the next round wrote it from the top again: the
+        # log holds one round's frames, not all of them.
+        assert max(frames) < 2 * frames[0], frames
+
+
+async def test_without_the_checkpointer_the_log_keeps_growing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the task prevents: with automatic checkpoints off and none of ours, the log file
+    holds every round; with ours it holds a round or two (it is reused, not truncated)."""
+    sizes = {}
+    for name in ("ours", "none"):
+        if name == "none":
+            monkeypatch.setattr(Checkpointer, "checkpoint", _no_checkpoint)
+        async with Store(tmp_path / name, inline_threshold=4096) as store:
+            wait = functools.partial(_checkpointed, _checkpointer(store))
+            await _fetch_rounds(store, wait if name == "ours" else None)
+            sizes[name] = (tmp_path / name / f"{DB_NAME}-wal").stat().st_size
+    assert sizes["ours"] * 3 < sizes["none"], sizes
+
+
+async def _no_checkpoint(self: Checkpointer) -> None:
+    return None
+
+
+async def test_switched_off_sqlite_checkpoints_inside_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(settings, "off_commit", False)
+    async with Store(tmp_path, inline_threshold=4096) as store:
+        metadata = store.metadata
+        assert isinstance(metadata, SqliteMetadata) and metadata._checkpointer is None
+        assert metadata._writer is not None
+        [(pages,)] = await metadata._writer._conn.execute_fetchall("PRAGMA wal_autocheckpoint")
+        assert pages == 1000  # SQLite's default
+        await _fetch_rounds(store)
+        [(count,)] = await metadata._reader.execute_fetchall("SELECT count(*) FROM responses")  # type: ignore[union-attr]
+        assert count == ROUNDS * PER_ROUND
