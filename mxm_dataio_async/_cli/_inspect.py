@@ -150,6 +150,9 @@ async def _session_detail(store: Store, text: str) -> dict[str, Any]:
         q["params"] = json.loads(q["params"]) if q["params"] else q["params"]
         q["responses"] = by_request.get(q["id"], [])
         q["served"] = served.get(q["served_from"]) if q["served_from"] else None
+    for r in [*served.values(), *(r for rs in by_request.values() for r in rs)]:
+        if r["status"] == "ok":  # how its records validated (datasets), if they were
+            r["validations"] = [v.to_json() for v in await store.validations(r["id"])]
     return {"session": found[0], "requests": requests}
 
 
@@ -244,12 +247,38 @@ def show(
                 escape(r["error"] or ""),
             )
     console.print(table)
+    _print_validations(detail)
     console.print(
         "response: the tail of the response's id, which `mxm-dataio cat` and `mxm-dataio meta` "
         "take (on a cache row, served_from: the stored response it was served)",
         soft_wrap=True,
         highlight=False,
     )
+
+
+def _print_validations(detail: dict[str, Any]) -> None:
+    """The validation outcomes of the session's responses (records ok, failed, first errors)."""
+    table = Table(title="validation")
+    for col in ("response", "model", "dataset", "ok", "failed", "first errors"):
+        table.add_column(
+            col, overflow="fold", justify="right" if col in ("ok", "failed") else "left"
+        )
+    seen: set[str] = set()
+    for q in detail["requests"]:
+        for r in q["responses"] or ([q["served"]] if q["served"] else []):
+            if r["id"] in seen:
+                continue
+            seen.add(r["id"])
+            for v in r.get("validations", []):
+                errors = "; ".join(
+                    f"record {e['index']} {e['path']}: {e['message']}" for e in v["errors"][:3]
+                )
+                table.add_row(
+                    _handle(r["id"]), escape(v["model"]), escape(v["dataset"] or ""),
+                    str(v["ok"]), str(v["failed"]), escape(errors),
+                )  # fmt: skip
+    if table.row_count:
+        console.print(table)
 
 
 def _decode(row: dict[str, Any], *keys: str) -> dict[str, Any]:
@@ -384,10 +413,17 @@ def stats(
     hit rate = requests served from the store / (those + requests fetched upstream);
     error rate = error responses (every failed attempt is one) / all responses.
     """
+
+    async def collect(store: Store) -> tuple[Any, list[Any]]:
+        return await store.stats(), await store.validation_totals()
+
     with _errors(verbose):
-        st = _with_store(Where(root, store_url, payloads_url), "read", lambda store: store.stats())
+        st, checked = _with_store(Where(root, store_url, payloads_url), "read", collect)
     if as_json:
-        _print_json(st.to_json())
+        _print_json({**st.to_json(), "validations": [
+            {"model": v.model, "responses": v.responses, "ok": v.ok, "failed": v.failed}
+            for v in checked
+        ]})  # fmt: skip
         return
     table = Table(title=f"store {st.root}")
     columns = ("source", "sessions", "requests", "cache hits", "fetched", "hit rate",
@@ -413,3 +449,9 @@ def stats(
         f"{st.file_payloads} files ({_size(st.file_bytes)}); database: {_size(st.db_bytes)}",
         soft_wrap=True,
     )
+    for v in checked:
+        console.print(
+            f"validated {escape(v.model)}: {v.responses} responses, {v.ok} records ok, "
+            f"{v.failed} failed",
+            soft_wrap=True,
+        )

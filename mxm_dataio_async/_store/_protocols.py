@@ -25,6 +25,7 @@ from datetime import datetime
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from mxm_dataio_async._models import Request, Response, ResponseStatus, Session
+from mxm_dataio_async._store._validation import ValidationOutcome, ValidationTotals
 from mxm_dataio_async._store._work import Fence
 
 __all__ = [
@@ -267,6 +268,17 @@ class MetadataStore(Protocol):
         ...
 
     async def release_lease(self, lease: Lease) -> None: ...
+
+    # -- validation outcomes (datasets) ------------------------------------------------------------
+
+    async def record_validation(self, outcome: ValidationOutcome) -> None:
+        """Keep how a response's records validated (replacing an outcome for the same
+        response and model)."""
+        ...
+
+    async def validations(self, response_id: str) -> list[ValidationOutcome]: ...
+
+    async def validation_totals(self) -> list[ValidationTotals]: ...
 
     # -- inspection and maintenance ------------------------------------------------------------
 

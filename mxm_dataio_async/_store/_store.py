@@ -45,6 +45,7 @@ from mxm_dataio_async._store._protocols import (
     Table,
 )
 from mxm_dataio_async._store._sqlite import DB_NAME, SqliteMetadata
+from mxm_dataio_async._store._validation import ValidationOutcome, ValidationTotals
 from mxm_dataio_async._store._work import WorkQueue
 
 __all__ = ["DEFAULT_INLINE_THRESHOLD", "Store"]
@@ -454,6 +455,23 @@ class Store:
             raise ValueError("a checkpoint needs a non-empty name")
         self._require_open()
         await self.metadata.write_checkpoint(name, cursor)
+
+    # -- validation outcomes (datasets) ---------------------------------------------------------
+
+    async def record_validation(self, outcome: ValidationOutcome) -> None:
+        """Keep how ``outcome.response_id``'s records validated against ``outcome.model``."""
+        self._require_open()
+        await self.metadata.record_validation(outcome)
+
+    async def validations(self, response_id: str) -> list[ValidationOutcome]:
+        """The validation outcomes recorded for a response (one per model)."""
+        self._require_open()
+        return await self.metadata.validations(response_id)
+
+    async def validation_totals(self) -> list[ValidationTotals]:
+        """Records ok and failed, per model, over every validated response."""
+        self._require_open()
+        return await self.metadata.validation_totals()
 
     @asynccontextmanager
     async def lease(

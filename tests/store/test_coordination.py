@@ -48,7 +48,7 @@ async def test_v1_store_migrates_and_keeps_its_data(tmp_path: Path) -> None:
         assert [s.id for s in sessions] == ["s1"]
         assert await store.read_checkpoint("nobody") is None
     with closing(sqlite3.connect(tmp_path / DB_NAME)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"checkpoints", "leases"} <= tables
 

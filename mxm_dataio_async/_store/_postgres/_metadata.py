@@ -40,7 +40,7 @@ from mxm_dataio_async._exceptions import StoreClosedError, UsageError
 from mxm_dataio_async._lifecycle import State
 from mxm_dataio_async._models import Response, ResponseStatus, Session
 from mxm_dataio_async._recent import Recent
-from mxm_dataio_async._store._postgres import _coordination, _queries
+from mxm_dataio_async._store._postgres import _coordination, _queries, _validations
 from mxm_dataio_async._store._postgres._reader import BatchReader
 from mxm_dataio_async._store._postgres._rows import (
     COLUMNS,
@@ -75,6 +75,7 @@ from mxm_dataio_async._store._protocols import (
     Table,
     Tier,
 )
+from mxm_dataio_async._store._validation import ValidationOutcome, ValidationTotals
 
 __all__ = ["PostgresMetadata"]
 
@@ -500,6 +501,22 @@ class PostgresMetadata:
             lambda conn: _coordination.write_checkpoint(conn, name, cursor, now),
             write=True,
         )
+
+    async def record_validation(self, outcome: ValidationOutcome) -> None:
+        now = self.clock.now()
+        await self._run(
+            "record a validation outcome",
+            lambda conn: _validations.save(conn, outcome, now),
+            write=True,
+        )
+
+    async def validations(self, response_id: str) -> list[ValidationOutcome]:
+        return await self._run(
+            "read validation outcomes", lambda conn: _validations.for_response(conn, response_id)
+        )
+
+    async def validation_totals(self) -> list[ValidationTotals]:
+        return await self._run("add up validation outcomes", _validations.totals)
 
     async def acquire_lease(
         self, name: str, holder: str, ttl: float, *, replacing: str | None = None

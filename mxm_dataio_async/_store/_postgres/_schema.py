@@ -235,11 +235,31 @@ async def _to_v4(conn: Connection) -> None:
     await conn.execute(_V4)
 
 
+_V5 = """
+-- How each response's records validated (datasets): the first errors as JSON, all counted.
+CREATE TABLE validations (
+    response_id  text NOT NULL,
+    model        text NOT NULL,
+    dataset      text,
+    ok           bigint NOT NULL,
+    failed       bigint NOT NULL,
+    errors       text NOT NULL,
+    validated_at timestamptz NOT NULL,
+    PRIMARY KEY (response_id, model)
+);
+"""
+
+
+async def _to_v5(conn: Connection) -> None:
+    await conn.execute(_V5)
+
+
 MIGRATIONS: dict[int, Callable[[Connection], Awaitable[None]]] = {
     0: _to_v1,
     1: _to_v2,
     2: _to_v3,
     3: _to_v4,
+    4: _to_v5,
 }
 SCHEMA_VERSION = max(MIGRATIONS) + 1
 

@@ -43,7 +43,7 @@ from mxm_dataio_async._store._protocols import (
     Table,
     Tier,
 )
-from mxm_dataio_async._store._sqlite import _coordination, _queries
+from mxm_dataio_async._store._sqlite import _coordination, _queries, _validations
 from mxm_dataio_async._store._sqlite._checkpoint import Checkpointer
 from mxm_dataio_async._store._sqlite._checkpoint import settings as checkpoints
 from mxm_dataio_async._store._sqlite._reader import BatchReader
@@ -63,6 +63,7 @@ from mxm_dataio_async._store._sqlite._sql import (
     ts,
 )
 from mxm_dataio_async._store._sqlite._writer import Row, Writer
+from mxm_dataio_async._store._validation import ValidationOutcome, ValidationTotals
 
 __all__ = ["SqliteMetadata"]
 
@@ -455,6 +456,22 @@ class SqliteMetadata:
             "write a checkpoint",
             write=True,
         )
+
+    async def record_validation(self, outcome: ValidationOutcome) -> None:
+        now = self.clock.now()
+        await self._in_thread(
+            lambda conn: _validations.save(conn, outcome, now),
+            "record a validation outcome",
+            write=True,
+        )
+
+    async def validations(self, response_id: str) -> list[ValidationOutcome]:
+        return await self._in_thread(
+            lambda conn: _validations.for_response(conn, response_id), "read validation outcomes"
+        )
+
+    async def validation_totals(self) -> list[ValidationTotals]:
+        return await self._in_thread(_validations.totals, "add up validation outcomes")
 
     async def acquire_lease(
         self, name: str, holder: str, ttl: float, *, replacing: str | None = None

@@ -173,12 +173,32 @@ def _to_v4(conn: sqlite3.Connection) -> None:
     _run(conn, _V4)
 
 
+_V5 = """
+-- How each response's records validated (datasets): the first errors as JSON, all counted.
+CREATE TABLE validations (
+    response_id  TEXT NOT NULL,
+    model        TEXT NOT NULL,
+    dataset      TEXT,
+    ok           INTEGER NOT NULL,
+    failed       INTEGER NOT NULL,
+    errors       TEXT NOT NULL,
+    validated_at TEXT NOT NULL,
+    PRIMARY KEY (response_id, model)
+)
+"""
+
+
+def _to_v5(conn: sqlite3.Connection) -> None:
+    _run(conn, _V5)
+
+
 #: MIGRATIONS[n] upgrades a database at user_version n to n + 1.
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     0: _to_v1,
     1: _to_v2,
     2: _to_v3,
     3: _to_v4,
+    4: _to_v5,
 }
 SCHEMA_VERSION = max(MIGRATIONS) + 1
 

@@ -901,3 +901,38 @@ async def test_import_rows_refuses_rows_naming_absent_payloads(
     # With every payload it goes in.
     added = await dst.metadata.import_rows(payload_rows.values(), rows)
     assert added == {"payloads": 3, "sessions": 1, "requests": 2, "responses": 2}
+
+
+# -- validation outcomes (datasets) ---------------------------------------------------------------
+
+
+async def test_validation_outcomes_are_kept_per_response_and_model(
+    backend: BackendPair, clock: FakeClock
+) -> None:
+    from mxm_dataio_async.datasets import RecordError, ValidationOutcome, ValidationTotals
+
+    m = backend.metadata
+    assert await m.validations("nobody") == []
+    assert await m.validation_totals() == []
+    errors = (RecordError(3, "price", "Input should be a valid number"), RecordError(7, "a.b", "é"))
+    first = ValidationOutcome("r1", "pkg.mod:Bar", ok=8, failed=2, errors=errors, dataset="bars")
+    await m.record_validation(first)
+    await m.record_validation(ValidationOutcome("r1", "pkg.mod:Quote", ok=1, failed=0))
+    await m.record_validation(ValidationOutcome("r2", "pkg.mod:Bar", ok=5, failed=0))
+    got = await m.validations("r1")
+    assert [(v.model, v.ok, v.failed, v.dataset) for v in got] == [
+        ("pkg.mod:Bar", 8, 2, "bars"),
+        ("pkg.mod:Quote", 1, 0, None),
+    ]
+    assert got[0].errors == errors
+    assert got[0].validated_at == clock.now()
+    # Validating the same response again replaces its outcome for that model.
+    clock.advance(5)
+    await m.record_validation(ValidationOutcome("r1", "pkg.mod:Bar", ok=10, failed=0))
+    again = await m.validations("r1")
+    assert (again[0].ok, again[0].failed, again[0].errors) == (10, 0, ())
+    assert again[0].validated_at == clock.now()
+    assert await m.validation_totals() == [
+        ValidationTotals("pkg.mod:Bar", 2, 15, 0),
+        ValidationTotals("pkg.mod:Quote", 1, 1, 0),
+    ]

@@ -38,6 +38,7 @@ TABLES = {
     "job_chunks",
     "job_done",
     "job_workers",
+    "validations",
 }
 
 
