@@ -230,6 +230,24 @@ def _print_summary(summary: JobSummary) -> None:
         f"{summary.from_cache:,} from cache, {verdict}, in {summary.elapsed:,.1f}s",
         soft_wrap=True,
     )
+    if summary.records_parsed or summary.datasets:
+        console.print(
+            f"records: {summary.records_parsed:,} parsed, {summary.records_failed:,} failed, "
+            f"{summary.records_added:,} added",
+            soft_wrap=True,
+        )
+    for d in summary.datasets:
+        if d.error is not None:
+            err_console.print(
+                f"[red]not published[/red] {escape(d.name)}: {escape(d.error)}", soft_wrap=True
+            )
+        else:
+            shown = f"version {d.version}" if d.version is not None else "empty"
+            console.print(
+                f"dataset {escape(d.name)}: {d.added:,} added, {d.changed:,} changed, {shown}"
+                + ("" if d.published else " (nothing new)"),
+                soft_wrap=True,
+            )
 
 
 @app.command("run")

@@ -143,7 +143,7 @@ class Staging:
         n = 0
         fetched = fetched_at.astimezone(UTC) if fetched_at is not None else None
         for record in records:
-            row = {k: _canonical(v) for k, v in record.items()}
+            row = {k: v.value if isinstance(v, enum.Enum) else v for k, v in record.items()}
             for name in self._json:
                 if row.get(name) is not None:
                     row[name] = _dumps(row[name]).decode()

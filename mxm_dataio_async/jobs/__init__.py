@@ -19,6 +19,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from mxm_dataio_async.jobs._config import JobConfig
+from mxm_dataio_async.jobs._datasets import DatasetSummary
 from mxm_dataio_async.jobs._dates import Chunk, count_chunks, date_chunks, parse_chunk
 from mxm_dataio_async.jobs._errors import JobConfigError
 from mxm_dataio_async.jobs._expand import JobPlan, PlannedRequest
@@ -35,6 +36,7 @@ from mxm_dataio_async.jobs._worker import WorkerSummary, config_hash, run_status
 
 __all__ = [
     "Chunk",
+    "DatasetSummary",
     "JobConfig",
     "JobConfigError",
     "JobPlan",

@@ -30,16 +30,19 @@ from mxm_dataio_async.adapters.http import DEFAULT_TOTAL_TIMEOUT
 from mxm_dataio_async.jobs._dates import Chunk, parse_chunk
 
 __all__ = [
+    "DatasetConfig",
     "DateRange",
     "FileSource",
     "HttpSource",
     "JobConfig",
+    "ParseConfig",
     "PluginSource",
     "RateLimitSpec",
     "RedisSpec",
     "RequestSpec",
     "RetrySpec",
     "SourceSpec",
+    "ValidateConfig",
     "check_redis_url",
     "interpolate_env",
     "key_path",
@@ -228,8 +231,52 @@ ExpandValue = Annotated[
 ]
 
 
+class ParseConfig(_Model):
+    """``parse:`` how a response's payload becomes records (``datasets.ParseSpec``)."""
+
+    format: Literal["json", "ndjson", "csv", "xlsx"] | None = None
+    parser: str | None = None
+    """``pkg.module:function`` taking the payload's byte chunks, returning records."""
+    path: str = ""
+    encoding: str = "utf-8"
+    delimiter: str = Field(default=",", min_length=1, max_length=1)
+    quotechar: str = Field(default='"', min_length=1, max_length=1)
+    escapechar: str | None = None
+    doublequote: bool = True
+    skip_rows: int = Field(default=0, ge=0)
+    sheet: str | None = None
+    header_row: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _one(self) -> ParseConfig:
+        if (self.format is None) == (self.parser is None):
+            raise ValueError("give format (json, ndjson, csv, xlsx) or parser, not both")
+        return self
+
+
+class ValidateConfig(_Model):
+    """``validate:`` the pydantic model records must fit, and what a record that does not does."""
+
+    model: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+    """``pkg.module:Model`` (the job file's folder is on the import path)."""
+    on_error: Literal["skip", "fail", "stop"] = "skip"
+    max_errors: int = Field(default=20, ge=0)
+    """How many failures per response are kept with their record index and field path."""
+
+
+class DatasetConfig(_Model):
+    """``dataset:`` the dataset the records are published to, under the job's ``datasets:``."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    keys: list[str] = Field(min_length=1)
+    track_changes: bool = False
+    """Also append a new row for a known key whose values changed."""
+
+
 class RequestSpec(_Model):
     """One entry of ``requests:``; ``expand`` turns it into many requests."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     source: str
     kind: str
@@ -243,6 +290,15 @@ class RequestSpec(_Model):
     ttl: TtlValue = None
     as_of_bucket: str | None = None
     cache_tag: str | None = None
+    parse: ParseConfig | None = None
+    validation: ValidateConfig | None = Field(default=None, alias="validate")
+    dataset: DatasetConfig | None = None
+
+    @model_validator(mode="after")
+    def _records(self) -> RequestSpec:
+        if self.parse is None and (self.validation is not None or self.dataset is not None):
+            raise ValueError("validate and dataset need parse: (how the payload becomes records)")
+        return self
 
 
 # -- coordination ---------------------------------------------------------------------------------
@@ -320,6 +376,9 @@ class JobConfig(_Model):
     requests: list[RequestSpec] = Field(min_length=1)
     concurrency: int = Field(default=DEFAULT_CONCURRENCY, ge=1)
     lease_ttl: float = Field(default=DEFAULT_LEASE_TTL, gt=0)
+    datasets: str | None = None
+    """Where the requests' ``dataset:`` live: a folder (relative to the job file's) or
+    ``s3://bucket/prefix``; default ``<store root>/datasets``."""
 
     _file: str = PrivateAttr(default="<config>")
     _base_dir: Path | None = PrivateAttr(default=None)
@@ -444,6 +503,12 @@ def _model_at(parent: tuple[int | str, ...]) -> type[BaseModel] | None:
             return RetrySpec
         case ("requests", int()):
             return RequestSpec
+        case ("requests", int(), "parse"):
+            return ParseConfig
+        case ("requests", int(), "validate"):
+            return ValidateConfig
+        case ("requests", int(), "dataset"):
+            return DatasetConfig
         case ("requests", int(), "expand", str(), "range"):
             return DateRange
     return None

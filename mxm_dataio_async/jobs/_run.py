@@ -24,6 +24,7 @@ from mxm_dataio_async._registry import Registry
 from mxm_dataio_async._session import AsyncSession
 from mxm_dataio_async._store import Store
 from mxm_dataio_async.jobs._config import JobConfig, check_redis_url
+from mxm_dataio_async.jobs._datasets import DatasetSummary, RunDatasets
 from mxm_dataio_async.jobs._errors import JobConfigError
 from mxm_dataio_async.jobs._expand import JobPlan, PlannedRequest
 from mxm_dataio_async.jobs._load import load_job
@@ -60,6 +61,10 @@ class SourceSummary:
     elapsed: float = 0.0
     errors: tuple[str, ...] = ()
     """The first failures, as text (at most 20)."""
+    records_parsed: int = 0
+    """Records parsed from this source's responses (requests with ``parse:``)."""
+    records_failed: int = 0
+    """Records that failed validation (or payloads that did not parse)."""
 
     @property
     def done(self) -> int:
@@ -80,6 +85,8 @@ class SourceSummary:
             "session_id": self.session_id,
             "elapsed": round(self.elapsed, 6),
             "errors": list(self.errors),
+            "records_parsed": self.records_parsed,
+            "records_failed": self.records_failed,
         }
 
 
@@ -93,6 +100,20 @@ class JobSummary:
     elapsed: float
     interrupted: bool = False
     """The run was stopped early (``stop`` was set)."""
+    datasets: tuple[DatasetSummary, ...] = ()
+    """What each ``dataset:`` got: records parsed, failed, added; the version published."""
+
+    @property
+    def records_parsed(self) -> int:
+        return sum(s.records_parsed for s in self.sources.values())
+
+    @property
+    def records_failed(self) -> int:
+        return sum(s.records_failed for s in self.sources.values())
+
+    @property
+    def records_added(self) -> int:
+        return sum(d.added + d.changed for d in self.datasets)
 
     @property
     def session_ids(self) -> tuple[str, ...]:
@@ -120,8 +141,9 @@ class JobSummary:
 
     @property
     def ok(self) -> bool:
-        """Every planned request ended OK (fetched or from cache)."""
-        return all(s.ok for s in self.sources.values())
+        """Every planned request ended OK (fetched or from cache), and every dataset's records
+        passed their ``on_error`` policy."""
+        return all(s.ok for s in self.sources.values()) and all(d.ok for d in self.datasets)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -136,6 +158,10 @@ class JobSummary:
             "failed": self.failed,
             "session_ids": list(self.session_ids),
             "sources": {name: s.to_json() for name, s in self.sources.items()},
+            "records_parsed": self.records_parsed,
+            "records_failed": self.records_failed,
+            "records_added": self.records_added,
+            "datasets": [d.to_json() for d in self.datasets],
         }
 
 
@@ -153,6 +179,8 @@ class _Counter:
     failed: int = 0
     session_id: str | None = None
     errors: list[str] = field(default_factory=list)
+    records_parsed: int = 0
+    records_failed: int = 0
 
     def snapshot(self) -> SourceSummary:
         return SourceSummary(
@@ -164,6 +192,8 @@ class _Counter:
             session_id=self.session_id,
             elapsed=(self.ended or time.perf_counter()) - self.started,
             errors=tuple(self.errors),
+            records_parsed=self.records_parsed,
+            records_failed=self.records_failed,
         )
 
 
@@ -175,9 +205,13 @@ def _describe(request: Request, error: BaseException) -> str:
 
 
 def _built(
-    planned: Iterator[PlannedRequest], session: AsyncSession, file: str
+    planned: Iterator[PlannedRequest],
+    session: AsyncSession,
+    file: str,
+    entries: dict[str, int] | None = None,
 ) -> Iterator[Request]:
-    """The planned requests, built by ``session`` as ``fetch_many`` pulls them."""
+    """The planned requests, built by ``session`` as ``fetch_many`` pulls them (``entries``
+    remembers the ``requests:`` entry of those whose records are wanted)."""
     for p in planned:
         try:
             request = p.build(session)
@@ -186,6 +220,8 @@ def _built(
             raise JobConfigError(
                 file, [(f"requests[{p.entry}]", f"the request for {shown}: {exc}")]
             ) from exc
+        if entries is not None:
+            entries[request.id] = p.entry
         yield request
 
 
@@ -343,7 +379,9 @@ async def _run(
     counters = {name: _Counter(name, plan.count(name)) for name in plan.sources}
     started = time.perf_counter()
     clock = registry.clock
+    datasets: list[DatasetSummary] = []
     async with Store(store_root, payloads=payloads_at, clock=clock) as store:
+        records = RunDatasets(config, store, store_root)
         # A stop cancels everything but the store (opened outside this scope), so the sessions
         # still record their end and the lease is released.
         body = anyio.CancelScope()
@@ -362,13 +400,15 @@ async def _run(
                 watcher.start_soon(watch, stop)
             try:
                 with body:
-                    await _run_sources(
-                        config, plan, store, registry, counters, sessions, wait, on_progress
-                    )
+                    datasets = await _run_sources(
+                        config, plan, store, registry, counters, sessions, wait, on_progress,
+                        records,
+                    )  # fmt: skip
             except Exception as exc:  # raised below, not wrapped in an ExceptionGroup
                 failures.append(exc)
             finally:
                 watcher.cancel_scope.cancel()
+                records.close()
         if failures:
             raise failures[0]
     return JobSummary(
@@ -377,6 +417,7 @@ async def _run(
         sources={name: c.snapshot() for name, c in counters.items()},
         elapsed=time.perf_counter() - started,
         interrupted=body.cancelled_caught,
+        datasets=tuple(datasets),
     )
 
 
@@ -389,9 +430,10 @@ async def _run_sources(
     sessions: list[AsyncSession],
     wait: bool,
     on_progress: ProgressCallback | None,
-) -> None:
+    records: RunDatasets,
+) -> list[DatasetSummary]:
     """Under the job's lease: one session per source, all at once (each added to
-    ``sessions`` while it is open)."""
+    ``sessions`` while it is open); then one publish per dataset the requests feed."""
     poll = min(1.0, config.lease_ttl / 3)
     async with (
         store.lease(config.job, ttl=config.lease_ttl, wait=wait, poll=poll),
@@ -414,7 +456,8 @@ async def _run_sources(
                 counter.session_id = session.session.id
                 if on_progress is not None:
                     on_progress(counter.snapshot())
-                requests = _built(plan.for_source(name), session, config.file)
+                entries: dict[str, int] = {}
+                requests = _built(plan.for_source(name), session, config.file, entries)
                 feed = _Gated(requests, gate) if gated else requests
                 concurrency = _concurrency(config, name)
                 async for outcome in session.fetch_many(feed, concurrency=concurrency):
@@ -428,8 +471,21 @@ async def _run_sources(
                         counter.from_cache += 1
                     else:
                         counter.fetched += 1
+                    entry = entries.pop(outcome.request.id, None)
+                    taken = None
+                    if entry is not None and outcome.ok and records.wants(entry):
+                        assert outcome.response is not None
+                        taken = await records.take(entry, outcome.response)
+                        counter.records_parsed += taken.parsed
+                        counter.records_failed += taken.failed
+                        if taken.error is not None and len(counter.errors) < _MAX_ERRORS:
+                            counter.errors.append(
+                                _describe(outcome.request, ValueError(taken.error))
+                            )
                     if on_progress is not None:
                         on_progress(counter.snapshot())
+                    if taken is not None and taken.stop:
+                        break  # on_error: stop ends this source's requests
             counter.ended = time.perf_counter()
 
         async def guarded(name: str, scope: anyio.CancelScope) -> None:
@@ -444,3 +500,4 @@ async def _run_sources(
                 tg.start_soon(guarded, name, tg.cancel_scope)
         if failures:
             raise failures[0]
+        return await records.publish()
