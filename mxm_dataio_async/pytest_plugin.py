@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import pytest
 
+from mxm_dataio_async._public import claim as _claim
 from mxm_dataio_async._pytest._modes import Plan, RecordMode, plan
 from mxm_dataio_async._pytest._network import NetworkBlocked, blocking_network, parse_hosts
 from mxm_dataio_async._pytest._recording import RecordingDir, SecretInRecording
@@ -316,3 +317,6 @@ if _ASYNCIO_FIXTURE is not None:
     ) -> AsyncIterator[Store]:
         async with _store(request, tmp_path_factory) as store:
             yield store
+
+
+_claim(__name__, __all__, globals())
