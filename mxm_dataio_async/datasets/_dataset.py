@@ -349,38 +349,45 @@ class Dataset:
             con.execute(f"SET memory_limit='{self.memory_limit}'")
             con.execute(f"SET temp_directory='{tmp / 'spill'}'")
             con.execute("SET preserve_insertion_order=false")
-            # The last row of a key within one input wins (a later response, a later line).
+            # The last row of a key within one input wins (a later response, a later line):
+            # found on the key column alone, so the whole rows are never sorted or windowed.
+            src = f"read_parquet('{staged}')"
             con.execute(
-                f"CREATE VIEW staged AS SELECT * FROM read_parquet('{staged}') "
-                "QUALIFY row_number() OVER (PARTITION BY _key_hash ORDER BY _seq DESC) = 1"
+                f"CREATE VIEW staged AS SELECT s.* FROM {src} s SEMI JOIN "
+                f"(SELECT _key_hash, max(_seq) AS _seq FROM {src} GROUP BY _key_hash) l "
+                "USING (_key_hash, _seq)"
             )
             indexes = self._local_indexes(current, tmp)
+            known = f"read_parquet({_sql_list(indexes)})"
             if not indexes:
-                con.execute("CREATE VIEW delta AS SELECT *, false AS _changed FROM staged")
+                delta = "SELECT * FROM staged"
             elif not self.track_changes:
-                con.execute(
-                    "CREATE VIEW delta AS SELECT s.*, false AS _changed FROM staged s "
-                    f"ANTI JOIN read_parquet({_sql_list(indexes)}) k USING (_key_hash)"
-                )
+                delta = f"SELECT s.* FROM staged s ANTI JOIN {known} k USING (_key_hash)"
             else:
                 con.execute(
                     "CREATE VIEW latest AS SELECT _key_hash, arg_max(_row_hash, _version) AS h "
-                    f"FROM read_parquet({_sql_list(indexes)}) GROUP BY _key_hash"
+                    f"FROM {known} GROUP BY _key_hash"
                 )
-                con.execute(
-                    "CREATE VIEW delta AS SELECT s.*, l.h IS NOT NULL AS _changed FROM staged s "
-                    "LEFT JOIN latest l USING (_key_hash) WHERE l.h IS NULL OR l.h <> s._row_hash"
+                delta = (
+                    "SELECT s.* FROM staged s ANTI JOIN latest l "
+                    "ON s._key_hash = l._key_hash AND s._row_hash = l.h"
                 )
-            con.execute("CREATE TEMP TABLE d AS SELECT * FROM delta")
-            added, changed = con.execute(
-                "SELECT count(*) FILTER (NOT _changed), count(*) FILTER (_changed) FROM d"
-            ).fetchone()
             con.execute(
-                "COPY (SELECT * EXCLUDE (_seq, _changed) FROM d ORDER BY _seq) "
+                f"COPY (SELECT * EXCLUDE (_seq) FROM ({delta})) "
                 f"TO '{part}' (FORMAT parquet, COMPRESSION zstd)"
             )
+            written = f"read_parquet('{part}')"
+            row = con.execute(f"SELECT count(*) FROM {written}").fetchone()
+            rows = int(row[0]) if row else 0
+            changed = 0
+            if indexes and self.track_changes and rows:
+                row = con.execute(
+                    f"SELECT count(*) FROM {written} p SEMI JOIN {known} k USING (_key_hash)"
+                ).fetchone()
+                changed = int(row[0]) if row else 0
+            added = rows - changed
             con.execute(
-                f"COPY (SELECT _key_hash, _row_hash, {number}::BIGINT AS _version FROM d) "
+                f"COPY (SELECT _key_hash, _row_hash, {number}::BIGINT AS _version FROM {written}) "
                 f"TO '{index}' (FORMAT parquet)"
             )
         finally:

@@ -24,7 +24,7 @@ __all__ = ["PROVENANCE", "Staging", "arrow_schema", "key_hash", "row_hash"]
 
 #: Columns every dataset row carries besides its own.
 PROVENANCE: Final = ("_key_hash", "_row_hash", "_response_id", "_fetched_at")
-_BATCH: Final = 65_536
+_BATCH: Final = 16_384
 
 _SIMPLE: Final[dict[Any, pa.DataType]] = {
     bool: pa.bool_(),
