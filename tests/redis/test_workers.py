@@ -63,11 +63,13 @@ def test_workers_share_one_rate_limit(
     assert len(times) == items
     achieved = (items - 1) / (times[-1] - times[0])
     assert abs(achieved - RATE) <= 0.02 * RATE, achieved  # 4 workers, one budget
-    busiest = max(bisect.bisect_left(times, t + 1.0) - i for i, t in enumerate(times))
-    # No second much above the rate: grants are 10 ms apart, but these are arrival times at the
-    # server, a few ms of scheduling jitter each (a limit per process would show about 4x).
-    assert busiest <= 1.05 * RATE, busiest
-    print(f"achieved {achieved:.2f}/s, busiest second {busiest}")
+    # No burst above the shared rate: at most RATE * 2 + 1 grants in any 2 s, plus what the
+    # upstream's own scheduling can bunch into a window's edge (its arrival times lag the grants
+    # by up to ~100 ms on a busy machine: 10 requests at this rate). Per-process limits would
+    # show about 4x.
+    busiest = max(bisect.bisect_left(times, t + 2.0) - i for i, t in enumerate(times))
+    assert busiest <= 2 * RATE + 1 + 10, busiest
+    print(f"achieved {achieved:.2f}/s, busiest 2 s {busiest}")
 
 
 def test_a_retry_after_seen_by_one_worker_pauses_all(
