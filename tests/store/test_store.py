@@ -9,8 +9,10 @@ import textwrap
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from mxm_dataio_async._exceptions import IntegrityError, StoreClosedError, StoreError
@@ -338,6 +340,54 @@ async def test_public_per_statement_commit_path(
             for i in range(50):
                 tg.start_soon(_put, store, req, str(i).encode())
         assert len([x async for x in store.iter_responses()]) == 50
+
+
+async def test_lookups_never_see_a_transaction_that_rolls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lookups share the writer's connection. On the per-statement commit path a transaction
+    spans several calls on it; a lookup queued meanwhile waits for its end, so it never answers
+    with rows that are then rolled back."""
+    from mxm_dataio_async._store._sqlite import _writer
+
+    monkeypatch.setattr(_writer, "ONE_HOP_COMMIT", False)
+    async with Store(tmp_path) as store:
+        s = _session()
+        await store.metadata.save_session(s)
+        req = build_request(session_id=s.id, source="src", kind="k")
+        metadata = store.metadata
+        assert isinstance(metadata, SqliteMetadata) and metadata._writer is not None
+        conn = metadata._writer.conn
+        inside, asked = anyio.Event(), anyio.Event()
+        looked: list[Response | None] = []
+        execute = conn.execute
+
+        async def failing_commit(sql: str, *args: Any) -> Any:
+            if sql == "COMMIT":
+                inside.set()
+                with anyio.fail_after(30):  # a bound, not a timing assertion
+                    while not metadata._batch_reader._latest:  # type: ignore[union-attr]
+                        await anyio.lowlevel.checkpoint()
+                for _ in range(20):  # give a lookup that does not wait every chance to run
+                    await anyio.lowlevel.checkpoint()
+                raise sqlite3.OperationalError("disk I/O error")
+            return await execute(sql, *args)
+
+        monkeypatch.setattr(conn, "execute", failing_commit)
+
+        async def look() -> None:
+            await inside.wait()
+            lookup = store.latest_response(req.hash)
+            asked.set()
+            looked.append(await lookup)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(look)
+            with pytest.raises(StoreError, match="disk I/O"):
+                await _put(store, req, b"rolled back")
+        monkeypatch.setattr(conn, "execute", execute)
+        assert looked == [None]
+        assert await store.latest_response(req.hash) is None
 
 
 async def test_batched_reads_answer_each_caller(tmp_path: Path) -> None:

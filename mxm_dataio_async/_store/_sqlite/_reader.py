@@ -36,8 +36,17 @@ Futures = dict[bytes, list["asyncio.Future[Any]"]]
 class BatchReader:
     """Answers queued lookups in batches on one read connection."""
 
-    def __init__(self, conn: aiosqlite.Connection, response_columns: str) -> None:
+    def __init__(
+        self,
+        conn: aiosqlite.Connection,
+        response_columns: str,
+        *,
+        lock: asyncio.Lock | None = None,
+    ) -> None:
         self._conn = conn
+        # Given when the connection is the writer's: held around each query, so that no read
+        # sees the inside of a transaction the writer spreads over several calls.
+        self._lock = lock
         self._columns = response_columns
         self._latest: Futures = {}
         self._payloads: Futures = {}
@@ -100,11 +109,17 @@ class BatchReader:
 
     async def _latest_rows(self, keys: Sequence[bytes]) -> list[Any]:
         sql = LATEST_SQL_PREFIX.format(columns=self._columns, marks=", ".join("?" * len(keys)))
-        return list(await self._conn.execute_fetchall(sql, keys))
+        return await self._query(sql, keys)
 
     async def _payload_rows(self, keys: Sequence[bytes]) -> list[Any]:
         sql = _PAYLOAD_SQL.format(marks=", ".join("?" * len(keys)))
-        return list(await self._conn.execute_fetchall(sql, keys))
+        return await self._query(sql, keys)
+
+    async def _query(self, sql: str, keys: Sequence[bytes]) -> list[Any]:
+        if self._lock is None:
+            return list(await self._conn.execute_fetchall(sql, keys))
+        async with self._lock:
+            return list(await self._conn.execute_fetchall(sql, keys))
 
     async def _answer(self, table: Futures, query: Any, *, key_index: int, trim: int) -> None:
         keys = list(table)

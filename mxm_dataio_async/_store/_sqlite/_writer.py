@@ -83,6 +83,9 @@ class Writer:
         on_commit: Callable[[], None] | None = None,
     ) -> None:
         self._conn = conn
+        # Held around a transaction that takes several calls (the fallback below), so that
+        # another user of this connection (the batched lookups) never reads inside it.
+        self.lock = asyncio.Lock()
         self._on_commit = on_commit  # told after each commit (the WAL checkpointer)
         self._max_batch = max_batch
         self._pending: list[_Job] = []
@@ -107,6 +110,11 @@ class Writer:
         if not self._wakeup.is_set():
             self._wakeup.set()
         return fut
+
+    @property
+    def conn(self) -> aiosqlite.Connection:
+        """The write connection (the batched lookups share it: see ``lock``)."""
+        return self._conn
 
     async def write(self, rows: list[Row]) -> None:
         fut = self.submit(rows)
@@ -205,18 +213,19 @@ class Writer:
             raw = self._conn._conn
             await run_in_thread(_transaction_sync, raw, batches)
             return
-        await self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            for sql, params_list in batches:
-                await self._conn.executemany(sql, params_list)
-            await self._conn.execute("COMMIT")
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._conn.execute("ROLLBACK")
-                except sqlite3.Error as rb_exc:  # no transaction left to roll back
-                    log.debug("rollback after failed batch: %s", rb_exc)
-            raise
+        async with self.lock:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, params_list in batches:
+                    await self._conn.executemany(sql, params_list)
+                await self._conn.execute("COMMIT")
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self._conn.execute("ROLLBACK")
+                    except sqlite3.Error as rb_exc:  # no transaction left to roll back
+                        log.debug("rollback after failed batch: %s", rb_exc)
+                raise
 
 
 #: Commit a batch in one call on the connection's thread (set False to use only aiosqlite's
