@@ -80,6 +80,8 @@ class AsyncSession:
         self._entry: SourceEntry = self._registry.entry(source)  # AdapterNotFound early
         self._store = store if store is not None else Store(root)
         self._owns_store = store is None
+        if self._store.stand_in is not None:  # a store answering for the upstream (replay)
+            self._entry = self._store.stand_in(self._entry)
         self._clock = clock if clock is not None else self._registry.clock
         self.cache_mode = check_cache_mode(cache_mode)
         self.ttl = check_ttl(ttl)

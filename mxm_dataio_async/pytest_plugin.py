@@ -28,7 +28,7 @@ import importlib.util
 import os
 import re
 from collections.abc import AsyncIterator, Generator, Iterator
-from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -268,16 +268,15 @@ async def _store(
         store = await stack.enter_async_context(Store(work))
         if info.plan.load:
             await recording.load_into(store)
-        with ExitStack() as patches:
-            if info.plan.replay:
-                replayer = Replayer(
-                    store,
-                    recording,
-                    passthrough=info.plan.record,
-                    hint=_how_to_record(item, info),
-                )
-                patches.enter_context(replaying(replayer, offline=info.plan.offline))
-            yield store
+        if info.plan.replay:
+            replayer = Replayer(
+                store,
+                recording,
+                passthrough=info.plan.record,
+                hint=_how_to_record(item, info),
+            )
+            store.stand_in = replaying(replayer, offline=info.plan.offline)
+        yield store
     if info.plan.save and item.stash.get(_PASSED, False):
         extra = None
         if info.redact_headers or info.redact_params:

@@ -633,3 +633,32 @@ async def test_a_half_failed_enter_closes_what_it_opened(
     with pytest.raises(dio.UsageError, match="entered once"):
         async with session:
             pass
+
+
+async def test_a_store_can_stand_in_for_the_upstream(tmp_path: Path) -> None:
+    """``Store.stand_in`` swaps the source a session resolves (how the pytest plugin replays):
+    sessions on that store call the stand-in's adapter; the registry, and sessions on other
+    stores, keep the real one."""
+    import dataclasses
+
+    from mxm_dataio_async._registry import SourceEntry
+
+    calls: list[str] = []
+    registry = dio.Registry()
+    registry.register("src", dio.MockAdapter(lambda r: (calls.append("real"), b"real")[1]))
+    stand_in_adapter = dio.MockAdapter(lambda r: (calls.append("stand-in"), b"stand-in")[1])
+
+    def stand_in(entry: SourceEntry) -> SourceEntry:
+        return dataclasses.replace(entry, adapter=stand_in_adapter)
+
+    async with (
+        dio.Store(tmp_path / "replaying") as replaying,
+        dio.Store(tmp_path / "plain") as plain,
+    ):
+        replaying.stand_in = stand_in
+        async with dio.AsyncSession("src", store=replaying, registry=registry) as s:
+            assert await s.read(await s.fetch(s.request("k"))) == b"stand-in"
+        async with dio.AsyncSession("src", store=plain, registry=registry) as s:
+            assert await s.read(await s.fetch(s.request("k"))) == b"real"
+    assert calls == ["stand-in", "real"]
+    assert registry.resolve_adapter("src") is not stand_in_adapter

@@ -3,8 +3,9 @@
 Most replays never reach this module: a fetch whose cache mode serves stored responses is
 answered by the pipeline's own cache lookup in the test's store, which holds the recording. What
 reaches an adapter there (``bypass``, ``revalidate``, a stale TTL, ``send``, every ``stream``)
-comes here instead of the adapter: while a replaying test runs, the registry entries that
-sessions resolve carry a :class:`ReplayingAdapter` in front of the real one. It answers a
+comes here instead of the adapter: the test's store stands in for the upstream
+(``Store.stand_in``), so the sources its sessions resolve carry a :class:`ReplayingAdapter` in
+front of the real one; the registry is not touched. It answers a
 request by its identity (``Request.hash``) from the recording, whatever order or concurrency the
 requests come in, as often as they are repeated; a request not recorded raises
 :class:`NotRecorded` naming it and how to record it (``new_episodes``: it goes to the real
@@ -15,14 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
 from mxm_dataio_async._exceptions import FetchError
 from mxm_dataio_async._limits import SourceLimiter
 from mxm_dataio_async._models import AdapterResult, Request, Response, ResponseStatus
 from mxm_dataio_async._pytest._recording import Interaction, RecordingDir
-from mxm_dataio_async._registry import Registry, SourceEntry
+from mxm_dataio_async._registry import SourceEntry
 from mxm_dataio_async._store import Store
 
 __all__ = ["NotRecorded", "Replayer", "ReplayingAdapter", "replaying"]
@@ -171,16 +172,13 @@ class ReplayingAdapter:
         """The registry closes the real adapter; this wrapper holds nothing of its own."""
 
 
-@contextlib.contextmanager
-def replaying(replayer: Replayer, *, offline: bool) -> Iterator[None]:
-    """While the block runs, the sources that sessions resolve (``Registry.entry``) carry a
-    :class:`ReplayingAdapter`; ``offline``: their rate gate is an open one (a replay is no
-    upstream call and spends no rate budget)."""
-    original = Registry.entry
+def replaying(replayer: Replayer, *, offline: bool) -> Callable[[SourceEntry], SourceEntry]:
+    """A ``Store.stand_in``: each source a session on the replaying store resolves carries a
+    :class:`ReplayingAdapter`; ``offline``: its rate gate is an open one (a replay is no upstream
+    call and spends no rate budget). The registry itself is left as it is."""
     open_gate = SourceLimiter(None, None)
 
-    def entry(self: Registry, name: str) -> SourceEntry:
-        found = original(self, name)
+    def stand_in(found: SourceEntry) -> SourceEntry:
         if isinstance(found.adapter, ReplayingAdapter):
             return found
         return dataclasses.replace(
@@ -189,8 +187,4 @@ def replaying(replayer: Replayer, *, offline: bool) -> Iterator[None]:
             gate=open_gate if offline else found.gate,
         )
 
-    setattr(Registry, "entry", entry)  # noqa: B010 (a method of the class, for one test)
-    try:
-        yield
-    finally:
-        setattr(Registry, "entry", original)  # noqa: B010
+    return stand_in

@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import os
 import socket
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -34,6 +34,7 @@ from mxm_dataio_async._exceptions import (
 )
 from mxm_dataio_async._lifecycle import State
 from mxm_dataio_async._models import Body, Response, ResponseStatus, Session
+from mxm_dataio_async._registry import SourceEntry
 from mxm_dataio_async._store import _bundle, _cleanup, _copy, _lease, _stats, _verify
 from mxm_dataio_async._store._backends import AbsentPayloads, metadata_for, payloads_for
 from mxm_dataio_async._store._local import LocalPayloads, pid_alive, verify_bytes
@@ -71,7 +72,14 @@ class Store:
     their rows); larger ones go to the payload store.
     ``read_only=True`` opens an existing store for inspection and refuses writes;
     ``create=False`` opens only an existing one. ``clock`` times leases and ``fetched_at``.
+
+    ``stand_in`` (settable; ``None`` by default) is called with each source a session on this
+    store resolves from its registry (a ``SourceEntry``: adapter, gate, retry policy) and returns
+    the one the session uses instead: how a store that replays recordings answers in place of
+    the upstream (the pytest plugin's ``dataio_store``), without touching the registry.
     """
+
+    stand_in: Callable[[SourceEntry], SourceEntry] | None = None
 
     def __init__(
         self,
