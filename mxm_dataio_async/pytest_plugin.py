@@ -23,6 +23,7 @@ of being written.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
 import os
@@ -314,8 +315,28 @@ if _ASYNCIO_FIXTURE is not None:
     async def _dataio_store_asyncio(
         request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     ) -> AsyncIterator[Store]:
-        async with _store(request, tmp_path_factory) as store:
-            yield store
+        # pytest-asyncio sets a fixture up and tears it down in two different tasks, and the
+        # store's task group must be left in the task that entered it: one task of its own
+        # holds the store open from setup to teardown.
+        opened: asyncio.Future[Store] = asyncio.get_running_loop().create_future()
+        done = asyncio.Event()
+
+        async def hold() -> None:
+            try:
+                async with _store(request, tmp_path_factory) as store:
+                    opened.set_result(store)
+                    await done.wait()
+            except BaseException as exc:
+                if not opened.done():
+                    opened.set_exception(exc)
+                raise
+
+        holder = asyncio.get_running_loop().create_task(hold())
+        try:
+            yield await opened
+        finally:
+            done.set()
+            await holder
 
 
 _claim(__name__, __all__, globals())

@@ -644,9 +644,17 @@ async def test_a_store_can_stand_in_for_the_upstream(tmp_path: Path) -> None:
     from mxm_dataio_async._registry import SourceEntry
 
     calls: list[str] = []
+
+    def answer(name: str) -> dio.MockAdapter:
+        def handler(request: dio.Request) -> bytes:
+            calls.append(name)
+            return name.encode()
+
+        return dio.MockAdapter(handler)
+
     registry = dio.Registry()
-    registry.register("src", dio.MockAdapter(lambda r: (calls.append("real"), b"real")[1]))
-    stand_in_adapter = dio.MockAdapter(lambda r: (calls.append("stand-in"), b"stand-in")[1])
+    registry.register("src", answer("real"))
+    stand_in_adapter = answer("stand-in")
 
     def stand_in(entry: SourceEntry) -> SourceEntry:
         return dataclasses.replace(entry, adapter=stand_in_adapter)

@@ -109,4 +109,6 @@ def anyio_backend():
 @pytest.fixture
 def inner(pytester: pytest.Pytester) -> pytest.Pytester:
     pytester.makeconftest(INNER_CONFTEST)
+    # pytest-asyncio (a dev dependency) warns in every run whose config leaves this unset.
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
     return pytester

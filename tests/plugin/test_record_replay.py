@@ -189,3 +189,18 @@ def test_concurrent_and_repeated_requests_replay_by_identity(
     result = inner.runpytest("--dataio-record-mode=none", "-p", "no:randomly")
     result.assert_outcomes(passed=2)
     assert upstream.hits["/quote"] == recorded
+
+
+QUOTES_ASYNCIO = QUOTES.replace("@pytest.mark.anyio", "@pytest.mark.asyncio")
+
+
+def test_tests_run_by_pytest_asyncio_record_and_replay(
+    inner: pytest.Pytester, upstream: Upstream
+) -> None:
+    pytest.importorskip("pytest_asyncio")
+    inner.makepyfile(test_quotes=QUOTES_ASYNCIO.format(url=upstream.url, raw=RAW))
+    inner.runpytest("-p", "no:anyio", "--dataio-record-mode=once").assert_outcomes(passed=1)
+    assert upstream.hits == {"/quote": 1, "/raw": 1}
+    upstream.stop()
+    inner.runpytest("-p", "no:anyio", "--dataio-record-mode=none").assert_outcomes(passed=1)
+    assert upstream.hits == {"/quote": 1, "/raw": 1}
