@@ -114,7 +114,11 @@ def config_hash(config: JobConfig, plan: JobPlan) -> str:
     between hosts without changing which requests index ``i`` names."""
     spec = {
         "job": config.job,
-        "requests": config.model_dump(mode="json", include={"requests"})["requests"],
+        # Keys at their defaults are left out: a release that adds an optional key (parse:,
+        # validate:, dataset: came so) does not change the hash of a run started before it.
+        "requests": config.model_dump(mode="json", include={"requests"}, exclude_defaults=True)[
+            "requests"
+        ],
         "today": plan.today.isoformat(),
         "limit": plan.limit,
         "sources": list(plan.sources),

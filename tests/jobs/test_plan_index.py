@@ -97,3 +97,38 @@ def test_nth_chunk_matches_date_chunks(start: date, days: int, n: int, unit: str
     assert [nth_chunk(start, end, f"{n}{unit}", k) for k in range(len(chunks))] == chunks
     with pytest.raises(IndexError):
         nth_chunk(start, end, f"{n}{unit}", len(chunks))
+
+
+def test_a_new_optional_request_key_leaves_the_config_hash_as_it_was() -> None:
+    """Workers of two releases share a run: a release that adds an optional request key (as
+    parse:, validate: and dataset: were added) plans the same requests, so the hash is the same
+    while the key is left unset; a key that changes which requests are planned changes it."""
+    from pydantic import Field, create_model
+
+    from mxm_dataio_async.jobs import JobConfig, config_hash
+    from mxm_dataio_async.jobs._config import RequestSpec
+
+    newer_request = create_model(
+        "NewerRequestSpec", __base__=RequestSpec, added=(str | None, None), flag=(bool, False)
+    )
+    newer_job = create_model(
+        "NewerJobConfig",
+        __base__=JobConfig,
+        requests=(list[newer_request], Field(min_length=1)),  # type: ignore[valid-type]
+    )
+
+    def data(**request: Any) -> dict[str, Any]:
+        entry = {"source": "s", "kind": "k", "endpoint": "/x/{n}", "expand": {"n": [1, 2]}}
+        return {
+            "job": "j",
+            "sources": {"s": {"adapter": "http", "base_url": "http://127.0.0.1:9"}},
+            "requests": [entry | request],
+        }
+
+    def hashed(config: JobConfig) -> str:
+        return config_hash(config, JobPlan(config))
+
+    today = hashed(job_from_data(data()))
+    assert hashed(newer_job.model_validate(data())) == today
+    assert hashed(newer_job.model_validate(data(added="x"))) != today
+    assert hashed(job_from_data(data(endpoint="/y/{n}"))) != today
