@@ -16,18 +16,26 @@ the error (each falls back to its own fetch) and the next wait opens a new conne
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 
 from mxm_dataio_async._exceptions import CoordinationError
 
-if TYPE_CHECKING:
-    from mxm_dataio_async._redis._client import RedisCoordination
+__all__ = ["Channel", "Connection", "Hub"]
 
-__all__ = ["Channel", "Hub"]
+
+class Connection(Protocol):
+    """What the hub needs of the connection it listens on (a ``RedisCoordination``)."""
+
+    @property
+    def client(self) -> Any: ...
+
+    def translate(self, exc: BaseException) -> CoordinationError: ...
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None: ...
 
 
 class Channel:
@@ -76,7 +84,7 @@ class Hub:
 
     __slots__ = ("_channels", "_coordination", "_pubsub", "_reader", "_unconfirmed")
 
-    def __init__(self, coordination: RedisCoordination) -> None:
+    def __init__(self, coordination: Connection) -> None:
         self._coordination = coordination
         self._pubsub: Any = None  # redis-py's PubSub, made by the first listen()
         self._reader: asyncio.Task[None] | None = None

@@ -3,43 +3,42 @@
 Every decision is on the server's clock (``clock_timestamp()``), so workers on hosts with skewed
 clocks agree on whose lease has expired. Claims take chunks with ``FOR UPDATE SKIP LOCKED`` (one
 statement, never one chunk twice). The fence that keeps a stale worker from committing is
-``FENCE_SQL``, run by the writer in the transaction that records the rows: it locks the claimed
-chunks ``FOR SHARE`` while checking owner and lease, so a claim cannot pass to another worker
-between the check and the commit (the other worker's claim skips the locked row until then).
+``FENCE_SQL`` (``_fence.py``), run by the writer in the transaction that records the rows: it
+locks the claimed chunks ``FOR SHARE`` while checking owner and lease, so a claim cannot pass to
+another worker between the check and the commit (the other worker's claim skips the locked row
+until then).
 Rows are locked in chunk order everywhere, so the writer, heartbeats and claims never deadlock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, Protocol, TypeVar
 
 from mxm_dataio_async._exceptions import ClaimLost, RunMismatch
+from mxm_dataio_async._store._postgres._fence import DONE_SQL
 from mxm_dataio_async._store._work import ChunkState, Claim, Mark, RunInfo, RunStatus, WorkerStatus
 
-if TYPE_CHECKING:
-    from mxm_dataio_async._store._postgres._metadata import PostgresMetadata
-
-__all__ = ["DONE_SQL", "FENCE_SQL", "PostgresWorkQueue"]
+__all__ = ["PostgresWorkQueue"]
 
 Connection = Any  # asyncpg.Connection
+T = TypeVar("T")
 
-#: The claims of a batch that still hold, locked until the batch commits: ``$1`` run ids, ``$2``
-#: chunks, ``$3`` owners (one array element per fenced job).
-FENCE_SQL: Final = (
-    "SELECT c.run_id, c.chunk, c.owner FROM job_chunks AS c "
-    "JOIN unnest($1::text[], $2::int[], $3::text[]) AS f (run_id, chunk, owner) "
-    "ON c.run_id = f.run_id AND c.chunk = f.chunk AND c.owner = f.owner "
-    "WHERE c.state = 'claimed' AND c.lease_until > clock_timestamp() "
-    "ORDER BY c.run_id, c.chunk FOR SHARE OF c"
-)
-#: Plan indices done: ``$1`` run ids, ``$2`` indices, ``$3`` sources, ``$4`` response ids,
-#: ``$5`` outcomes (``fetched``: answered upstream and recorded; ``cached``; ``failed``).
-DONE_SQL: Final = (
-    "INSERT INTO job_done (run_id, idx, source, response_id, outcome) "
-    "SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[]) "
-    "ON CONFLICT (run_id, idx) DO NOTHING"
-)
+
+class Pool(Protocol):
+    """Where the queue runs its statements: a ``PostgresMetadata`` (its pool, its error
+    translation and retries)."""
+
+    async def on_connection(
+        self,
+        action: str,
+        fn: Callable[[Connection], Awaitable[T]],
+        *,
+        write: bool = False,
+        retry: bool = True,
+    ) -> T: ...
+
+
 _RUN: Final = (
     "SELECT id, job, config_hash, total, chunk_size, planned, created_at, finished_at "
     "FROM job_runs WHERE id = $1"
@@ -270,11 +269,11 @@ async def _run_status(conn: Connection, run_id: str, *, window: float, ttl: floa
 
 
 class PostgresWorkQueue:
-    """:class:`WorkQueue` over a :class:`PostgresMetadata`'s pool (``metadata.work``)."""
+    """:class:`WorkQueue` over a ``PostgresMetadata``'s pool (``metadata.work``)."""
 
     __slots__ = ("_store",)
 
-    def __init__(self, store: PostgresMetadata) -> None:
+    def __init__(self, store: Pool) -> None:
         self._store = store
 
     async def open_run(

@@ -32,6 +32,7 @@ from typing import Any, Final
 import anyio
 
 from mxm_dataio_async._exceptions import ClaimLost, StoreClosedError, StoreError
+from mxm_dataio_async._store._postgres._fence import DONE_SQL, FENCE_SQL
 from mxm_dataio_async._store._postgres._rows import (
     COLUMNS,
     PAYLOAD_TYPES,
@@ -43,7 +44,6 @@ from mxm_dataio_async._store._postgres._sql import (
     is_transient,
     pg_error,
 )
-from mxm_dataio_async._store._postgres._work import DONE_SQL, FENCE_SQL
 
 __all__ = ["RECORD_SQL", "SESSION_SQL", "Job", "Writer", "batch_args"]
 
