@@ -43,6 +43,8 @@ class Phase:
     server_cpu_s: float | None = None
     max_gap_ms: float | None = None
     """The longest the event loop went without a turn (in-process trials)."""
+    max_gc_ms: float | None = None
+    """The longest garbage collection in the same trial (a cause of loop gaps)."""
     slowest_commit_ms: float | None = None
     """The store's longest commit (in-process trials)."""
 
