@@ -7,10 +7,16 @@ import sys
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from mxm_dataio_async._identity import MAX_DEPTH, canonical_json, check_json, request_hash
+from mxm_dataio_async._identity import (
+    MAX_DEPTH,
+    ascii_json,
+    canonical_json,
+    check_json,
+    request_hash,
+)
 from mxm_dataio_async._redact import Redaction
 from mxm_dataio_async._request import build_request
 
@@ -214,3 +220,71 @@ def test_unicode_labels_work(kind: str, tag: str) -> None:
         return
     r = build_request(session_id="s", source="x", kind=kind, cache_tag=tag)
     assert len(r.hash) == 64
+
+
+# -- orjson (the `fast` extra) writes exactly what the standard library writes --------------------
+
+# Text that finds the differences: ASCII, DEL and controls, non-ASCII, lone surrogates.
+tricky_text = st.text(
+    alphabet=st.sampled_from(
+        ["a", '"', "\\", "/", "\x00", "\x1f", "\x7f", "é", "€", "😀", "\ud83d"]
+    )
+    | st.characters(),
+    max_size=12,
+)
+tricky_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=2**63 - 2, max_value=2**70)  # around orjson's 64-bit limit
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | tricky_text
+)
+tricky_values = st.recursive(
+    tricky_scalars,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(tricky_text, children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+# The differences known when this was written, always tried: floats, DEL, big ints, surrogates.
+KNOWN = ({"a": 1e-05, "b": 1e16}, {"a": "x\x7fy"}, [2**64], {"a": "\ud83d"}, {"é": "é"})
+
+
+@settings(max_examples=600, deadline=None)
+@given(tricky_values)
+@example(KNOWN[0])
+@example(KNOWN[1])
+@example(KNOWN[2])
+@example(KNOWN[3])
+@example(KNOWN[4])
+def test_canonical_json_is_the_standard_librarys_text(value: Any) -> None:
+    checked = check_json(value)
+    expected = json.dumps(
+        checked, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
+    assert canonical_json(checked) == expected
+
+
+@settings(max_examples=600, deadline=None)
+@given(tricky_values)
+@example(KNOWN[0])
+@example(KNOWN[1])
+@example(KNOWN[2])
+@example(KNOWN[3])
+@example(KNOWN[4])
+def test_ascii_json_is_the_standard_librarys_text(value: Any) -> None:
+    assert ascii_json(value) == json.dumps(value, separators=(",", ":"), ensure_ascii=True)
+
+
+def test_orjson_writes_the_common_documents() -> None:
+    """The fast path is taken where it can be (else these tests would pass on the standard
+    library alone): plain documents, headers."""
+    pytest.importorskip("orjson")
+    from mxm_dataio_async import _identity
+
+    assert _identity._orjson_text({"b": [1, "x", None, True], "a": {"c": "d"}}, 0) is not None
+    assert _identity._orjson_text({"a": 1.5}, 0) is None  # floats: the standard library
+    assert _identity._orjson_text({"a": "é"}, 0) is None  # non-ASCII: escaped by it

@@ -9,7 +9,6 @@ Each pragma says why it is set. Connections are opened in autocommit mode
 from __future__ import annotations
 
 import contextlib
-import json
 import sqlite3
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from mxm_dataio_async._exceptions import StoreError
+from mxm_dataio_async._identity import ascii_json
 
 __all__ = [
     "IN_BATCH",
@@ -144,7 +144,7 @@ def storable_text(value: str | None) -> str | None:
 def json_text(value: Any) -> str | None:
     """ASCII JSON: any str, lone surrogates included (aiohttp decodes undecodable header bytes to
     them), is representable; the escapes load back to the same str."""
-    return None if value is None else json.dumps(value, separators=(",", ":"), ensure_ascii=True)
+    return None if value is None else ascii_json(value)
 
 
 def batches(items: Sequence[T], n: int = IN_BATCH) -> Iterator[Sequence[T]]:
