@@ -6,21 +6,25 @@ and replayed offline.
 
 The root holds what making and reading recordings needs. The store's protocols, maintenance
 reports, leases and rate-gate internals are in :mod:`mxm_dataio_async.store`; test helpers
-(``FakeClock``) in :mod:`mxm_dataio_async.testing`.
+(``FakeClock``) in :mod:`mxm_dataio_async.testing`; events, hooks, logging and statistics in
+:mod:`mxm_dataio_async.telemetry`.
 """
 
+import logging as _logging
 import typing as _typing
 import warnings as _warnings
 from importlib import import_module as _import_module
 from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
 
+from mxm_dataio_async._breaker import CircuitBreaker
 from mxm_dataio_async._bulk import FetchOutcome
 from mxm_dataio_async._clock import Clock
 from mxm_dataio_async._exceptions import (
     AdapterNotFound,
     CacheMiss,
     CapabilityError,
+    CircuitOpen,
     CoordinationError,
     DataIOError,
     FetchError,
@@ -73,6 +77,8 @@ __all__ = [
     "CacheMiss",
     "CacheMode",
     "CapabilityError",
+    "CircuitBreaker",
+    "CircuitOpen",
     "Clock",
     "CoordinationError",
     "DataIOError",
@@ -113,6 +119,9 @@ __all__ = [
 
 
 _claim(__name__, __all__, globals(), root=True)
+
+# Silent unless the application configures logging (no "No handlers" fallback to stderr).
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 # Exported from the root in 0.1.0; now imported from their public module. Still served here,
 # with a DeprecationWarning, for one release.

@@ -8,6 +8,7 @@ DataIOError
 ├── CacheMiss            (also LookupError)  only_if_cached and nothing stored
 ├── TransientError                           raised by adapters: "try again", optional retry_after
 ├── FetchError                               final failure of one request (request, attempts, cause)
+│   └── CircuitOpen                          the source's circuit breaker is open: not attempted
 ├── IntegrityError                           stored bytes do not match their checksum
 ├── LeaseHeld                                another run holds the job's lease
 ├── ClaimLost                                a worker's claim on a chunk expired: nothing recorded
@@ -36,6 +37,7 @@ __all__ = [
     "AdapterNotFound",
     "CacheMiss",
     "CapabilityError",
+    "CircuitOpen",
     "ClaimLost",
     "CoordinationError",
     "DataIOError",
@@ -144,6 +146,25 @@ class FetchError(DataIOError):
         self.transport_status = transport_status
         self.response_id = response_id
         self.url = url  # the URL that failed, when an adapter knows it (recorded on the error row)
+
+
+class CircuitOpen(FetchError):
+    """The source's circuit breaker is open (its upstream kept failing): the request failed at
+    once, without calling the adapter or spending rate budget. ``retry_in``: seconds until the
+    breaker lets a probe through. A ``FetchError`` (and so a ``DataIOError``)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        source: str,
+        retry_in: float,
+        request: Request | None = None,
+        attempts: int = 0,
+    ) -> None:
+        super().__init__(message, request=request, attempts=attempts)
+        self.source = source
+        self.retry_in = retry_in
 
 
 class IntegrityError(DataIOError):

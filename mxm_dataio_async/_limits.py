@@ -14,6 +14,12 @@ Design decisions:
   slot, and later waiters are not pushed back by it: cancellation cannot leak anything.
 - The no-wait fast path allocates nothing and creates no task: a few comparisons, one clock read
   (none at all for a limiter without a rate that was never cooled down).
+- An adaptive rate (``RateLimit(..., adaptive=True)``) is AIMD, as TCP's congestion window: the
+  pipeline reports each 429/503 (``slow_down``: the rate times 0.9) and each success
+  (``speed_up``: plus 1/40 of the ceiling per second's worth of successes, up to the ceiling).
+  Only a refusal of a request sent *after* the last decrease lowers it again: the requests
+  already on the wire when the first 429 came back say nothing new. The GCRA simply continues
+  on the new interval.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Final, Protocol, runtime_checkable
 
@@ -39,6 +45,9 @@ __all__ = [
 ]
 
 _NEG_INF: Final = float("-inf")
+_DECREASE: Final = 0.9  # AIMD: the rate after a 429/503, as a fraction of the rate before
+_INCREASE: Final = 1 / 40  # AIMD: of the ceiling, per second's worth of successes
+_FLOOR: Final = 1 / 100  # AIMD: never below this fraction of the ceiling
 
 
 def _finite_number(name: str, value: object) -> float:
@@ -82,6 +91,10 @@ class RateLimit:
     rate: float
     per: float = 1.0
     burst: int = 1
+    adaptive: bool = False
+    """Treat ``rate`` as a ceiling: a 429 or 503 lowers the source's rate multiplicatively,
+    successes raise it back additively (AIMD), so it settles near what the upstream allows
+    instead of pausing the whole source after each refusal (see ``SourceLimiter``)."""
 
     def __post_init__(self) -> None:
         rate = _finite_number("rate", self.rate)
@@ -96,6 +109,8 @@ class RateLimit:
             )
         if self.burst < 1:
             raise ValueError(f"burst must be >= 1, got {self.burst!r}")
+        if not isinstance(self.adaptive, bool):
+            raise TypeError(f"adaptive must be True or False, got {self.adaptive!r}")
 
     @property
     def interval(self) -> float:
@@ -119,6 +134,9 @@ class LimiterStatistics:
     """Grants that had to wait (for concurrency, a cooldown or the rate)."""
     cooldown_remaining: float
     """Seconds until the current cooldown ends (0 if none)."""
+    rate: float | None = field(default=None, compare=False)
+    """The rate in force (requests per ``per`` seconds; below the configured one while an
+    adaptive limit is backing off); ``None`` without a rate limit."""
 
 
 @runtime_checkable
@@ -210,10 +228,12 @@ class SourceLimiter:
         "_capacity_at",
         "_clock",
         "_cooldown_until",
+        "_decreased_at",
         "_in_flight",
         "_interval",
         "_max",
         "_queue",
+        "_rate",
         "_rate_limit",
         "_sleep",
         "_slot",
@@ -255,6 +275,8 @@ class SourceLimiter:
         self._clock = clock
         self._sleep = sleep
         self._slot = _Slot(self)
+        self._rate = None if rate_limit is None else float(rate_limit.rate)  # now (adaptive)
+        self._decreased_at = _NEG_INF
 
     @property
     def rate_limit(self) -> RateLimit | None:
@@ -266,9 +288,49 @@ class SourceLimiter:
         """The configured concurrency cap (``None``: unlimited)."""
         return self._max
 
+    @property
+    def adaptive(self) -> bool:
+        """Whether the rate adapts to 429/503 answers (``RateLimit(adaptive=True)``)."""
+        return self._rate_limit is not None and self._rate_limit.adaptive
+
+    @property
+    def rate(self) -> float | None:
+        """The rate in force, requests per ``rate_limit.per`` seconds (``None``: unlimited)."""
+        return self._rate
+
     def slot(self) -> AbstractAsyncContextManager[None]:
         """An async context manager holding one slot for one real upstream attempt."""
         return self._slot
+
+    def slow_down(self, sent_at: float | None = None) -> tuple[float, float] | None:
+        """An adaptive limit's answer to a 429/503: the rate times 0.9 (not below 1% of the
+        ceiling). ``sent_at`` (on this limiter's clock) is when the refused attempt was let
+        through: one sent before the last decrease does not lower the rate again. Returns
+        ``(before, after)`` when the rate changed."""
+        rl, before = self._rate_limit, self._rate
+        if rl is None or before is None or not rl.adaptive:
+            return None
+        if sent_at is not None and sent_at < self._decreased_at:
+            return None
+        self._decreased_at = self._clock()
+        after = max(before * _DECREASE, rl.rate * _FLOOR)
+        if after == before:
+            return None
+        self._set_rate(rl, after)
+        return before, after
+
+    def speed_up(self) -> None:
+        """An adaptive limit's answer to a success: additive increase toward the ceiling."""
+        rl, rate = self._rate_limit, self._rate
+        if rl is None or rate is None or rate >= rl.rate:
+            return
+        # rl.rate * _INCREASE per second; at `rate` per `per` seconds that is this per success.
+        self._set_rate(rl, min(rl.rate, rate + rl.rate * _INCREASE * rl.per / rate))
+
+    def _set_rate(self, rl: RateLimit, rate: float) -> None:
+        self._rate = rate
+        self._interval = interval = rl.per / rate
+        self._tau = (rl.burst - 1) * interval
 
     def cooldown(self, seconds: float) -> None:
         """Grant no new slot for ``seconds`` from now; extends, never shortens, a current cooldown.
@@ -289,11 +351,14 @@ class SourceLimiter:
             total_acquired=self._total_acquired,
             total_waits=self._total_waits,
             cooldown_remaining=max(0.0, self._cooldown_until - now),
+            rate=self._rate,
         )
 
     def __repr__(self) -> str:
         rl = self._rate_limit
         rate = "None" if rl is None else f"{rl.rate:g}/{float(rl.per)}s burst={rl.burst}"
+        if rl is not None and rl.adaptive:
+            rate += f" adaptive (now {self._rate:.3g})"
         now = self._clock()
         cooldown = self._cooldown_until - now
         extra = f" cooldown={cooldown:.2f}s" if cooldown > 0 else ""

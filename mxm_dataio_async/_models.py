@@ -138,6 +138,9 @@ class ResponseStatus(StrEnum):
     """The acknowledgement of a ``send()``; never served from cache."""
     STREAM_MESSAGE = "stream_message"
     """One message of a ``stream()``, numbered by ``sequence``."""
+    STALE = "stale"
+    """The upstream failed and a stored response answered instead (stale-if-error): the row
+    names it (``adapter_meta["stale_from"]``) and says why (``error``); never served as fresh."""
 
 
 class SessionStatus(StrEnum):
@@ -207,6 +210,9 @@ class Request:
     retry_unsafe: bool = False
     """Retry this request after any transient failure even if its method is not safe to repeat
     (POST, PATCH, or any request with a body): see ``RetryPolicy``."""
+    stale_if_error: float | None = None
+    """Seconds a stored OK response may be past its fetch and still answer when the upstream
+    fails (``inf``: any age; ``None``: never). See ``AsyncSession(stale_if_error=...)``."""
 
     @property
     def unsafe(self) -> bool:
@@ -269,6 +275,9 @@ class Response:
     payload: bytes | None = field(default=None, repr=False, compare=False)
     """The bytes of an ephemeral (``cache_mode="never"``) response, which the store never saw;
     ``None`` for recorded responses (read those with ``AsyncSession.read``)."""
+    stale: bool = field(default=False, compare=False)
+    """Served by stale-if-error: the upstream failed and this stored response (``from_cache``)
+    answered instead; the store has a ``stale`` row saying so."""
 
     @property
     def ok(self) -> bool:

@@ -8,9 +8,13 @@ A fetch reads in the order it runs::
                then record (the recorder, the only writer)
 
 Each stage is a call that returns a value to the next: nothing is handed down to be called back,
-nothing records from a hook, no exception is smuggled. ``send`` (attempted once) and ``stream``
-(one slot held while open) are the other two paths. ``AsyncSession`` owns the lifecycle and
-builds one ``Pipeline`` per session.
+nothing records from a hook, no exception is smuggled. Events (``_events.py``) are reported where
+they happen, only when someone listens (a hook, or a logger enabled at the event's level); the
+source's circuit breaker is asked before each attempt and told each outcome; an adaptive rate
+gate is told each 429/503 and each success; and when the upstream fails for good, a stored
+response within the request's ``stale_if_error`` allowance answers instead. ``send`` (attempted
+once) and ``stream`` (one slot held while open) are the other two paths. ``AsyncSession`` owns
+the lifecycle and builds one ``Pipeline`` per session.
 """
 
 from __future__ import annotations
@@ -19,17 +23,40 @@ from collections.abc import AsyncGenerator
 
 import anyio
 
+from mxm_dataio_async._breaker import BreakerState, Change, Circuit
 from mxm_dataio_async._clock import Clock
 from mxm_dataio_async._coalesce import RequestCoalescer
+from mxm_dataio_async._events import (
+    AttemptFinished,
+    AttemptStarted,
+    BreakerStateChanged,
+    CacheDecided,
+    CooldownStarted,
+    FetchFinished,
+    FetchStarted,
+    RateAdjusted,
+    RetryScheduled,
+    StaleServed,
+    Telemetry,
+)
 from mxm_dataio_async._exceptions import (
     CacheMiss,
+    CircuitOpen,
     DataIOError,
     FetchError,
     StoreError,
     TransientError,
 )
+from mxm_dataio_async._limits import SourceLimiter
 from mxm_dataio_async._models import AdapterResult, Body, Request, Response
-from mxm_dataio_async._policy import Action, Decision, decide, needs_lookup, persists
+from mxm_dataio_async._policy import (
+    Action,
+    Decision,
+    decide,
+    needs_lookup,
+    persists,
+    serves_stale,
+)
 from mxm_dataio_async._recorder import Attempt, Recorder, error_text
 from mxm_dataio_async._registry import SourceEntry
 from mxm_dataio_async._retry import DeadlineExceeded, Retrying, retry_waits_disabled
@@ -42,7 +69,16 @@ __all__ = ["Pipeline"]
 class Pipeline:
     """Fetch, send and stream for one session's source, store and recorder."""
 
-    __slots__ = ("_clock", "_coalescer", "_entry", "_metadata", "_owner", "_recorder", "_store")
+    __slots__ = (
+        "_clock",
+        "_coalescer",
+        "_entry",
+        "_metadata",
+        "_owner",
+        "_recorder",
+        "_store",
+        "_telemetry",
+    )
 
     def __init__(
         self,
@@ -53,6 +89,7 @@ class Pipeline:
         coalescer: RequestCoalescer,
         clock: Clock,
         owner: object,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._entry = entry
         self._store = store
@@ -61,10 +98,60 @@ class Pipeline:
         self._coalescer = coalescer
         self._clock = clock
         self._owner = owner  # the session: its producers are joined before it ends
+        self._telemetry = telemetry if telemetry is not None else Telemetry()
 
     # -- fetch ----------------------------------------------------------------------------------
 
     async def fetch(self, request: Request, *, fence: Fence | None = None) -> Response:
+        telemetry = self._telemetry
+        if not telemetry.wants(FetchFinished):
+            return await self._fetch(request, fence)
+        started = self._clock.monotonic()
+        telemetry.emit(
+            FetchStarted(
+                request.source,
+                request.kind,
+                request.id,
+                request.hash,
+                request.method,
+                request.endpoint,
+            )
+        )
+        try:
+            response = await self._fetch(request, fence)
+        except BaseException as exc:
+            failed = isinstance(exc, Exception)
+            telemetry.emit(
+                FetchFinished(
+                    request.source,
+                    request.kind,
+                    request.id,
+                    request.hash,
+                    "failed" if failed else "cancelled",
+                    getattr(exc, "transport_status", None),
+                    getattr(exc, "attempts", 0),
+                    (self._clock.monotonic() - started) * 1000.0,
+                    0,
+                    error_text(exc) if failed else None,
+                )
+            )
+            raise
+        telemetry.emit(
+            FetchFinished(
+                request.source,
+                request.kind,
+                request.id,
+                request.hash,
+                _outcome(request, response),
+                response.transport_status,
+                0 if response.from_cache else response.attempts,
+                (self._clock.monotonic() - started) * 1000.0,
+                response.size_bytes,
+            )
+        )
+        return response
+
+    async def _fetch(self, request: Request, fence: Fence | None) -> Response:
         recorder = self._recorder
         recorder.began()
         # Plan: look up what is stored (unless the mode never serves it), then decide (pure).
@@ -83,6 +170,18 @@ class Pipeline:
             in_flight=in_flight,
             headers=request.headers,
         )
+        telemetry = self._telemetry
+        if telemetry.wants(CacheDecided):
+            telemetry.emit(
+                CacheDecided(
+                    request.source,
+                    request.kind,
+                    request.id,
+                    request.hash,
+                    decision.action.value,
+                    decision.reason,
+                )
+            )
         if decision.action is Action.SERVE:
             assert decision.cached is not None
             return recorder.served(request, decision.cached)
@@ -97,6 +196,15 @@ class Pipeline:
             response = await self._coalescer.run(
                 key, lambda: self._produce(request, decision, persist, fence), owner=self._owner
             )
+        except FetchError as exc:
+            # Stale-if-error: the upstream failed for good (or its circuit is open), and the
+            # request allows a stored answer of some age instead.
+            if request.stale_if_error is not None and persist and _upstream_failed(exc):
+                stale = await self._stale(request, decision, exc, fence)
+                if stale is not None:
+                    return stale
+            recorder.failed_request()
+            raise
         except DataIOError:
             recorder.failed_request()
             raise
@@ -104,14 +212,50 @@ class Pipeline:
             recorder.joined(request, response, persist=persist)
         return response
 
+    async def _stale(
+        self, request: Request, decision: Decision, error: FetchError, fence: Fence | None
+    ) -> Response | None:
+        """The newest stored OK response, if the request's allowance covers its age: recorded
+        as served stale (a ``stale`` row), returned flagged ``stale``."""
+        allowance = request.stale_if_error
+        assert allowance is not None
+        cached = decision.cached
+        if cached is None:  # bypass, or a duplicate that joined: nothing was looked up yet
+            cached = await self._metadata.latest_response(request.hash)
+        now = self._clock.now()
+        if cached is None or not serves_stale(cached, allowance, now, request.headers):
+            return None
+        age = (now - cached.fetched_at).total_seconds()
+        response = await self._recorder.stale(
+            request, cached, error, age_seconds=age, persist=True, fence=fence
+        )
+        telemetry = self._telemetry
+        if telemetry.wants(StaleServed):
+            telemetry.emit(
+                StaleServed(
+                    request.source,
+                    request.kind,
+                    request.id,
+                    request.hash,
+                    cached.id,
+                    age,
+                    error_text(error),
+                )
+            )
+        return response
+
     async def _produce(
         self, request: Request, decision: Decision, persist: bool, fence: Fence | None
     ) -> Response:
         """Attempts until one answers or the retry schedule gives up, then the recorded answer."""
         recorder, clock, entry = self._recorder, self._clock, self._entry
+        telemetry, circuit = self._telemetry, entry.circuit
         unsafe = request.unsafe and not request.retry_unsafe
         retrying = entry.retry.schedule(clock.monotonic(), unsafe=unsafe)
+        last: Exception | None = None
         while True:
+            if circuit is not None:  # an open circuit: fail fast, no adapter, no rate budget
+                self._admit(circuit, request, retrying.attempts, last)
             number = retrying.begin()
             times = _Times(clock.monotonic())
             try:
@@ -123,9 +267,17 @@ class Pipeline:
                     )
                 break
             except StoreError:
+                if circuit is not None:
+                    circuit.released()
                 raise  # the store failed, not the upstream: nothing to retry or to record
             except Exception as exc:
                 now = clock.monotonic()
+                transient = isinstance(exc, TransientError)
+                if circuit is not None:
+                    if transient:
+                        self._breaker_changed(circuit.failed(now))
+                    else:
+                        circuit.released()
                 body = getattr(exc, "body", None)  # what the upstream said (an API's error detail)
                 answered = await self._store.stage(body) if body and persist else None
                 error_id = await recorder.failed(
@@ -138,14 +290,50 @@ class Pipeline:
                     answered=answered,
                     fence=fence,
                 )
-                hint = exc.retry_after if isinstance(exc, TransientError) else None
-                if hint and not retry_waits_disabled():
-                    entry.gate.cooldown(hint)  # the whole source pauses, not only this request
+                if telemetry.wants(AttemptFinished):
+                    self._attempt_finished(
+                        request, number, "error", exc, times, now, 0, error=error_text(exc)
+                    )
+                if isinstance(exc, TransientError):
+                    self._throttled(exc, times)
                 wait = retrying.next_wait(exc, now)
                 if wait is None:
                     raise retrying.failure(exc, request, response_id=error_id) from exc
+                recorder.retried()
+                if telemetry.wants(RetryScheduled):
+                    telemetry.emit(
+                        RetryScheduled(
+                            request.source,
+                            request.kind,
+                            request.id,
+                            request.hash,
+                            number,
+                            wait,
+                            error_text(exc),
+                            getattr(exc, "transport_status", None),
+                        )
+                    )
+                last = exc
+                if circuit is not None and circuit.state is BreakerState.OPEN:
+                    continue  # it opened: the next admission fails fast, no need to wait first
                 await clock.sleep(wait)
+            except BaseException:
+                if circuit is not None:
+                    circuit.released()  # cancelled: a half-open probe lets the next one probe
+                raise
         result = attempt.result
+        if circuit is not None:
+            self._breaker_changed(circuit.succeeded())  # any answer, a 404 included
+        if entry.adaptive and result.error is None:
+            gate = entry.gate
+            assert isinstance(gate, SourceLimiter)
+            gate.speed_up()
+        if telemetry.wants(AttemptFinished):
+            outcome = "refused" if result.error else "not_modified" if result.not_modified else "ok"
+            now = clock.monotonic()
+            self._attempt_finished(
+                request, number, outcome, result, times, now, attempt.identity()[1], result.error
+            )
         if result.error is not None:
             refused = await recorder.refused(request, attempt, persist=persist, fence=fence)
             raise FetchError(
@@ -160,6 +348,87 @@ class Pipeline:
             assert decision.cached is not None
             return await recorder.revalidated(request, decision.cached, attempt, fence=fence)
         return await recorder.fetched(request, attempt, persist=persist, fence=fence)
+
+    def _admit(
+        self, circuit: Circuit, request: Request, attempts: int, last: Exception | None
+    ) -> None:
+        now = self._clock.monotonic()
+        admitted, change = circuit.admit(now)
+        self._breaker_changed(change)
+        if not admitted:
+            retry_in = circuit.retry_in(now)
+            raise CircuitOpen(
+                f"{request!r}: the circuit breaker of source {request.source!r} is open "
+                f"({circuit.failures} consecutive transient failures); not attempted, a probe "
+                f"goes through in {retry_in:.3g}s",
+                source=request.source,
+                retry_in=retry_in,
+                request=request,
+                attempts=attempts,
+            ) from last
+
+    def _breaker_changed(self, change: Change | None) -> None:
+        if change is not None and self._telemetry.wants(BreakerStateChanged):
+            self._telemetry.emit(
+                BreakerStateChanged(
+                    self._entry.name,
+                    change.old.value,
+                    change.new.value,
+                    change.failures,
+                    change.retry_in,
+                )
+            )
+
+    def _throttled(self, exc: TransientError, times: _Times) -> None:
+        """A transient failure's effect on the whole source: an adaptive gate slows down after
+        a 429/503 (and pauses only for a Retry-After beyond its period, e.g. maintenance); any
+        other gate pauses for the Retry-After."""
+        entry, telemetry = self._entry, self._telemetry
+        hint = exc.retry_after
+        gate = entry.gate
+        if entry.adaptive and exc.transport_status in (429, 503):
+            assert isinstance(gate, SourceLimiter) and gate.rate_limit is not None
+            changed = gate.slow_down(times.admitted)
+            if changed is not None and telemetry.wants(RateAdjusted):
+                reason = f"{exc.transport_status} from the upstream"
+                telemetry.emit(RateAdjusted(entry.name, changed[0], changed[1], reason))
+            if hint is None or hint <= gate.rate_limit.per:
+                return
+        if hint and not retry_waits_disabled():
+            gate.cooldown(hint)  # the whole source pauses, not only this request
+            if telemetry.wants(CooldownStarted):
+                status = exc.transport_status
+                reason = f"Retry-After {hint:g}s" + (f" with a {status}" if status else "")
+                telemetry.emit(CooldownStarted(entry.name, hint, status, reason))
+
+    def _attempt_finished(
+        self,
+        request: Request,
+        number: int,
+        outcome: str,
+        answer: object,
+        times: _Times,
+        now: float,
+        size: int,
+        error: str | None,
+    ) -> None:
+        elapsed = getattr(answer, "elapsed_ms", None)
+        self._telemetry.emit(
+            AttemptFinished(
+                request.source,
+                request.kind,
+                request.id,
+                request.hash,
+                number,
+                outcome,
+                getattr(answer, "transport_status", None),
+                elapsed if isinstance(elapsed, float) else times.elapsed_ms(now),
+                times.wait_ms(now),
+                size,
+                error,
+                self._entry.redaction.url(getattr(answer, "url", None)),
+            )
+        )
 
     async def _bounded_attempt(
         self,
@@ -188,7 +457,15 @@ class Pipeline:
         entry, clock = self._entry, self._clock
         revalidating = decision.action is Action.REVALIDATE and entry.can_revalidate
         async with entry.gate.slot():
-            times.admitted = clock.monotonic()
+            times.admitted = admitted = clock.monotonic()
+            telemetry = self._telemetry
+            if telemetry.wants(AttemptStarted):
+                wait = (admitted - times.started) * 1000.0
+                telemetry.emit(
+                    AttemptStarted(
+                        request.source, request.kind, request.id, request.hash, number, wait
+                    )
+                )
             if revalidating:
                 assert decision.cached is not None
                 raw = await entry.adapter.revalidate(request, decision.cached)
@@ -327,6 +604,22 @@ class _Times:
 
     def elapsed_ms(self, now: float) -> float:
         return 0.0 if self.admitted is None else (now - self.admitted) * 1000.0
+
+
+def _outcome(request: Request, response: Response) -> str:
+    if response.stale:
+        return "stale"
+    if response.from_cache:
+        return "cached"
+    if response.request_id != request.id:
+        return "joined"
+    return "revalidated" if response.revalidated_from else "fetched"
+
+
+def _upstream_failed(error: FetchError) -> bool:
+    """The upstream failed (transient errors until the retries gave up, or an open circuit), as
+    opposed to answering with a refusal (a 404 is an answer, never replaced by a stale copy)."""
+    return isinstance(error, CircuitOpen) or isinstance(error.__cause__, TransientError)
 
 
 def _flight_key(request: Request, persist: bool) -> tuple[str, bool, str]:

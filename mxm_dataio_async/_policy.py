@@ -24,6 +24,7 @@ __all__ = [
     "joins_in_flight",
     "needs_lookup",
     "persists",
+    "serves_stale",
 ]
 
 
@@ -64,6 +65,17 @@ def is_fresh(cached: Response, ttl: float | None, now: datetime) -> bool:
     if ttl is None:
         return True
     return (now - cached.fetched_at).total_seconds() <= ttl
+
+
+def serves_stale(
+    cached: Response, allowance: float, now: datetime, headers: Mapping[str, str] | None
+) -> bool:
+    """Stale-if-error: whether ``cached`` (the newest stored OK response) may answer a request
+    whose upstream failed, at most ``allowance`` seconds after it was fetched (``inf``: any age),
+    and only if it answers the request's headers (``Vary``)."""
+    if not cached.ok or not answers(cached, headers or {}):
+        return False
+    return (now - cached.fetched_at).total_seconds() <= allowance
 
 
 def answers(cached: Response, headers: Mapping[str, str]) -> bool:

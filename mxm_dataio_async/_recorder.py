@@ -16,6 +16,7 @@ from typing import Any, Final
 import anyio
 
 from mxm_dataio_async._clock import Clock
+from mxm_dataio_async._events import ResponseRecorded, Telemetry
 from mxm_dataio_async._models import (
     AdapterResult,
     Request,
@@ -87,16 +88,51 @@ class Attempt:
 class Recorder:
     """Records one session: its row, its requests' rows and counts (``session`` shows them)."""
 
-    __slots__ = ("_clock", "_counts", "_metadata", "_record", "_redaction")
+    __slots__ = (
+        "_clock",
+        "_counts",
+        "_metadata",
+        "_record",
+        "_redaction",
+        "_telemetry",
+        "_wait_ms",
+    )
 
     def __init__(
-        self, metadata: MetadataStore, session: Session, redaction: Redaction, clock: Clock
+        self,
+        metadata: MetadataStore,
+        session: Session,
+        redaction: Redaction,
+        clock: Clock,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._metadata = metadata
         self._record = session
         self._redaction = redaction
         self._clock = clock
-        self._counts = {"requests": 0, "responses": 0, "cache_hits": 0, "errors": 0, "bytes": 0}
+        self._telemetry = telemetry if telemetry is not None else Telemetry()
+        self._wait_ms = 0.0
+        self._counts = {
+            "requests": 0,
+            "responses": 0,
+            "cache_hits": 0,
+            "errors": 0,
+            "bytes": 0,
+            "fetched": 0,
+            "retries": 0,
+            "stale": 0,
+        }
+
+    @property
+    def counts(self) -> Mapping[str, int]:
+        """The live counters (requests, fetched, cache_hits, retries, errors, stale, bytes...),
+        for ``AsyncSession.statistics()``."""
+        return self._counts
+
+    @property
+    def wait_ms(self) -> float:
+        """Milliseconds the fetched answers' attempts waited for the rate gate, in total."""
+        return self._wait_ms
 
     @property
     def session(self) -> Session:
@@ -148,6 +184,10 @@ class Recorder:
         """A request ended in an error (``FetchError``, ``CacheMiss``...)."""
         self._counts["errors"] += 1
 
+    def retried(self) -> None:
+        """An attempt failed and another is scheduled."""
+        self._counts["retries"] += 1
+
     # -- storage redaction, the one place ------------------------------------------------------
 
     def stored(self, request: Request) -> Request:
@@ -192,7 +232,11 @@ class Recorder:
             payload=attempt.data,
             vary=vary_of(attempt.result.headers, request.headers),
         )
-        self._counts["bytes"] += size
+        counts = self._counts
+        counts["bytes"] += size
+        counts["fetched"] += 1
+        if attempt.wait_ms:
+            self._wait_ms += attempt.wait_ms
         await self._commit(request, response, attempt.staged, persist=persist, fence=fence)
         return response
 
@@ -215,6 +259,36 @@ class Recorder:
         )
         await self._commit(request, response, None, persist=True, fence=fence)
         return response
+
+    async def stale(
+        self,
+        request: Request,
+        cached: Response,
+        error: BaseException,
+        *,
+        age_seconds: float,
+        persist: bool,
+        fence: Fence | None = None,
+    ) -> Response:
+        """Stale-if-error: the upstream failed and ``cached`` answers instead. A ``stale`` row
+        says so (which response, how old, after what error); the caller gets ``cached`` with
+        ``from_cache`` and ``stale`` set."""
+        self._counts["stale"] += 1
+        row = self._response(
+            request,
+            ResponseStatus.STALE,
+            cached.checksum,
+            cached.size_bytes,
+            None,
+            number=getattr(error, "attempts", 0) or 0,
+            error=error_text(error),
+            transport_status=getattr(error, "transport_status", None),
+            content_type=cached.content_type,
+            encoding=cached.encoding,
+            meta={"stale_from": cached.id, "age_seconds": round(age_seconds, 3)},
+        )
+        await self._commit(request, row, None, persist=persist, fence=fence)
+        return replace(served_from_cache(cached), stale=True)
 
     async def refused(
         self, request: Request, attempt: Attempt, *, persist: bool, fence: Fence | None = None
@@ -357,6 +431,20 @@ class Recorder:
                 fence=fence,
             )
         )
+        telemetry = self._telemetry  # after the commit: the row is durable
+        if telemetry.wants(ResponseRecorded):
+            telemetry.emit(
+                ResponseRecorded(
+                    request.source,
+                    request.kind,
+                    request.id,
+                    request.hash,
+                    response.id,
+                    response.status.value,
+                    response.attempt,
+                    response.size_bytes,
+                )
+            )
 
     def _response(
         self,
@@ -379,10 +467,10 @@ class Recorder:
         url: str | None = None,
         wait_ms: float | None = None,
         vary: Mapping[str, str] | None = None,
+        meta: Mapping[str, Any] | None = None,
     ) -> Response:
         red = self._redaction
         result = None
-        meta = None
         if attempt is not None:
             result = attempt.result
             number = attempt.number

@@ -11,14 +11,17 @@ here, in one place; nothing else knows whether Redis is involved.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
 
+from mxm_dataio_async._breaker import Circuit, CircuitBreaker
 from mxm_dataio_async._clock import SYSTEM_CLOCK, Clock
 from mxm_dataio_async._coalesce import Coalescer
+from mxm_dataio_async._events import Hook
 from mxm_dataio_async._exceptions import AdapterNotFound
 from mxm_dataio_async._limits import RateGate, RateLimit, SourceLimiter
 from mxm_dataio_async._redact import Redaction
@@ -55,6 +58,8 @@ class SourceEntry:
     can_send: bool = field(default=False)
     can_stream: bool = field(default=False)
     can_revalidate: bool = field(default=False)
+    circuit: Circuit | None = field(default=None)  # the source's breaker, if it has one
+    adaptive: bool = field(default=False)  # its gate adapts its rate to 429/503 answers
 
 
 class Registry:
@@ -75,13 +80,23 @@ class Registry:
     :class:`~mxm_dataio_async.redis.RedisRateGate` (the rate and cooldowns global, the
     concurrency cap per process), and coalescing reaches across processes. The registry closes
     that Redis client in ``aclose()``.
+
+    ``hooks`` (or ``add_hook``) are called with every event of every session created on this
+    registry afterwards (see :mod:`mxm_dataio_async.telemetry`).
     """
 
     def __init__(
-        self, *, clock: Clock = SYSTEM_CLOCK, redis: RedisCoordination | str | None = None
+        self,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        redis: RedisCoordination | str | None = None,
+        hooks: Iterable[Hook] = (),
     ) -> None:
         self.clock = clock
         self.redis = _coordination(redis)
+        self.hooks: list[Hook] = []
+        for hook in hooks:
+            self.add_hook(hook)
         self._entries: dict[str, SourceEntry] = {}
         self._coalescers: weakref.WeakKeyDictionary[
             object, Coalescer[tuple[str, bool, str], Response]
@@ -90,6 +105,12 @@ class Registry:
 
     def __repr__(self) -> str:
         return f"<Registry {', '.join(self._entries) or '(empty)'}>"
+
+    def add_hook(self, hook: Hook) -> None:
+        """Call ``hook`` with every event of the sessions created on this registry from now on."""
+        if not callable(hook):
+            raise TypeError(f"a hook must be callable with an event, got {type(hook).__name__}")
+        self.hooks.append(hook)
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -106,13 +127,15 @@ class Registry:
         max_concurrency: int | None = None,
         retry: RetryPolicy | None = None,
         gate: RateGate | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         """Register ``adapter`` under ``name``. A taken name raises ``ValueError``.
 
         ``rate_limit`` and ``max_concurrency`` build the source's gate on the registry's clock:
         in-process (a :class:`SourceLimiter`), or shared by every process
         (a ``RedisRateGate``) when the registry has a Redis; ``gate`` passes one of your own
-        instead (any :class:`RateGate`).
+        instead (any :class:`RateGate`). ``breaker`` (a :class:`CircuitBreaker`) stops calling
+        the source while it keeps failing (off by default).
         """
         if not isinstance(name, str) or not name:
             raise TypeError(f"source name must be a non-empty str, got {name!r}")
@@ -124,6 +147,13 @@ class Registry:
             raise TypeError(f"rate_limit must be a RateLimit, got {type(rate_limit).__name__}")
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise TypeError(f"retry must be a RetryPolicy, got {type(retry).__name__}")
+        if breaker is not None and not isinstance(breaker, CircuitBreaker):
+            raise TypeError(f"breaker must be a CircuitBreaker, got {type(breaker).__name__}")
+        if rate_limit is not None and rate_limit.adaptive and self.redis is not None:
+            raise ValueError(
+                f"source {name!r}: an adaptive rate limit is per process and cannot be shared "
+                "through Redis; drop adaptive=True or register it on a registry without redis="
+            )
         if gate is not None:
             if not isinstance(gate, RateGate):
                 raise TypeError(
@@ -144,13 +174,17 @@ class Registry:
             )
         extra = getattr(adapter, "redaction", None)
         redaction = Redaction().merge(extra) if isinstance(extra, Redaction) else Redaction()
+        if gate is None:
+            gate = self._gate(name, rate_limit, max_concurrency)
         self._entries[name] = SourceEntry(
             name=name,
             adapter=adapter,
-            gate=gate if gate is not None else self._gate(name, rate_limit, max_concurrency),
+            gate=gate,
             retry=retry if retry is not None else DEFAULT_RETRY,
             redaction=redaction,
             **caps,
+            circuit=None if breaker is None else Circuit(breaker),
+            adaptive=isinstance(gate, SourceLimiter) and gate.adaptive,
         )
 
     def _gate(
@@ -261,10 +295,16 @@ def register(
     rate_limit: RateLimit | None = None,
     max_concurrency: int | None = None,
     retry: RetryPolicy | None = None,
+    breaker: CircuitBreaker | None = None,
 ) -> None:
     """Register ``adapter`` under ``name`` in the default registry."""
     default_registry.register(
-        name, adapter, rate_limit=rate_limit, max_concurrency=max_concurrency, retry=retry
+        name,
+        adapter,
+        rate_limit=rate_limit,
+        max_concurrency=max_concurrency,
+        retry=retry,
+        breaker=breaker,
     )
 
 

@@ -10,7 +10,7 @@ from mxm_dataio_async._identity import JSONValue, check_json, request_hash
 from mxm_dataio_async._models import CacheMode, Request, new_id, utcnow
 from mxm_dataio_async._redact import Redaction
 
-__all__ = ["build_request", "check_cache_mode", "check_ttl"]
+__all__ = ["build_request", "check_cache_mode", "check_stale_if_error", "check_ttl"]
 
 _DEFAULT_REDACTION = Redaction()
 
@@ -29,6 +29,22 @@ def check_ttl(ttl: float | None, where: str = "ttl") -> float | None:
             f"{where} must be a finite number of seconds >= 0 (or None for no expiry), got {ttl!r}"
         )
     return seconds
+
+
+def check_stale_if_error(value: float | bool | None) -> float | None:
+    """A stale-if-error allowance as seconds: ``True`` is any age (``inf``), ``None`` or
+    ``False`` none."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return math.inf
+    if not isinstance(value, int | float):
+        raise TypeError(
+            f"stale_if_error must be seconds, True (any age) or None, not {type(value).__name__}"
+        )
+    if math.isinf(value) and value > 0:
+        return math.inf
+    return check_ttl(value, "stale_if_error")
 
 
 def check_cache_mode(mode: CacheMode | str) -> CacheMode:
@@ -82,6 +98,7 @@ def build_request(
     cache_mode: CacheMode | str = CacheMode.DEFAULT,
     redaction: Redaction = _DEFAULT_REDACTION,
     retry_unsafe: bool = False,
+    stale_if_error: float | None = None,
 ) -> Request:
     """Validate inputs and compute identity. Raises ``TypeError``/``ValueError`` on bad input.
 
@@ -144,4 +161,5 @@ def build_request(
         hash=digest,
         created_at=utcnow(),
         retry_unsafe=retry_unsafe,
+        stale_if_error=stale_if_error,
     )

@@ -21,6 +21,7 @@ import anyio.abc
 
 from mxm_dataio_async._bulk import FetchOutcome, fetch_many
 from mxm_dataio_async._clock import Clock
+from mxm_dataio_async._events import Hook, Telemetry
 from mxm_dataio_async._exceptions import CapabilityError, StoreClosedError, UsageError
 from mxm_dataio_async._lifecycle import State
 from mxm_dataio_async._models import (
@@ -35,7 +36,13 @@ from mxm_dataio_async._models import (
 from mxm_dataio_async._pipeline import Pipeline
 from mxm_dataio_async._recorder import Recorder
 from mxm_dataio_async._registry import Registry, SourceEntry, default_registry
-from mxm_dataio_async._request import build_request, check_cache_mode, check_ttl
+from mxm_dataio_async._request import (
+    build_request,
+    check_cache_mode,
+    check_stale_if_error,
+    check_ttl,
+)
+from mxm_dataio_async._statistics import SourceStatistics, statistics_of
 from mxm_dataio_async._store import Store
 from mxm_dataio_async._store._work import Fence
 
@@ -55,6 +62,12 @@ class AsyncSession:
     open Store, or ``root=`` to have the session open and close its own. Sessions sharing a
     Registry and a Store share the source's rate gate and coalesce duplicate fetches with each
     other; ``clock`` defaults to the registry's.
+
+    ``stale_if_error`` (seconds, or ``True`` for any age): when the upstream fails after its
+    retries, or the source's circuit breaker is open, answer with the newest stored OK response
+    no older than that, flagged ``Response.stale`` and recorded as a ``stale`` row;
+    ``request(..., stale_if_error=...)`` overrides it. ``hooks`` are called with every event
+    of this session, after the registry's (see :mod:`mxm_dataio_async.telemetry`).
     """
 
     def __init__(
@@ -70,6 +83,8 @@ class AsyncSession:
         cache_tag: str | None = None,
         as_of: str | None = None,
         clock: Clock | None = None,
+        stale_if_error: float | bool | None = None,
+        hooks: Iterable[Hook] = (),
     ) -> None:
         if not isinstance(source, str) or not source:
             raise TypeError(f"source must be a non-empty str, got {source!r}")
@@ -87,6 +102,11 @@ class AsyncSession:
         self.ttl = check_ttl(ttl)
         self.as_of_bucket = as_of_bucket
         self.cache_tag = cache_tag
+        self.stale_if_error = check_stale_if_error(stale_if_error)
+        hooks = (*self._registry.hooks, *hooks)
+        if not all(callable(hook) for hook in hooks):
+            raise TypeError("hooks must be callables taking an event")
+        telemetry = Telemetry(hooks)
         self._state = State.UNOPENED
         self.id = new_session_id()
         """The session's id (``session.id``): every request it builds carries it."""
@@ -107,7 +127,9 @@ class AsyncSession:
             as_of_bucket=as_of_bucket,
             cache_tag=cache_tag,
         )
-        self._recorder = Recorder(self._store.metadata, record, self._entry.redaction, self._clock)
+        self._recorder = Recorder(
+            self._store.metadata, record, self._entry.redaction, self._clock, telemetry
+        )
         self._pipeline = Pipeline(
             entry=self._entry,
             store=self._store,
@@ -115,7 +137,9 @@ class AsyncSession:
             coalescer=self._registry.coalescer(self._store),
             clock=self._clock,
             owner=self,
+            telemetry=telemetry,
         )
+        self._started = self._clock.monotonic()
         self._stack: AsyncExitStack | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._bulk_scopes: set[anyio.CancelScope] = set()
@@ -135,6 +159,12 @@ class AsyncSession:
     def session(self) -> Session:
         """The persisted Session record (with the live counts while open)."""
         return self._recorder.session
+
+    def statistics(self) -> SourceStatistics:
+        """Live counts of this session and the state of its source: requests, fetched, cache
+        hits, retries, failures, stale answers, bytes, the achieved rate of upstream fetches,
+        time spent waiting for the rate gate, the gate's snapshot and the breaker's state."""
+        return statistics_of(self._recorder, self._entry, self._clock.monotonic() - self._started)
 
     @property
     def store(self) -> Store:
@@ -229,6 +259,7 @@ class AsyncSession:
         ttl: float | UseSessionDefault | None = USE_SESSION_DEFAULT,
         cache_mode: CacheMode | str | UseSessionDefault = USE_SESSION_DEFAULT,
         retry_unsafe: bool = False,
+        stale_if_error: float | bool | UseSessionDefault | None = USE_SESSION_DEFAULT,
     ) -> Request:
         """Build a request (validated, identity computed; no I/O).
 
@@ -236,6 +267,7 @@ class AsyncSession:
         ``None`` explicitly to clear one. Non-JSON params or body raise ``TypeError`` or
         ``ValueError``. ``retry_unsafe=True``: retry this POST/PATCH (or request with a body)
         after any transient failure, as if it were safe to repeat (see ``RetryPolicy``).
+        ``stale_if_error`` (seconds, ``True``, or ``None``) overrides the session's.
         """
         if self._state is State.CLOSED:
             self._require_open()
@@ -256,6 +288,9 @@ class AsyncSession:
             cache_mode=self.cache_mode if isinstance(cache_mode, UseSessionDefault) else cache_mode,
             redaction=self._entry.redaction,
             retry_unsafe=retry_unsafe,
+            stale_if_error=self.stale_if_error
+            if isinstance(stale_if_error, UseSessionDefault)
+            else check_stale_if_error(stale_if_error),
         )
 
     def _check_request(self, request: Request) -> None:

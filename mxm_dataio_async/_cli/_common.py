@@ -142,9 +142,44 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+_log_handler: Any = None
+
+
+def show_logs(verbose: bool, json_lines: bool) -> None:
+    """``-v``: the library's logs (retries, cooldowns, breakers, stale answers; INFO and up) on
+    stderr; ``--log-json``: the same as JSON lines with every event field. Once per process."""
+    global _log_handler
+    if not (verbose or json_lines):
+        return
+    import logging
+
+    from mxm_dataio_async.telemetry import configure_logging
+
+    logger = logging.getLogger("mxm_dataio_async")
+    if _log_handler is not None:
+        logger.removeHandler(_log_handler)
+    _log_handler = configure_logging(logging.INFO, json_lines=json_lines)
+
+
+LogJsonOption = Annotated[
+    bool,
+    typer.Option(
+        "--log-json", help="Write the library's logs to stderr as JSON lines (one per event)."
+    ),
+]
+
+
 @app.callback()
 def _main(
-    verbose: VerboseOption = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="On error, show the details (traceback); show the library's logs on stderr.",
+        ),
+    ] = False,
+    log_json: LogJsonOption = False,
     version: Annotated[
         bool,
         typer.Option(
@@ -161,6 +196,7 @@ def _main(
     """
     global _verbose
     _verbose = verbose
+    show_logs(verbose, log_json)
 
 
 @contextlib.contextmanager

@@ -42,6 +42,7 @@ from mxm_dataio_async._cli._common import (
     app,
     console,
     err_console,
+    show_logs,
 )
 
 if TYPE_CHECKING:
@@ -314,6 +315,7 @@ def run_command(
         run_job,
     )
 
+    show_logs(verbose, False)
     with _errors(verbose):
         if store_url is not None and root is not None:
             raise ValueError("give --store or --root, not both (--root is a store folder)")

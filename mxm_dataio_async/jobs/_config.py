@@ -131,6 +131,16 @@ class RateLimitSpec(_Model):
     rate: float = Field(gt=0)
     per: float = Field(default=1.0, gt=0)
     burst: int = Field(default=1, ge=1)
+    adaptive: bool = False
+    """``rate`` is a ceiling: 429/503 answers lower it, successes raise it back (AIMD)."""
+
+
+class BreakerSpec(_Model):
+    """A circuit breaker (``dio.CircuitBreaker``): after ``failures`` consecutive transient
+    failures the source fails fast for ``reset_after`` seconds, then one probe goes through."""
+
+    failures: int = Field(default=5, ge=1)
+    reset_after: float = Field(default=30.0, gt=0)
 
 
 class RetrySpec(_Model):
@@ -150,6 +160,10 @@ class _SourceBase(_Model):
     max_concurrency: int | None = Field(default=None, ge=1)
     retry: RetrySpec | None = None
     concurrency: int | None = Field(default=None, ge=1)
+    breaker: BreakerSpec | None = None
+    stale_if_error: float | bool | None = None
+    """Seconds (or ``true``: any age) a stored answer may be old and still answer when the
+    upstream fails (``AsyncSession(stale_if_error=...)``)."""
 
 
 class HttpSource(_SourceBase):
@@ -501,6 +515,8 @@ def _model_at(parent: tuple[int | str, ...]) -> type[BaseModel] | None:
             return RateLimitSpec
         case ("sources", str(), str(), "retry"):
             return RetrySpec
+        case ("sources", str(), str(), "breaker"):
+            return BreakerSpec
         case ("requests", int()):
             return RequestSpec
         case ("requests", int(), "parse"):

@@ -450,7 +450,11 @@ async def _run_sources(
             counter = counters[name]
             counter.started = time.perf_counter()
             async with AsyncSession(
-                name, store=store, registry=registry, as_of=f"job:{config.job}"
+                name,
+                store=store,
+                registry=registry,
+                as_of=f"job:{config.job}",
+                stale_if_error=config.sources[name].stale_if_error,
             ) as session:
                 sessions.append(session)
                 counter.session_id = session.session.id

@@ -11,12 +11,14 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from mxm_dataio_async._breaker import CircuitBreaker
 from mxm_dataio_async._limits import RateLimit
 from mxm_dataio_async._registry import Registry
 from mxm_dataio_async._retry import RetryPolicy
 from mxm_dataio_async.adapters.files import FileAdapter
 from mxm_dataio_async.adapters.http import HttpAdapter
 from mxm_dataio_async.jobs._config import (
+    BreakerSpec,
     FileSource,
     HttpSource,
     JobConfig,
@@ -105,7 +107,13 @@ def resolve_factory(path: str, folder: str | os.PathLike[str] | None = None) -> 
 
 
 def _rate_limit(spec: RateLimitSpec | None) -> RateLimit | None:
-    return None if spec is None else RateLimit(spec.rate, per=spec.per, burst=spec.burst)
+    if spec is None:
+        return None
+    return RateLimit(spec.rate, per=spec.per, burst=spec.burst, adaptive=spec.adaptive)
+
+
+def _breaker(spec: BreakerSpec | None) -> CircuitBreaker | None:
+    return None if spec is None else CircuitBreaker(spec.failures, spec.reset_after)
 
 
 def _retry(spec: RetrySpec | None) -> RetryPolicy | None:
@@ -210,4 +218,5 @@ async def register_sources(registry: Registry, config: JobConfig, names: list[st
             rate_limit=_rate_limit(spec.rate_limit),
             max_concurrency=spec.max_concurrency,
             retry=_retry(spec.retry),
+            breaker=_breaker(spec.breaker),
         )

@@ -339,7 +339,13 @@ class _Worker:
         async with AsyncExitStack() as stack:
             for source in self.plan.sources:
                 self.sessions[source] = await stack.enter_async_context(
-                    AsyncSession(source, store=store, registry=registry, as_of=f"run:{self.run_id}")
+                    AsyncSession(
+                        source,
+                        store=store,
+                        registry=registry,
+                        as_of=f"run:{self.run_id}",
+                        stale_if_error=self.config.sources[source].stale_if_error,
+                    )
                 )
             async with anyio.create_task_group() as tg:
                 while True:
