@@ -103,11 +103,81 @@ class Pipeline:
     # -- fetch ----------------------------------------------------------------------------------
 
     async def fetch(self, request: Request, *, fence: Fence | None = None) -> Response:
-        telemetry = self._telemetry
-        if not telemetry.wants(FetchFinished):
-            return await self._fetch(request, fence)
-        started = self._clock.monotonic()
-        telemetry.emit(
+        recorder, telemetry = self._recorder, self._telemetry
+        recorder.began()
+        started = self._fetch_started(request) if telemetry.wants(FetchFinished) else None
+        try:
+            # Plan: look up what is stored (unless the mode never serves it), then decide (pure).
+            mode = request.cache_mode
+            persist = persists(mode)
+            key = _flight_key(request, persist)
+            in_flight = self._coalescer.waiters(key) > 0
+            cached = None
+            if needs_lookup(mode, in_flight=in_flight):
+                cached = await self._metadata.latest_response(request.hash)
+            decision = decide(
+                mode,
+                cached,
+                ttl=request.ttl_seconds,
+                now=self._clock.now(),
+                in_flight=in_flight,
+                headers=request.headers,
+            )
+            if telemetry.wants(CacheDecided):
+                telemetry.emit(
+                    CacheDecided(
+                        request.source,
+                        request.kind,
+                        request.id,
+                        request.hash,
+                        decision.action.value,
+                        decision.reason,
+                    )
+                )
+            if decision.action is Action.SERVE:
+                assert decision.cached is not None
+                response = recorder.served(request, decision.cached)
+            elif decision.action is Action.MISS:
+                recorder.failed_request()
+                raise CacheMiss(
+                    f"{request!r}: cache_mode=only_if_cached and no stored response",
+                    request=request,
+                )
+            else:
+                # Coalesce: one producer per request identity, shared by every session on this
+                # Registry and Store.
+                try:
+                    response = await self._coalescer.run(
+                        key,
+                        lambda: self._produce(request, decision, persist, fence),
+                        owner=self._owner,
+                    )
+                except FetchError as exc:
+                    # Stale-if-error: the upstream failed for good (or its circuit is open), and
+                    # the request allows a stored answer of some age instead.
+                    stale = None
+                    if request.stale_if_error is not None and persist and _upstream_failed(exc):
+                        stale = await self._stale(request, decision, exc, fence)
+                    if stale is None:
+                        recorder.failed_request()
+                        raise
+                    response = stale
+                except DataIOError:
+                    recorder.failed_request()
+                    raise
+                else:
+                    if response.request_id != request.id:
+                        recorder.joined(request, response, persist=persist)
+        except BaseException as exc:
+            if started is not None:
+                self._fetch_finished(request, started, None, exc)
+            raise
+        if started is not None:
+            self._fetch_finished(request, started, response, None)
+        return response
+
+    def _fetch_started(self, request: Request) -> float:
+        self._telemetry.emit(
             FetchStarted(
                 request.source,
                 request.kind,
@@ -117,27 +187,18 @@ class Pipeline:
                 request.endpoint,
             )
         )
-        try:
-            response = await self._fetch(request, fence)
-        except BaseException as exc:
-            failed = isinstance(exc, Exception)
-            telemetry.emit(
-                FetchFinished(
-                    request.source,
-                    request.kind,
-                    request.id,
-                    request.hash,
-                    "failed" if failed else "cancelled",
-                    getattr(exc, "transport_status", None),
-                    getattr(exc, "attempts", 0),
-                    (self._clock.monotonic() - started) * 1000.0,
-                    0,
-                    error_text(exc) if failed else None,
-                )
-            )
-            raise
-        telemetry.emit(
-            FetchFinished(
+        return self._clock.monotonic()
+
+    def _fetch_finished(
+        self,
+        request: Request,
+        started: float,
+        response: Response | None,
+        exc: BaseException | None,
+    ) -> None:
+        elapsed = (self._clock.monotonic() - started) * 1000.0
+        if response is not None:
+            event = FetchFinished(
                 request.source,
                 request.kind,
                 request.id,
@@ -145,72 +206,24 @@ class Pipeline:
                 _outcome(request, response),
                 response.transport_status,
                 0 if response.from_cache else response.attempts,
-                (self._clock.monotonic() - started) * 1000.0,
+                elapsed,
                 response.size_bytes,
             )
-        )
-        return response
-
-    async def _fetch(self, request: Request, fence: Fence | None) -> Response:
-        recorder = self._recorder
-        recorder.began()
-        # Plan: look up what is stored (unless the mode never serves it), then decide (pure).
-        mode = request.cache_mode
-        persist = persists(mode)
-        key = _flight_key(request, persist)
-        in_flight = self._coalescer.waiters(key) > 0
-        cached = None
-        if needs_lookup(mode, in_flight=in_flight):
-            cached = await self._metadata.latest_response(request.hash)
-        decision = decide(
-            mode,
-            cached,
-            ttl=request.ttl_seconds,
-            now=self._clock.now(),
-            in_flight=in_flight,
-            headers=request.headers,
-        )
-        telemetry = self._telemetry
-        if telemetry.wants(CacheDecided):
-            telemetry.emit(
-                CacheDecided(
-                    request.source,
-                    request.kind,
-                    request.id,
-                    request.hash,
-                    decision.action.value,
-                    decision.reason,
-                )
+        else:
+            failed = isinstance(exc, Exception)
+            event = FetchFinished(
+                request.source,
+                request.kind,
+                request.id,
+                request.hash,
+                "failed" if failed else "cancelled",
+                getattr(exc, "transport_status", None),
+                getattr(exc, "attempts", 0),
+                elapsed,
+                0,
+                error_text(exc) if failed and exc is not None else None,
             )
-        if decision.action is Action.SERVE:
-            assert decision.cached is not None
-            return recorder.served(request, decision.cached)
-        if decision.action is Action.MISS:
-            recorder.failed_request()
-            raise CacheMiss(
-                f"{request!r}: cache_mode=only_if_cached and no stored response", request=request
-            )
-        # Coalesce: one producer per request identity, shared by every session on this
-        # Registry and Store.
-        try:
-            response = await self._coalescer.run(
-                key, lambda: self._produce(request, decision, persist, fence), owner=self._owner
-            )
-        except FetchError as exc:
-            # Stale-if-error: the upstream failed for good (or its circuit is open), and the
-            # request allows a stored answer of some age instead.
-            if request.stale_if_error is not None and persist and _upstream_failed(exc):
-                stale = await self._stale(request, decision, exc, fence)
-                if stale is not None:
-                    return stale
-            recorder.failed_request()
-            raise
-        except DataIOError:
-            recorder.failed_request()
-            raise
-        if response.request_id != request.id:
-            recorder.joined(request, response, persist=persist)
-        return response
+        self._telemetry.emit(event)
 
     async def _stale(
         self, request: Request, decision: Decision, error: FetchError, fence: Fence | None
