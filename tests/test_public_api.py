@@ -13,6 +13,7 @@ import pytest
 import mxm_dataio_async as dio
 import mxm_dataio_async.adapters as dio_adapters
 import mxm_dataio_async.datasets as dio_datasets
+import mxm_dataio_async.otel as dio_otel
 import mxm_dataio_async.redis as dio_redis
 import mxm_dataio_async.store as dio_store
 import mxm_dataio_async.telemetry as dio_telemetry
@@ -94,7 +95,7 @@ def test_exception_tree() -> None:
 
 # -- the public surface: root, redis, store, testing -----------------------------------------------
 
-PUBLIC_MODULES = (dio, dio_datasets, dio_redis, dio_store, dio_telemetry, dio_testing)
+PUBLIC_MODULES = (dio, dio_datasets, dio_otel, dio_redis, dio_store, dio_telemetry, dio_testing)
 
 # Exported from the root until 0.1.0; served there for one release with a DeprecationWarning.
 MOVED_TO_STORE = (
