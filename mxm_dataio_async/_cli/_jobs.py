@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
+import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Protocol, TypeVar
@@ -70,6 +73,7 @@ def _job_progress() -> Progress:
         MofNCompleteColumn(),
         TextColumn("cached {task.fields[cached]}"),
         TextColumn("failed {task.fields[failed]}"),
+        TextColumn("{task.fields[ops]}"),
         _RateColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
@@ -298,6 +302,15 @@ def run_command(
     show: Annotated[int, typer.Option(min=0, help="--dry-run: how many requests to list.")] = 10,
     as_json: JsonOption = False,
     verbose: VerboseOption = False,
+    stats_every: Annotated[
+        float | None,
+        typer.Option(
+            "--stats-every",
+            min=0.1,
+            help="Every N seconds (while requests finish), one JSON line per source on stderr: "
+            "requests, fetched, hits, retries, failures, bytes, rate, limiter wait, breaker.",
+        ),
+    ] = None,
 ) -> None:
     """Run an ingestion job: every request its file describes, through the cache.
 
@@ -328,19 +341,25 @@ def run_command(
                 _print_dry_run(plan, store_root, show, as_json)
                 return
             with contextlib.ExitStack() as stack:
-                on_progress: Callable[[SourceSummary], None] | None = None
+                shown: Callable[[SourceSummary], None] | None = None
                 if not as_json:
                     progress = stack.enter_context(_job_progress())
                     tasks: dict[str, TaskID] = {}
 
-                    def on_progress(s: SourceSummary) -> None:
+                    def shown(s: SourceSummary) -> None:
                         if s.source not in tasks:
                             tasks[s.source] = progress.add_task(
-                                s.source, total=s.total, cached=0, failed=0
+                                s.source, total=s.total, cached=0, failed=0, ops=""
                             )
                         progress.update(
-                            tasks[s.source], completed=s.done, cached=s.from_cache, failed=s.failed
+                            tasks[s.source],
+                            completed=s.done,
+                            cached=s.from_cache,
+                            failed=s.failed,
+                            ops=_ops(s),
                         )
+
+                on_progress = _with_stats_lines(shown, stats_every)
 
                 summary, interrupted = _run(
                     lambda: _on_signals(
@@ -372,6 +391,39 @@ def run_command(
     summary = _report(summary, interrupted, as_json, _print_summary, resume)
     if not summary.ok and not allow_failures:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _ops(s: SourceSummary) -> str:
+    """The progress line's operating figures: retries, rate-gate wait, stale answers, breaker."""
+    st = s.statistics
+    if st is None:
+        return ""
+    text = f"retries {st.retries} wait {st.limiter_wait:.1f}s"
+    if st.stale:
+        text += f" stale {st.stale}"
+    if st.breaker not in (None, "closed"):
+        text += f" [red]breaker {st.breaker}[/red]"
+    return text
+
+
+def _with_stats_lines(
+    shown: Callable[[SourceSummary], None] | None, every: float | None
+) -> Callable[[SourceSummary], None] | None:
+    """``shown``, plus a JSON line per source on stderr at most every ``every`` seconds."""
+    if every is None:
+        return shown
+    last: dict[str, float] = {}
+
+    def on_progress(s: SourceSummary) -> None:
+        if shown is not None:
+            shown(s)
+        now = time.monotonic()
+        if s.statistics is not None and now - last.get(s.source, -math.inf) >= every:
+            last[s.source] = now
+            line = {"stats": s.statistics.to_json(), "done": s.done, "total": s.total}
+            print(json.dumps(line), file=sys.stderr, flush=True)
+
+    return on_progress
 
 
 def _tail_line(resp: Response, request: dict[str, Any] | None) -> str:

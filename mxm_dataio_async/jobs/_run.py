@@ -22,6 +22,7 @@ from mxm_dataio_async._clock import SYSTEM_CLOCK, Clock
 from mxm_dataio_async._models import Request
 from mxm_dataio_async._registry import Registry
 from mxm_dataio_async._session import AsyncSession
+from mxm_dataio_async._statistics import SourceStatistics
 from mxm_dataio_async._store import Store
 from mxm_dataio_async.jobs._config import JobConfig, check_redis_url
 from mxm_dataio_async.jobs._datasets import DatasetSummary, RunDatasets
@@ -65,6 +66,9 @@ class SourceSummary:
     """Records parsed from this source's responses (requests with ``parse:``)."""
     records_failed: int = 0
     """Records that failed validation (or payloads that did not parse)."""
+    statistics: SourceStatistics | None = field(default=None, compare=False)
+    """The source's session while it runs (``session.statistics()``: retries, limiter wait,
+    breaker state...); ``None`` before it starts."""
 
     @property
     def done(self) -> int:
@@ -181,6 +185,7 @@ class _Counter:
     errors: list[str] = field(default_factory=list)
     records_parsed: int = 0
     records_failed: int = 0
+    session: AsyncSession | None = None
 
     def snapshot(self) -> SourceSummary:
         return SourceSummary(
@@ -194,6 +199,7 @@ class _Counter:
             errors=tuple(self.errors),
             records_parsed=self.records_parsed,
             records_failed=self.records_failed,
+            statistics=None if self.session is None else self.session.statistics(),
         )
 
 
@@ -457,6 +463,7 @@ async def _run_sources(
                 stale_if_error=config.sources[name].stale_if_error,
             ) as session:
                 sessions.append(session)
+                counter.session = session
                 counter.session_id = session.session.id
                 if on_progress is not None:
                     on_progress(counter.snapshot())

@@ -86,3 +86,26 @@ def test_yaml_refuses_a_bad_breaker(tmp_path: Path) -> None:
     done = cli("run", str(write_job(tmp_path / "job.yaml", data)))
     assert done.returncode == 2
     assert "breaker" in done.stderr and "reset" in done.stderr
+
+
+def test_stats_every_writes_json_lines_and_progress_shows_retries(
+    job_server: JobServer, tmp_path: Path
+) -> None:
+    job_server.throttle["/items/0"] = 0
+    data = items_job(job_server.url, n=5, breaker={"failures": 5, "reset_after": 30})
+    path = write_job(tmp_path / "job.yaml", data)
+    done = cli("run", str(path), "--json", "--stats-every", "0.1")
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith('{"stats"')]
+    assert lines, done.stderr
+    stats = lines[-1]["stats"]
+    assert stats["source"] == "items" and stats["breaker"] == "closed"
+    assert {"requests", "fetched", "cache_hits", "retries", "failures", "bytes", "rate"} <= set(
+        stats
+    )
+    assert {"limiter_wait", "gate"} <= set(stats) and lines[-1]["total"] == 5
+    job_server.throttle["/items/1"] = 0
+    data["requests"][0]["cache_mode"] = "bypass"
+    shown = cli("run", str(write_job(path, data)))
+    assert shown.returncode == 0, shown.stderr
+    assert "retries 1 wait" in shown.stderr
