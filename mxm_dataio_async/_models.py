@@ -213,6 +213,10 @@ class Request:
     stale_if_error: float | None = None
     """Seconds a stored OK response may be past its fetch and still answer when the upstream
     fails (``inf``: any age; ``None``: never). See ``AsyncSession(stale_if_error=...)``."""
+    http_freshness: bool = False
+    """Without a TTL, a stored response is fresh for as long as its own ``Cache-Control``
+    (``max-age``; ``no-cache``/``no-store``: never) or ``Expires`` says (no such header: forever).
+    See ``AsyncSession(http_freshness=...)``."""
 
     @property
     def unsafe(self) -> bool:

@@ -122,6 +122,7 @@ class Pipeline:
                 now=self._clock.now(),
                 in_flight=in_flight,
                 headers=request.headers,
+                http_freshness=request.http_freshness,
             )
             if telemetry.wants(CacheDecided):
                 telemetry.emit(

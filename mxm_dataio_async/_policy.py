@@ -8,9 +8,11 @@ decision is made here, including when a duplicate joins a fetch in flight instea
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from email.utils import parsedate_to_datetime
 from enum import StrEnum
 
 from mxm_dataio_async._models import CacheMode, Response
@@ -20,6 +22,7 @@ __all__ = [
     "Decision",
     "answers",
     "decide",
+    "http_lifetime",
     "is_fresh",
     "joins_in_flight",
     "needs_lookup",
@@ -60,10 +63,48 @@ def persists(mode: CacheMode) -> bool:
     return mode is not CacheMode.NEVER
 
 
-def is_fresh(cached: Response, ttl: float | None, now: datetime) -> bool:
-    """Fresh under ``ttl`` seconds (the request's TTL); ``None`` means fresh forever."""
+_MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?\s*(?:,|$)", re.IGNORECASE)
+_NEVER = re.compile(r"(?:^|,)\s*(?:no-cache|no-store)\s*(?:[=,]|$)", re.IGNORECASE)
+
+
+def http_lifetime(response: Response) -> float | None:
+    """How long ``response`` says it stays fresh, in seconds after it was fetched (RFC 9111, as a
+    private cache): ``0`` for ``Cache-Control: no-cache`` or ``no-store``; else ``max-age``; else
+    ``Expires`` (less ``Date``, or the fetch time); ``None`` when it says nothing. An ``Expires``
+    that does not parse is already expired."""
+    headers = {k.lower(): v for k, v in (response.headers or {}).items()}
+    control = headers.get("cache-control")
+    if control:
+        if _NEVER.search(control):
+            return 0.0
+        found = _MAX_AGE.search(control)
+        if found:
+            return float(found.group(1))
+    expires = headers.get("expires")
+    if expires is None:
+        return None
+    try:
+        until = parsedate_to_datetime(expires)
+        since = parsedate_to_datetime(headers["date"]) if "date" in headers else None
+    except (TypeError, ValueError, IndexError):
+        return 0.0
+    if until.tzinfo is None or (since is not None and since.tzinfo is None):
+        return 0.0
+    return max(0.0, (until - (since or response.fetched_at)).total_seconds())
+
+
+def is_fresh(
+    cached: Response, ttl: float | None, now: datetime, *, http_freshness: bool = False
+) -> bool:
+    """Fresh under ``ttl`` seconds (the request's TTL); ``None`` means fresh forever, or, with
+    ``http_freshness``, for as long as the response's own headers say (:func:`http_lifetime`)."""
     if ttl is None:
-        return True
+        if not http_freshness:
+            return True
+        lifetime = http_lifetime(cached)
+        if lifetime is None:
+            return True
+        return (now - cached.fetched_at).total_seconds() < lifetime
     return (now - cached.fetched_at).total_seconds() <= ttl
 
 
@@ -102,10 +143,12 @@ def decide(
     now: datetime,
     in_flight: bool = False,
     headers: Mapping[str, str] | None = None,
+    http_freshness: bool = False,
 ) -> Decision:
     """What to do for one fetch. ``cached`` is the newest stored OK response, if any;
     ``in_flight``: a fetch of the same request is running (see :func:`joins_in_flight`);
-    ``headers``: the request's own, for a stored response's ``Vary`` (see :func:`answers`)."""
+    ``headers``: the request's own, for a stored response's ``Vary`` (see :func:`answers`);
+    ``http_freshness``: without a TTL, the response's own headers say how long it is fresh."""
     if joins_in_flight(mode, in_flight):
         return Decision(Action.FETCH, None, "joining an in-flight fetch")
     if cached is not None and cached.vary and not answers(cached, headers or {}):
@@ -113,8 +156,10 @@ def decide(
     if mode is CacheMode.DEFAULT:
         if cached is None:
             return Decision(Action.FETCH, None, "not stored")
-        if is_fresh(cached, ttl, now):
+        if is_fresh(cached, ttl, now, http_freshness=http_freshness):
             return Decision(Action.SERVE, cached, "stored and fresh")
+        if ttl is None:
+            return Decision(Action.FETCH, cached, "stored but stale by its Cache-Control/Expires")
         return Decision(Action.FETCH, cached, "stored but older than the TTL")
     if mode is CacheMode.ONLY_IF_CACHED:
         if cached is None:

@@ -99,6 +99,7 @@ def build_request(
     redaction: Redaction = _DEFAULT_REDACTION,
     retry_unsafe: bool = False,
     stale_if_error: float | None = None,
+    http_freshness: bool = False,
 ) -> Request:
     """Validate inputs and compute identity. Raises ``TypeError``/``ValueError`` on bad input.
 
@@ -133,6 +134,8 @@ def build_request(
     headers_ = _check_headers(headers)
     if not isinstance(retry_unsafe, bool):
         raise TypeError(f"retry_unsafe must be True or False, got {retry_unsafe!r}")
+    if not isinstance(http_freshness, bool):
+        raise TypeError(f"http_freshness must be True or False, got {http_freshness!r}")
     digest = request_hash(
         source=source,
         kind=kind_,
@@ -162,4 +165,5 @@ def build_request(
         created_at=utcnow(),
         retry_unsafe=retry_unsafe,
         stale_if_error=stale_if_error,
+        http_freshness=http_freshness,
     )

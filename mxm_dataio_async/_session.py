@@ -68,6 +68,9 @@ class AsyncSession:
     no older than that, flagged ``Response.stale`` and recorded as a ``stale`` row;
     ``request(..., stale_if_error=...)`` overrides it. ``hooks`` are called with every event
     of this session, after the registry's (see :mod:`mxm_dataio_async.telemetry`).
+    ``http_freshness=True``: a request without a TTL treats a stored response as fresh for as
+    long as its own ``Cache-Control`` (``max-age``; ``no-cache``, ``no-store``: never) or
+    ``Expires`` says, as an HTTP cache would (no such header: forever, as without it).
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class AsyncSession:
         clock: Clock | None = None,
         stale_if_error: float | bool | None = None,
         hooks: Iterable[Hook] = (),
+        http_freshness: bool = False,
     ) -> None:
         if not isinstance(source, str) or not source:
             raise TypeError(f"source must be a non-empty str, got {source!r}")
@@ -103,6 +107,7 @@ class AsyncSession:
         self.as_of_bucket = as_of_bucket
         self.cache_tag = cache_tag
         self.stale_if_error = check_stale_if_error(stale_if_error)
+        self.http_freshness = http_freshness
         hooks = (*self._registry.hooks, *hooks)
         if not all(callable(hook) for hook in hooks):
             raise TypeError("hooks must be callables taking an event")
@@ -260,6 +265,7 @@ class AsyncSession:
         cache_mode: CacheMode | str | UseSessionDefault = USE_SESSION_DEFAULT,
         retry_unsafe: bool = False,
         stale_if_error: float | bool | UseSessionDefault | None = USE_SESSION_DEFAULT,
+        http_freshness: bool | UseSessionDefault = USE_SESSION_DEFAULT,
     ) -> Request:
         """Build a request (validated, identity computed; no I/O).
 
@@ -267,7 +273,8 @@ class AsyncSession:
         ``None`` explicitly to clear one. Non-JSON params or body raise ``TypeError`` or
         ``ValueError``. ``retry_unsafe=True``: retry this POST/PATCH (or request with a body)
         after any transient failure, as if it were safe to repeat (see ``RetryPolicy``).
-        ``stale_if_error`` (seconds, ``True``, or ``None``) overrides the session's.
+        ``stale_if_error`` (seconds, ``True``, or ``None``) and ``http_freshness`` override
+        the session's.
         """
         if self._state is State.CLOSED:
             self._require_open()
@@ -291,6 +298,9 @@ class AsyncSession:
             stale_if_error=self.stale_if_error
             if isinstance(stale_if_error, UseSessionDefault)
             else check_stale_if_error(stale_if_error),
+            http_freshness=self.http_freshness
+            if isinstance(http_freshness, UseSessionDefault)
+            else http_freshness,
         )
 
     def _check_request(self, request: Request) -> None:

@@ -164,6 +164,8 @@ class _SourceBase(_Model):
     stale_if_error: float | bool | None = None
     """Seconds (or ``true``: any age) a stored answer may be old and still answer when the
     upstream fails (``AsyncSession(stale_if_error=...)``)."""
+    http_freshness: bool = False
+    """Without a TTL, stored answers are fresh as their ``Cache-Control``/``Expires`` say."""
 
 
 class HttpSource(_SourceBase):

@@ -461,6 +461,7 @@ async def _run_sources(
                 registry=registry,
                 as_of=f"job:{config.job}",
                 stale_if_error=config.sources[name].stale_if_error,
+                http_freshness=config.sources[name].http_freshness,
             ) as session:
                 sessions.append(session)
                 counter.session = session

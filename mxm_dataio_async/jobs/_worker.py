@@ -345,6 +345,7 @@ class _Worker:
                         registry=registry,
                         as_of=f"run:{self.run_id}",
                         stale_if_error=self.config.sources[source].stale_if_error,
+                        http_freshness=self.config.sources[source].http_freshness,
                     )
                 )
             async with anyio.create_task_group() as tg:

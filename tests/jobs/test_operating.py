@@ -109,3 +109,8 @@ def test_stats_every_writes_json_lines_and_progress_shows_retries(
     shown = cli("run", str(write_job(path, data)))
     assert shown.returncode == 0, shown.stderr
     assert "retries 1 wait" in shown.stderr
+
+
+def test_yaml_http_freshness(tmp_path: Path) -> None:
+    data = items_job("http://127.0.0.1:9", http_freshness=True)
+    assert load_job(write_job(tmp_path / "job.yaml", data)).sources["items"].http_freshness
