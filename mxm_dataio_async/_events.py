@@ -302,6 +302,12 @@ class Telemetry:
     def __init__(self, hooks: tuple[Hook, ...] = ()) -> None:
         self.hooks = hooks
 
+    def watching(self) -> bool:
+        """Whether anyone listens for the per-request events (``FetchStarted``,
+        ``CacheDecided``, ``AttemptStarted``, ``AttemptFinished``, ``FetchFinished``: all DEBUG
+        on ``mxm_dataio_async.fetch``): the pipeline asks once per fetch and once per producer."""
+        return bool(self.hooks) or _FETCH.isEnabledFor(logging.DEBUG)
+
     def wants(self, cls: type[Event]) -> bool:
         """Whether anyone listens for events of ``cls`` (a hook, or its logger at its level)."""
         return bool(self.hooks) or cls.logger.isEnabledFor(cls.level)

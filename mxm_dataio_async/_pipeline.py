@@ -105,7 +105,8 @@ class Pipeline:
     async def fetch(self, request: Request, *, fence: Fence | None = None) -> Response:
         recorder, telemetry = self._recorder, self._telemetry
         recorder.began()
-        started = self._fetch_started(request) if telemetry.wants(FetchFinished) else None
+        watching = telemetry.watching()  # FetchStarted/Finished and CacheDecided
+        started = self._fetch_started(request) if watching else None
         try:
             # Plan: look up what is stored (unless the mode never serves it), then decide (pure).
             mode = request.cache_mode
@@ -124,7 +125,7 @@ class Pipeline:
                 headers=request.headers,
                 http_freshness=request.http_freshness,
             )
-            if telemetry.wants(CacheDecided):
+            if watching:
                 telemetry.emit(
                     CacheDecided(
                         request.source,
@@ -264,6 +265,7 @@ class Pipeline:
         """Attempts until one answers or the retry schedule gives up, then the recorded answer."""
         recorder, clock, entry = self._recorder, self._clock, self._entry
         telemetry, circuit = self._telemetry, entry.circuit
+        watching = telemetry.watching()  # AttemptStarted and AttemptFinished
         unsafe = request.unsafe and not request.retry_unsafe
         retrying = entry.retry.schedule(clock.monotonic(), unsafe=unsafe)
         last: Exception | None = None
@@ -274,10 +276,12 @@ class Pipeline:
             times = _Times(clock.monotonic())
             try:
                 if retrying.policy.deadline is None:
-                    attempt = await self._attempt(request, decision, persist, number, times)
+                    attempt = await self._attempt(
+                        request, decision, persist, number, times, watching
+                    )
                 else:
                     attempt = await self._bounded_attempt(
-                        request, decision, persist, number, times, retrying
+                        request, decision, persist, number, times, retrying, watching
                     )
                 break
             except StoreError:
@@ -304,7 +308,7 @@ class Pipeline:
                     answered=answered,
                     fence=fence,
                 )
-                if telemetry.wants(AttemptFinished):
+                if watching:
                     self._attempt_finished(
                         request, number, "error", exc, times, now, 0, error=error_text(exc)
                     )
@@ -342,7 +346,7 @@ class Pipeline:
             gate = entry.gate
             assert isinstance(gate, SourceLimiter)
             gate.speed_up()
-        if telemetry.wants(AttemptFinished):
+        if watching:
             outcome = "refused" if result.error else "not_modified" if result.not_modified else "ok"
             now = clock.monotonic()
             self._attempt_finished(
@@ -452,19 +456,26 @@ class Pipeline:
         number: int,
         times: _Times,
         retrying: Retrying,
+        watching: bool,
     ) -> Attempt:
         """One attempt, cancelled if the retry deadline passes while it runs."""
         left = retrying.time_left(times.started)
         assert left is not None  # called only when the policy has a deadline
         with self._clock.cancel_after(left):  # the session's clock, as the retry waits
-            return await self._attempt(request, decision, persist, number, times)
+            return await self._attempt(request, decision, persist, number, times, watching)
         raise DeadlineExceeded(
             f"the {retrying.policy.deadline:g}s retry deadline passed during attempt {number}; "
             "it was cancelled"
         )
 
     async def _attempt(
-        self, request: Request, decision: Decision, persist: bool, number: int, times: _Times
+        self,
+        request: Request,
+        decision: Decision,
+        persist: bool,
+        number: int,
+        times: _Times,
+        watching: bool,
     ) -> Attempt:
         """The rate gate's slot around the adapter call and the staging of its payload (a
         streamed body is read while the slot, and the connection, are held)."""
@@ -472,10 +483,9 @@ class Pipeline:
         revalidating = decision.action is Action.REVALIDATE and entry.can_revalidate
         async with entry.gate.slot():
             times.admitted = admitted = clock.monotonic()
-            telemetry = self._telemetry
-            if telemetry.wants(AttemptStarted):
+            if watching:
                 wait = (admitted - times.started) * 1000.0
-                telemetry.emit(
+                self._telemetry.emit(
                     AttemptStarted(
                         request.source, request.kind, request.id, request.hash, number, wait
                     )
