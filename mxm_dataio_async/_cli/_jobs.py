@@ -307,8 +307,8 @@ def run_command(
         typer.Option(
             "--stats-every",
             min=0.1,
-            help="Every N seconds (while requests finish), one JSON line per source on stderr: "
-            "requests, fetched, hits, retries, failures, bytes, rate, limiter wait, breaker.",
+            help="Every N seconds, one JSON line per running source on stderr: requests, "
+            "fetched, hits, retries, failures, bytes, rate, limiter wait, breaker.",
         ),
     ] = None,
 ) -> None:
@@ -372,6 +372,7 @@ def run_command(
                             only=only,
                             wait=wait,
                             on_progress=on_progress,
+                            progress_every=stats_every,
                             stop=interrupt.event,
                             stop_reason=interrupt.reason,
                         ),

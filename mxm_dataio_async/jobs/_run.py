@@ -321,6 +321,7 @@ async def run_job(
     stop: anyio.Event | None = None,
     stop_reason: Callable[[], str] | None = None,
     clock: Clock | None = None,
+    progress_every: float | None = None,
 ) -> JobSummary:
     """Run a job (a job file's path or a loaded ``JobConfig``) to the end; returns its summary.
 
@@ -330,7 +331,9 @@ async def run_job(
     ``concurrency`` requests (the job file's) are in flight across all sources, and at most a
     source's own ``concurrency`` in that source. Failed requests are counted, not raised:
     check ``summary.ok``. ``on_progress`` gets a ``SourceSummary`` for each source when it starts
-    and after each finished request. Setting ``stop`` ends the run early but cleanly (in-flight
+    and after each finished request (and, with ``progress_every``, every that many seconds for
+    each running source, so a stalled source still reports: an open breaker, a long cooldown).
+    Setting ``stop`` ends the run early but cleanly (in-flight
     requests cancelled, sessions closed, lease released): the summary says ``interrupted``, and
     each session ends ``cancelled`` with ``stop_reason()`` as its error (default
     ``"interrupted"``; the CLI passes ``"interrupted (SIGINT)"`` and the like).
@@ -365,6 +368,7 @@ async def run_job(
                 stop,
                 stop_reason,
                 Registry(clock=clock, redis=coordination),
+                progress_every,
             )
     finally:
         if coordination is not None:  # the registry closed it, unless the run failed before
@@ -381,6 +385,7 @@ async def _run(
     stop: anyio.Event | None,
     stop_reason: Callable[[], str] | None,
     registry: Registry,
+    progress_every: float | None = None,
 ) -> JobSummary:
     counters = {name: _Counter(name, plan.count(name)) for name in plan.sources}
     started = time.perf_counter()
@@ -401,9 +406,18 @@ async def _run(
                 session.interrupted = reason
             body.cancel()
 
+        async def tick(every: float, report: ProgressCallback) -> None:
+            while True:
+                await anyio.sleep(every)  # wall time: a display's cadence, not the job's clock
+                for counter in counters.values():
+                    if counter.session is not None:
+                        report(counter.snapshot())
+
         async with anyio.create_task_group() as watcher:
             if stop is not None:
                 watcher.start_soon(watch, stop)
+            if progress_every is not None and on_progress is not None:
+                watcher.start_soon(tick, progress_every, on_progress)
             try:
                 with body:
                     datasets = await _run_sources(

@@ -114,3 +114,28 @@ def test_stats_every_writes_json_lines_and_progress_shows_retries(
 def test_yaml_http_freshness(tmp_path: Path) -> None:
     data = items_job("http://127.0.0.1:9", http_freshness=True)
     assert load_job(write_job(tmp_path / "job.yaml", data)).sources["items"].http_freshness
+
+
+@pytest.mark.anyio
+async def test_progress_every_reports_a_source_while_nothing_finishes(
+    job_server: JobServer, tmp_path: Path
+) -> None:
+    import anyio
+
+    from mxm_dataio_async.jobs import run_job
+
+    job_server.pause()  # every answer held: no request finishes for a while
+    seen: list[Any] = []
+
+    async def resume_later() -> None:
+        await anyio.sleep(0.6)
+        job_server.resume()
+
+    path = write_job(tmp_path / "job.yaml", items_job(job_server.url, n=4))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(resume_later)
+        summary = await run_job(path, on_progress=seen.append, progress_every=0.1)
+    assert summary.ok
+    stalled = [s for s in seen if s.done == 0 and s.statistics is not None]
+    assert len(stalled) >= 3  # the ticks, not only the source's start
+    assert stalled[-1].statistics.requests == 4 and stalled[-1].statistics.fetched == 0
