@@ -171,6 +171,9 @@ class Writer:
         self._location = location
         self._workers = max(1, workers)
         self._retry_for = retry_for
+        # How long the server lets a transaction of ours sit idle before ending it (see
+        # _IDLE_SQL): never reached by a live writer, whose statements follow each other at once.
+        self._idle_ms = str(max(1000, round(retry_for * 1000)))
         self._max_batch = max_batch
         self._pending: list[Job] = []
         self._wakeup = asyncio.Event()
@@ -289,11 +292,12 @@ class Writer:
             try:
                 async with self._pool.acquire() as conn:
                     if fenced:
-                        return await _commit_fenced(conn, batch, maybe_landed)
+                        return await _commit_fenced(conn, batch, maybe_landed, self._idle_ms)
                     if maybe_landed and probe is not None and await conn.fetchval(_LANDED, probe):
                         return [None] * len(batch)  # the lost attempt had committed
                     if sessions:
                         async with conn.transaction():
+                            await conn.execute(_IDLE_SQL, self._idle_ms)
                             await conn.executemany(SESSION_SQL, sessions)
                             if args is not None:
                                 await conn.execute(RECORD_SQL, *args)
@@ -325,8 +329,16 @@ class Writer:
                 ) from exc
 
 
+#: The first statement of each transaction that spans several round trips: if this process stops
+#: inside it (SIGSTOP, a partition) the server ends it after the given time, and its locks with
+#: it. Otherwise a worker paused in its fenced commit would hold its chunks' rows FOR SHARE, and
+#: SKIP LOCKED claims would pass them over for as long as it stays stopped. Set per transaction:
+#: a bulk import may wait on its source far longer inside its own.
+_IDLE_SQL: Final = "SELECT set_config('idle_in_transaction_session_timeout', $1, true)"
+
+
 async def _commit_fenced(
-    conn: Any, batch: list[Job], maybe_landed: bool
+    conn: Any, batch: list[Job], maybe_landed: bool, idle_ms: str
 ) -> list[BaseException | None]:
     """A batch with fenced jobs: in one transaction, lock the claims that still hold (``FOR
     SHARE``: no other worker can take them before this commits), then write the unfenced jobs
@@ -339,6 +351,7 @@ async def _commit_fenced(
             rows = await conn.fetch("SELECT id FROM responses WHERE id = ANY($1::text[])", ids)
             landed = {r[0] for r in rows}
     async with conn.transaction():
+        await conn.execute(_IDLE_SQL, idle_ms)
         wanted = [job.fence for job in batch if job.fence is not None]
         held: set[tuple[str, int, str]] = set()
         if wanted:

@@ -251,3 +251,55 @@ async def test_sqlite_has_no_work_queue(tmp_path: object) -> None:
     async with Store(tmp_path) as store:
         with pytest.raises(UsageError, match="needs a PostgreSQL store"):
             _ = store.work
+
+
+async def test_a_worker_stopped_inside_its_fenced_commit_does_not_keep_its_chunk(
+    postgres_url: str, make_metadata: MetadataMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker paused (SIGSTOP) or cut off in the middle of its fenced commit leaves a
+    transaction holding its chunk's row FOR SHARE: SKIP LOCKED claims would pass that chunk over
+    for as long as the process stays stopped. The writer's transactions tell the server to end
+    them when left idle for ``busy_timeout``, and the chunk becomes claimable."""
+    from asyncpg.connection import Connection  # type: ignore[import-untyped]
+
+    from mxm_dataio_async._store._postgres._fence import DONE_SQL
+
+    m = await make_metadata(busy_timeout=1.0)
+    q = await new_run(m, total=4, chunk_size=4)
+    await q.enqueue("r1")
+    (claim,) = await q.claim("r1", "w1", n=1, ttl=0.2, max_attempts=3)
+    session = make_session("src")
+    await m.save_session(session)
+    stalled, resumed = anyio.Event(), anyio.Event()
+    execute = Connection.execute
+
+    async def stop_before_done(self: Connection, query: str, *args: object, **kw: object) -> str:
+        if query == DONE_SQL and not resumed.is_set():  # the claim is locked FOR SHARE by now:
+            stalled.set()  # the process "stops" here (SIGSTOP) until the test resumes it
+            await resumed.wait()
+        return await execute(self, query, *args, **kw)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(Connection, "execute", stop_before_done)
+    req = make_request(session, params={"i": 0})
+    resp = make_response(req, at=START, checksum=None, size=0, status=ResponseStatus.OK)
+    outcome: list[BaseException] = []
+
+    async def record() -> None:
+        try:
+            await m.record(Recording(req, (resp,), fence=claim.fence(0, "src")))
+        except Exception as exc:  # the server ended the stalled transaction
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(record)
+        await stalled.wait()
+        await wait_until_server_passes(postgres_url, claim.lease_until)
+        try:
+            with anyio.fail_after(20):  # a bound: the server ends the transaction after 1 s
+                while not (taken := await q.claim("r1", "w2", n=1, ttl=30, max_attempts=3)):  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+        finally:
+            resumed.set()  # the stopped worker goes on: its transaction is gone, its claim too
+    assert [c.chunk for c in taken] == [claim.chunk]
+    assert len(outcome) == 1 and isinstance(outcome[0], ClaimLost), outcome
+    assert await rows(postgres_url, m.schema, "SELECT id FROM responses") == []
