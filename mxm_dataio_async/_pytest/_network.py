@@ -3,7 +3,10 @@
 The check sits at ``socket.socket.connect`` (and ``connect_ex``), where every TCP client in the
 process ends up (aiohttp through asyncio's ``sock_connect``, urllib, redis...); Unix sockets and
 socket pairs are never blocked. The error is not an ``OSError``: a blocked connect is not a
-network failure to retry, and the message says how to allow or record it.
+network failure to retry, and the message says how to allow or record it. The blocked socket is
+closed before the error is raised: callers such as ``socket.create_connection`` close their socket
+on ``OSError`` only, and would otherwise leave it to the garbage collector (a ``ResourceWarning``
+that surfaces in whichever later test the collection happens to run).
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ def blocking_network(allowed: tuple[str, ...], why: str) -> Iterator[None]:
             return
         host, port = str(address[0]), address[1]
         if not _allowed(host, allowed):
+            sock.close()
             allow = f"--dataio-allowed-hosts={host}"
             raise NetworkBlocked(
                 f"network access blocked by the mxm-dataio pytest plugin ({why}): a connect to "

@@ -3,10 +3,15 @@ never reach a recording; xdist workers each record and replay their own tests.""
 
 from __future__ import annotations
 
+import gc
 import json
+import socket
+import urllib.request
+import warnings
 
 import pytest
 
+from mxm_dataio_async._pytest._network import NetworkBlocked, blocking_network
 from tests.plugin.conftest import Upstream
 
 pytest_plugins = ["pytester"]
@@ -40,6 +45,23 @@ def test_replaying_blocks_the_network(inner: pytest.Pytester, upstream: Upstream
         "--dataio-record-mode=none", "--dataio-allowed-hosts=localhost"
     ).assert_outcomes(passed=1)
     assert upstream.hits["/quote"] == 1
+
+
+def test_a_blocked_connect_leaves_no_socket_open(upstream: Upstream) -> None:
+    # socket.create_connection closes its socket on OSError only; NetworkBlocked is not one, so
+    # the guard closes it: otherwise a ResourceWarning surfaces in whichever test collects it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        with blocking_network((), "a test"):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            with pytest.raises(NetworkBlocked):
+                sock.connect(("127.0.0.1", 9))
+            assert sock.fileno() == -1
+            with pytest.raises(NetworkBlocked):
+                urllib.request.urlopen(f"{upstream.url}/quote")
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+    assert upstream.hits == {}
 
 
 PLAIN = """
