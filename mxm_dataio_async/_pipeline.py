@@ -8,8 +8,9 @@ A fetch reads in the order it runs::
                then record (the recorder, the only writer)
 
 Each stage is a call that returns a value to the next: nothing is handed down to be called back,
-nothing records from a hook, no exception is smuggled. Events (``_events.py``) are reported where
-they happen, only when someone listens (a hook, or a logger enabled at the event's level); the
+nothing records from a hook, no exception is smuggled. Events are reported where they happen,
+only when someone listens (a hook, or a logger enabled at the event's level; ``_fetch_report.py``
+builds them); the
 source's circuit breaker is asked before each attempt and told each outcome; an adaptive rate
 gate is told each 429/503 and each success; and when the upstream fails for good, a stored
 response within the request's ``stale_if_error`` allowance answers instead. ``send`` (attempted
@@ -23,22 +24,10 @@ from collections.abc import AsyncGenerator
 
 import anyio
 
-from mxm_dataio_async._breaker import BreakerState, Change, Circuit
+from mxm_dataio_async._breaker import BreakerState, Circuit
 from mxm_dataio_async._clock import Clock
 from mxm_dataio_async._coalesce import RequestCoalescer
-from mxm_dataio_async._events import (
-    AttemptFinished,
-    AttemptStarted,
-    BreakerStateChanged,
-    CacheDecided,
-    CooldownStarted,
-    FetchFinished,
-    FetchStarted,
-    RateAdjusted,
-    RetryScheduled,
-    StaleServed,
-    Telemetry,
-)
+from mxm_dataio_async._events import Telemetry
 from mxm_dataio_async._exceptions import (
     CacheMiss,
     CircuitOpen,
@@ -47,6 +36,7 @@ from mxm_dataio_async._exceptions import (
     StoreError,
     TransientError,
 )
+from mxm_dataio_async._fetch_report import AttemptTimes, FetchReport
 from mxm_dataio_async._limits import SourceLimiter
 from mxm_dataio_async._models import AdapterResult, Body, Request, Response
 from mxm_dataio_async._policy import (
@@ -76,6 +66,7 @@ class Pipeline:
         "_metadata",
         "_owner",
         "_recorder",
+        "_report",
         "_store",
         "_telemetry",
     )
@@ -99,14 +90,17 @@ class Pipeline:
         self._clock = clock
         self._owner = owner  # the session: its producers are joined before it ends
         self._telemetry = telemetry if telemetry is not None else Telemetry()
+        self._report = FetchReport(
+            self._telemetry, clock, source=entry.name, redaction=entry.redaction
+        )
 
     # -- fetch ----------------------------------------------------------------------------------
 
     async def fetch(self, request: Request, *, fence: Fence | None = None) -> Response:
-        recorder, telemetry = self._recorder, self._telemetry
+        recorder, report = self._recorder, self._report
         recorder.began()
-        watching = telemetry.watching()  # FetchStarted/Finished and CacheDecided
-        started = self._fetch_started(request) if watching else None
+        watching = self._telemetry.watching()  # FetchStarted/Finished and CacheDecided
+        started = report.fetch_started(request) if watching else None
         try:
             # Plan: look up what is stored (unless the mode never serves it), then decide (pure).
             mode = request.cache_mode
@@ -126,16 +120,7 @@ class Pipeline:
                 http_freshness=request.http_freshness,
             )
             if watching:
-                telemetry.emit(
-                    CacheDecided(
-                        request.source,
-                        request.kind,
-                        request.id,
-                        request.hash,
-                        decision.action.value,
-                        decision.reason,
-                    )
-                )
+                report.cache_decided(request, decision)
             if decision.action is Action.SERVE:
                 assert decision.cached is not None
                 response = recorder.served(request, decision.cached)
@@ -172,60 +157,11 @@ class Pipeline:
                         recorder.joined(request, response, persist=persist)
         except BaseException as exc:
             if started is not None:
-                self._fetch_finished(request, started, None, exc)
+                report.fetch_finished(request, started, None, exc)
             raise
         if started is not None:
-            self._fetch_finished(request, started, response, None)
+            report.fetch_finished(request, started, response, None)
         return response
-
-    def _fetch_started(self, request: Request) -> float:
-        self._telemetry.emit(
-            FetchStarted(
-                request.source,
-                request.kind,
-                request.id,
-                request.hash,
-                request.method,
-                request.endpoint,
-            )
-        )
-        return self._clock.monotonic()
-
-    def _fetch_finished(
-        self,
-        request: Request,
-        started: float,
-        response: Response | None,
-        exc: BaseException | None,
-    ) -> None:
-        elapsed = (self._clock.monotonic() - started) * 1000.0
-        if response is not None:
-            event = FetchFinished(
-                request.source,
-                request.kind,
-                request.id,
-                request.hash,
-                _outcome(request, response),
-                response.transport_status,
-                0 if response.from_cache else response.attempts,
-                elapsed,
-                response.size_bytes,
-            )
-        else:
-            failed = isinstance(exc, Exception)
-            event = FetchFinished(
-                request.source,
-                request.kind,
-                request.id,
-                request.hash,
-                "failed" if failed else "cancelled",
-                getattr(exc, "transport_status", None),
-                getattr(exc, "attempts", 0),
-                elapsed,
-                0,
-                error_text(exc) if failed and exc is not None else None,
-            )
-        self._telemetry.emit(event)
 
     async def _stale(
         self, request: Request, decision: Decision, error: FetchError, fence: Fence | None
@@ -244,28 +180,16 @@ class Pipeline:
         response = await self._recorder.stale(
             request, cached, error, age_seconds=age, persist=True, fence=fence
         )
-        telemetry = self._telemetry
-        if telemetry.wants(StaleServed):
-            telemetry.emit(
-                StaleServed(
-                    request.source,
-                    request.kind,
-                    request.id,
-                    request.hash,
-                    cached.id,
-                    age,
-                    error_text(error),
-                )
-            )
+        self._report.stale_served(request, cached, age, error)
         return response
 
     async def _produce(
         self, request: Request, decision: Decision, persist: bool, fence: Fence | None
     ) -> Response:
         """Attempts until one answers or the retry schedule gives up, then the recorded answer."""
-        recorder, clock, entry = self._recorder, self._clock, self._entry
-        telemetry, circuit = self._telemetry, entry.circuit
-        watching = telemetry.watching()  # AttemptStarted and AttemptFinished
+        recorder, clock, entry, report = self._recorder, self._clock, self._entry, self._report
+        circuit = entry.circuit
+        watching = self._telemetry.watching()  # AttemptStarted and AttemptFinished
         unsafe = request.unsafe and not request.retry_unsafe
         retrying = entry.retry.schedule(clock.monotonic(), unsafe=unsafe)
         last: Exception | None = None
@@ -273,7 +197,7 @@ class Pipeline:
             if circuit is not None:  # an open circuit: fail fast, no adapter, no rate budget
                 self._admit(circuit, request, retrying.attempts, last)
             number = retrying.begin()
-            times = _Times(clock.monotonic())
+            times = AttemptTimes(clock.monotonic())
             try:
                 if retrying.policy.deadline is None:
                     attempt = await self._attempt(
@@ -293,7 +217,7 @@ class Pipeline:
                 transient = isinstance(exc, TransientError)
                 if circuit is not None:
                     if transient:
-                        self._breaker_changed(circuit.failed(now))
+                        report.breaker_changed(circuit.failed(now))
                     else:
                         circuit.released()
                 body = getattr(exc, "body", None)  # what the upstream said (an API's error detail)
@@ -309,7 +233,7 @@ class Pipeline:
                     fence=fence,
                 )
                 if watching:
-                    self._attempt_finished(
+                    report.attempt_finished(
                         request, number, "error", exc, times, now, 0, error=error_text(exc)
                     )
                 if isinstance(exc, TransientError):
@@ -318,19 +242,7 @@ class Pipeline:
                 if wait is None:
                     raise retrying.failure(exc, request, response_id=error_id) from exc
                 recorder.retried()
-                if telemetry.wants(RetryScheduled):
-                    telemetry.emit(
-                        RetryScheduled(
-                            request.source,
-                            request.kind,
-                            request.id,
-                            request.hash,
-                            number,
-                            wait,
-                            error_text(exc),
-                            getattr(exc, "transport_status", None),
-                        )
-                    )
+                report.retry_scheduled(request, number, wait, exc)
                 last = exc
                 if circuit is not None and circuit.state is BreakerState.OPEN:
                     continue  # it opened: the next admission fails fast, no need to wait first
@@ -341,7 +253,7 @@ class Pipeline:
                 raise
         result = attempt.result
         if circuit is not None:
-            self._breaker_changed(circuit.succeeded())  # any answer, a 404 included
+            report.breaker_changed(circuit.succeeded())  # any answer, a 404 included
         if entry.adaptive and result.error is None:
             gate = entry.gate
             assert isinstance(gate, SourceLimiter)
@@ -349,7 +261,7 @@ class Pipeline:
         if watching:
             outcome = "refused" if result.error else "not_modified" if result.not_modified else "ok"
             now = clock.monotonic()
-            self._attempt_finished(
+            report.attempt_finished(
                 request, number, outcome, result, times, now, attempt.identity()[1], result.error
             )
         if result.error is not None:
@@ -372,7 +284,7 @@ class Pipeline:
     ) -> None:
         now = self._clock.monotonic()
         admitted, change = circuit.admit(now)
-        self._breaker_changed(change)
+        self._report.breaker_changed(change)
         if not admitted:
             retry_in = circuit.retry_in(now)
             raise CircuitOpen(
@@ -385,68 +297,23 @@ class Pipeline:
                 attempts=attempts,
             ) from last
 
-    def _breaker_changed(self, change: Change | None) -> None:
-        if change is not None and self._telemetry.wants(BreakerStateChanged):
-            self._telemetry.emit(
-                BreakerStateChanged(
-                    self._entry.name,
-                    change.old.value,
-                    change.new.value,
-                    change.failures,
-                    change.retry_in,
-                )
-            )
-
-    def _throttled(self, exc: TransientError, times: _Times) -> None:
+    def _throttled(self, exc: TransientError, times: AttemptTimes) -> None:
         """A transient failure's effect on the whole source: an adaptive gate slows down after
         a 429/503 (and pauses only for a Retry-After beyond its period, e.g. maintenance); any
         other gate pauses for the Retry-After."""
-        entry, telemetry = self._entry, self._telemetry
+        entry, status = self._entry, exc.transport_status
         hint = exc.retry_after
         gate = entry.gate
-        if entry.adaptive and exc.transport_status in (429, 503):
+        if entry.adaptive and status in (429, 503):
             assert isinstance(gate, SourceLimiter) and gate.rate_limit is not None
             changed = gate.slow_down(times.admitted)
-            if changed is not None and telemetry.wants(RateAdjusted):
-                reason = f"{exc.transport_status} from the upstream"
-                telemetry.emit(RateAdjusted(entry.name, changed[0], changed[1], reason))
+            if changed is not None:
+                self._report.rate_adjusted(changed[0], changed[1], status)
             if hint is None or hint <= gate.rate_limit.per:
                 return
         if hint and not retry_waits_disabled():
             gate.cooldown(hint)  # the whole source pauses, not only this request
-            if telemetry.wants(CooldownStarted):
-                status = exc.transport_status
-                reason = f"Retry-After {hint:g}s" + (f" with a {status}" if status else "")
-                telemetry.emit(CooldownStarted(entry.name, hint, status, reason))
-
-    def _attempt_finished(
-        self,
-        request: Request,
-        number: int,
-        outcome: str,
-        answer: object,
-        times: _Times,
-        now: float,
-        size: int,
-        error: str | None,
-    ) -> None:
-        elapsed = getattr(answer, "elapsed_ms", None)
-        self._telemetry.emit(
-            AttemptFinished(
-                request.source,
-                request.kind,
-                request.id,
-                request.hash,
-                number,
-                outcome,
-                getattr(answer, "transport_status", None),
-                elapsed if isinstance(elapsed, float) else times.elapsed_ms(now),
-                times.wait_ms(now),
-                size,
-                error,
-                self._entry.redaction.url(getattr(answer, "url", None)),
-            )
-        )
+            self._report.cooldown_started(hint, status)
 
     async def _bounded_attempt(
         self,
@@ -454,7 +321,7 @@ class Pipeline:
         decision: Decision,
         persist: bool,
         number: int,
-        times: _Times,
+        times: AttemptTimes,
         retrying: Retrying,
         watching: bool,
     ) -> Attempt:
@@ -474,7 +341,7 @@ class Pipeline:
         decision: Decision,
         persist: bool,
         number: int,
-        times: _Times,
+        times: AttemptTimes,
         watching: bool,
     ) -> Attempt:
         """The rate gate's slot around the adapter call and the staging of its payload (a
@@ -482,14 +349,9 @@ class Pipeline:
         entry, clock = self._entry, self._clock
         revalidating = decision.action is Action.REVALIDATE and entry.can_revalidate
         async with entry.gate.slot():
-            times.admitted = admitted = clock.monotonic()
+            times.admitted = clock.monotonic()
             if watching:
-                wait = (admitted - times.started) * 1000.0
-                self._telemetry.emit(
-                    AttemptStarted(
-                        request.source, request.kind, request.id, request.hash, number, wait
-                    )
-                )
+                self._report.attempt_started(request, number, times)
             if revalidating:
                 assert decision.cached is not None
                 raw = await entry.adapter.revalidate(request, decision.cached)
@@ -611,33 +473,6 @@ class Pipeline:
                 if aclose is not None:
                     with anyio.CancelScope(shield=True):
                         await aclose()
-
-
-class _Times:
-    """When an attempt started, and when the rate gate let it through: ``wait_ms`` is the time
-    in between, ``elapsed_ms`` the adapter's own time after it."""
-
-    __slots__ = ("admitted", "started")
-
-    def __init__(self, started: float) -> None:
-        self.started = started
-        self.admitted: float | None = None
-
-    def wait_ms(self, now: float) -> float:
-        return ((self.admitted if self.admitted is not None else now) - self.started) * 1000.0
-
-    def elapsed_ms(self, now: float) -> float:
-        return 0.0 if self.admitted is None else (now - self.admitted) * 1000.0
-
-
-def _outcome(request: Request, response: Response) -> str:
-    if response.stale:
-        return "stale"
-    if response.from_cache:
-        return "cached"
-    if response.request_id != request.id:
-        return "joined"
-    return "revalidated" if response.revalidated_from else "fetched"
 
 
 def _upstream_failed(error: FetchError) -> bool:
