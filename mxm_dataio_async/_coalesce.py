@@ -92,20 +92,25 @@ class Coalescer(Generic[K, T]):
 
     def __init__(self) -> None:
         self._flights: dict[K, _Flight[T]] = {}
-        self._tasks: dict[object, set[asyncio.Task[None]]] = {}  # by owner
+        # The running producers by owner, each with its key and flight (for join's clean-up).
+        self._tasks: dict[object, dict[asyncio.Task[None], tuple[K, _Flight[T]]]] = {}
 
     async def join(self, owner: object, *, cancel: bool = False) -> None:
         """Wait for the producers ``owner`` started (cancelling them first if ``cancel``).
 
         The wait is shielded: a cancelled caller still leaves no producer of its owner behind.
         """
-        tasks = list(self._tasks.get(owner, ()))
+        flights = list(self._tasks.get(owner, {}).items())
         if cancel:
-            for task in tasks:
+            for task, _ in flights:
                 task.cancel()
-        if tasks:
+        if flights:
             with anyio.CancelScope(shield=True):
-                await asyncio.wait(tasks)
+                await asyncio.wait([task for task, _ in flights])
+            for task, (key, flight) in flights:
+                # A producer cancelled before its first step never ran its coroutine (nor its
+                # release): its waiters are released here.
+                self._finished(key, flight, task)
 
     def in_flight(self) -> int:
         """The number of keys with a running producer."""
@@ -127,11 +132,11 @@ class Coalescer(Generic[K, T]):
             flight.task = task
             tasks = self._tasks.get(owner)
             if tasks is None:
-                tasks = self._tasks[owner] = set()
-            tasks.add(task)
-            # A done-callback as well as the producer's own release: a task cancelled before its
-            # first step never runs its coroutine, and its waiters must still be released.
-            task.add_done_callback(lambda t: self._finished(key, flight, t))
+                tasks = self._tasks[owner] = {}
+            # No done-callback per producer (a loop turn per fetch): the producer releases
+            # itself; the two ways it can be cancelled before its first step (below, and
+            # ``join(cancel=True)``) clean up after it.
+            tasks[task] = (key, flight)
             self._flights[key] = flight
         waiter: asyncio.Future[None] = loop.create_future()
         flight.waiters.add(waiter)
@@ -144,8 +149,10 @@ class Coalescer(Generic[K, T]):
                 # starts a new producer instead of joining a dying one.
                 flight.waiters.discard(waiter)
                 if not flight.waiters:
-                    if flight.task is not None:
-                        flight.task.cancel()
+                    task = flight.task
+                    if task is not None:
+                        task.cancel()
+                        task.add_done_callback(lambda t: self._finished(key, flight, t))
                     if self._flights.get(key) is flight:
                         del self._flights[key]
         if flight.error is not None:
@@ -168,9 +175,11 @@ class Coalescer(Generic[K, T]):
         flight.waiters.clear()
 
     def _finished(self, key: K, flight: _Flight[T], task: asyncio.Task[None]) -> None:
+        """The producer ended (or will never start): forget it, and release its waiters if it
+        did not. Idempotent: the producer itself and a clean-up may both call it."""
         tasks = self._tasks.get(flight.owner)
         if tasks is not None:
-            tasks.discard(task)
+            tasks.pop(task, None)
             if not tasks:
                 del self._tasks[flight.owner]
         if not flight.done:
@@ -188,6 +197,8 @@ class Coalescer(Generic[K, T]):
             flight.error = exc
             flight.traceback = exc.__traceback__
         finally:
-            # Wake the waiters from here rather than from the done-callback: one loop iteration
-            # sooner per fetch.
-            self._release(key, flight)
+            # Wake the waiters and forget the task from here, not from a done-callback: one loop
+            # turn less per fetch. Nothing awaits between this and the task's end, so join()
+            # never sees it gone while it still runs.
+            assert flight.task is not None
+            self._finished(key, flight, flight.task)

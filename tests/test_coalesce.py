@@ -256,6 +256,37 @@ async def test_session_closing_gives_waiters_a_clear_error() -> None:
     assert co.in_flight() == 0
 
 
+async def test_a_producer_cancelled_before_its_first_step_still_releases_its_waiters() -> None:
+    # join(cancel=True) right after the producer was spawned, before it ever ran: its coroutine
+    # (and the release in it) never runs, so join must release the waiters itself
+    import asyncio
+
+    producer = Producer()
+    co: Coalescer[str, object] = Coalescer()
+    waiter = asyncio.get_running_loop().create_task(co.run("k", producer, owner="session"))
+    await until(lambda: co.waiters("k") == 1)
+    assert producer.calls == 0  # spawned, not yet started
+    await co.join("session", cancel=True)
+    with pytest.raises(DataIOError, match="the session that started it is closing"):
+        await waiter
+    assert (producer.calls, co.in_flight()) == (0, 0)
+    assert co._tasks == {}  # nothing of the owner is kept
+
+
+async def test_finished_producers_are_forgotten_by_their_owner() -> None:
+    co: Coalescer[str, object] = Coalescer()
+    for i in range(3):
+        done = Producer(i)
+        done.release.set()
+        assert await co.run(f"k{i}", done, owner="session") == i
+    assert co._tasks == {}
+    # abandoned by its only caller before it started: cancelled, and forgotten too
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await co.run("gone", Producer(), owner="session")
+    await until(lambda: co._tasks == {})
+
+
 async def test_waiter_inside_the_closing_session_sees_its_own_cancellation() -> None:
     producer = Producer()
     seen: list[str] = []
