@@ -149,10 +149,10 @@ class Coalescer(Generic[K, T]):
                 # starts a new producer instead of joining a dying one.
                 flight.waiters.discard(waiter)
                 if not flight.waiters:
-                    task = flight.task
-                    if task is not None:
-                        task.cancel()
-                        task.add_done_callback(lambda t: self._finished(key, flight, t))
+                    producer = flight.task
+                    if producer is not None:
+                        producer.cancel()
+                        producer.add_done_callback(lambda t: self._finished(key, flight, t))
                     if self._flights.get(key) is flight:
                         del self._flights[key]
         if flight.error is not None:
