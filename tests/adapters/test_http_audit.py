@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 import pytest
 
+from mxm_dataio_async import _identity as identity
 from mxm_dataio_async._exceptions import FetchError, TransientError
 from mxm_dataio_async._models import Request
 from mxm_dataio_async._redact import REDACTED
@@ -73,6 +74,16 @@ async def test_request_headers_as_sent(server: LocalServer) -> None:
     assert sent["Accept-Encoding"] == on_the_wire["Accept-Encoding"]
     assert sent["Authorization"] == REDACTED
     assert on_the_wire["Authorization"] == "Bearer SENTSECRET"
+    # header names are plain str (aiohttp's are istr): what orjson writes to the JSON columns
+    assert result.headers is not None
+    assert {type(k) for k in [*sent, *result.headers]} == {str}
+    try:
+        import orjson  # noqa: F401  (the fast extra)
+    except ImportError:
+        return
+    # orjson writes them, rather than the standard library's fallback
+    assert identity._orjson_text(sent, 0) is not None
+    assert identity._orjson_text(result.headers, 0) is not None
 
 
 async def test_request_headers_on_error_results_and_304(server: LocalServer) -> None:
