@@ -3,8 +3,8 @@
 
 Each command module registers its commands on the one ``app`` as it is imported: shared pieces
 in ``_common.py``; ``demo`` in ``_demo.py``; the read commands in ``_inspect.py``; verify, gc,
-prune, export and import in ``_manage.py``; run and tail in ``_jobs.py``; worker and status (runs
-shared by many workers) in ``_workers.py``; datasets in ``_datasets.py``.
+prune, export and import in ``_manage.py``; run in ``_jobs.py``; tail in ``_tail.py``; worker
+and status (runs shared by many workers) in ``_workers.py``; datasets in ``_datasets.py``.
 
 Commands reach the store only through the public ``Store`` API (``_common._with_store`` opens
 one, runs the command's coroutine with ``anyio.run`` and closes it); no command knows how the
@@ -20,7 +20,7 @@ from mxm_dataio_async._cli._common import app
 
 # Imported for their commands, in the order --help lists them (first the guard in _common: a
 # clear message without the extra).
-from mxm_dataio_async._cli import _demo, _inspect, _manage, _jobs, _workers, _datasets  # noqa: F401  # isort: skip
+from mxm_dataio_async._cli import _demo, _inspect, _manage, _jobs, _tail, _workers, _datasets  # noqa: F401  # isort: skip
 
 __all__ = ["app", "main"]
 
