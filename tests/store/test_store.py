@@ -174,6 +174,42 @@ async def test_corrupt_payloads_raise_integrity_error(tmp_path: Path) -> None:
             await store.read("ab" * 32)
 
 
+async def test_a_hit_reads_the_payload_fetched_with_its_lookup(tmp_path: Path) -> None:
+    # The lookup that finds a response reads its inline payload in the same hop; read() then
+    # needs no query of its own, and still verifies the bytes (they come from storage).
+    async with Store(tmp_path, inline_threshold=100) as store:
+        s = _session()
+        await store.metadata.save_session(s)
+        small = build_request(session_id=s.id, source="src", kind="small")
+        large = build_request(session_id=s.id, source="src", kind="large")
+        await _put(store, small, b"inline bytes")
+        await _put(store, large, b"x" * 1000)  # a file: nothing to prefetch
+    async with Store(tmp_path, inline_threshold=100) as store:
+        metadata = store.metadata
+        assert isinstance(metadata, SqliteMetadata)
+        reader = metadata._batch_reader
+        assert reader is not None
+        hit = await store.latest_response(small.hash)
+        assert hit is not None and hit.checksum is not None
+        digest = bytes.fromhex(hit.checksum)
+        assert reader.prefetched.get(digest) == b"inline bytes"
+        big = await store.latest_response(large.hash)
+        assert big is not None and big.checksum is not None
+        assert reader.prefetched.get(bytes.fromhex(big.checksum)) is None
+        queries = reader.batches
+        assert await store.read(hit) == b"inline bytes"
+        assert reader.batches == queries  # served from the prefetch: no query
+        # bytes from the prefetch are verified like any stored bytes
+        reader.prefetched.put(digest, b"tampered!!!!")
+        with pytest.raises(IntegrityError, match=r"corrupt.*discarded"):
+            await store.read(hit)
+        assert reader.prefetched.get(digest) is None  # discarding forgets them
+        # deleting payload rows forgets what was prefetched
+        reader.prefetched.put(b"k" * 32, b"anything")
+        await metadata.delete_payloads([])
+        assert len(reader.prefetched) == 0
+
+
 async def test_lookup_and_iteration(tmp_path: Path) -> None:
     async with Store(tmp_path) as store:
         s1, s2 = _session("a"), _session("b")

@@ -430,6 +430,9 @@ class SqliteMetadata:
         if recent is not None:  # the bytes staged (and hashed) on arrival, then committed here
             return PayloadRow(digest, len(recent), "inline", recent, verified=True)
         assert self._batch_reader is not None
+        prefetched = self._batch_reader.prefetched.get(digest)
+        if prefetched is not None:  # read with the lookup that found its response (unverified)
+            return PayloadRow(digest, len(prefetched), "inline", prefetched)
         found = await self._batch_reader.payload(digest)
         if found is None:
             return None
@@ -444,8 +447,14 @@ class SqliteMetadata:
             lambda conn: _queries.present(conn, wanted, tier=tier), "read payload rows"
         )
 
-    async def discard_payload(self, digest: bytes) -> None:
+    def _forget_payloads(self) -> None:
+        """Payload rows are being deleted: nothing is served from memory of them any more."""
         self._recent_payloads.clear()
+        if self._batch_reader is not None:
+            self._batch_reader.prefetched.clear()
+
+    async def discard_payload(self, digest: bytes) -> None:
+        self._forget_payloads()
         now = self.clock.now()
         await self._in_thread(
             lambda conn: _queries.discard_payload(conn, digest, now),
@@ -612,7 +621,7 @@ class SqliteMetadata:
 
     async def delete_payloads(self, digests: Sequence[bytes]) -> list[bytes]:
         doomed = list(digests)
-        self._recent_payloads.clear()
+        self._forget_payloads()
         return await self._in_thread(
             lambda conn: _queries.delete_unreferenced(conn, doomed),
             "delete payload rows",
@@ -627,6 +636,8 @@ class SqliteMetadata:
         bucket: str | None = None,
         dry_run: bool = False,
     ) -> PruneCounts:
+        if not dry_run:
+            self._forget_payloads()
         return await self._in_thread(
             lambda conn: _queries.prune(conn, cutoff, source, bucket, dry_run),
             "prune the store",

@@ -4,6 +4,11 @@ Every aiosqlite call is a hop to the connection's thread and back, and under loa
 costs a GIL hand-off. The two reads on the hot path (the cache lookup of a request hash, and an
 inline payload by sha256) are therefore queued, and one task answers everything queued so far with a
 single ``IN (...)`` query per kind: one hop for a whole batch instead of three per call.
+
+A lookup that finds responses also reads, in the same hop, the inline payloads they name (up to
+``PREFETCH_MAX`` bytes each): a cache hit is nearly always followed by ``read()``, which then
+finds the bytes in ``prefetched`` instead of queueing a second query. They are the stored bytes,
+unverified: ``Store.read`` hashes them as it hashes any bytes read back.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any, Final
 import aiosqlite
 
 from mxm_dataio_async._exceptions import StoreClosedError
+from mxm_dataio_async._recent import Recent
 from mxm_dataio_async._store._sqlite._sql import sqlite_error
 
 __all__ = ["BatchReader", "LATEST_SQL_PREFIX"]
@@ -29,6 +35,14 @@ _PAYLOAD_SQL: Final = (
     "SELECT sha256, size_bytes, tier, data FROM payloads WHERE sha256 IN ({marks})"
 )
 _CHUNK: Final = 500  # bound parameters per statement (SQLite allows far more; plans stay simple)
+
+#: Inline payloads up to this size are read along with the lookup that found their response.
+PREFETCH_MAX: Final = 64 * 1024
+#: The prefetched bytes kept for the read that follows a hit: at most about twice this much.
+_PREFETCH_BYTES: Final = 4 * 1024 * 1024
+_PREFETCH_ITEMS: Final = 4096
+# Positions in a response row (RESPONSE_COLUMNS): the checksum and size of its payload.
+_CHECKSUM, _SIZE = 7, 8
 
 Futures = dict[bytes, list["asyncio.Future[Any]"]]
 
@@ -54,6 +68,10 @@ class BatchReader:
         self._closing = False
         self._loop = asyncio.get_running_loop()
         self.batches = 0
+        # The inline payloads of the responses lookups found lately, by sha256 (unverified).
+        self.prefetched: Recent[bytes, bytes] = Recent(
+            _PREFETCH_ITEMS, max_weight=_PREFETCH_BYTES, weigh=len
+        )
 
     def _queue(self, table: Futures, key: bytes) -> asyncio.Future[Any]:
         if self._closing:
@@ -109,7 +127,23 @@ class BatchReader:
 
     async def _latest_rows(self, keys: Sequence[bytes]) -> list[Any]:
         sql = LATEST_SQL_PREFIX.format(columns=self._columns, marks=", ".join("?" * len(keys)))
-        return await self._query(sql, keys)
+        run_in_thread = getattr(self._conn, "_execute", None)
+        if run_in_thread is None:  # an aiosqlite without it: the lookup alone
+            return await self._query(sql, keys)
+        # One hop for the lookup and the inline payloads of what it found (aiosqlite runs the
+        # function on its connection thread, as the writer's one-hop commit does).
+        raw = self._conn._conn
+        found: tuple[list[Any], list[Any]]
+        if self._lock is None:
+            found = await run_in_thread(_latest_sync, raw, sql, keys)
+        else:
+            async with self._lock:
+                found = await run_in_thread(_latest_sync, raw, sql, keys)
+        rows, payloads = found
+        prefetched = self.prefetched
+        for digest, data in payloads:
+            prefetched.put(bytes(digest), bytes(data))
+        return rows
 
     async def _payload_rows(self, keys: Sequence[bytes]) -> list[Any]:
         sql = _PAYLOAD_SQL.format(marks=", ".join("?" * len(keys)))
@@ -145,3 +179,26 @@ class BatchReader:
             for fut in futures:
                 if not fut.done():
                     fut.set_result(row)
+
+
+def _latest_sync(
+    conn: sqlite3.Connection, sql: str, keys: Sequence[bytes]
+) -> tuple[list[Any], list[Any]]:
+    """The lookup's rows, and ``(sha256, data)`` of the inline payloads they name."""
+    rows: list[Any] = conn.execute(sql, keys).fetchall()
+    wanted = [
+        bytes.fromhex(row[_CHECKSUM])
+        for row in rows
+        if row[_CHECKSUM] is not None and row[_SIZE] <= PREFETCH_MAX
+    ]
+    if not wanted:
+        return rows, []
+    marks = ", ".join("?" * len(wanted))
+    payloads: list[Any] = conn.execute(_PREFETCH_SQL.format(marks=marks), wanted).fetchall()
+    return rows, payloads
+
+
+_PREFETCH_SQL: Final = (
+    "SELECT sha256, data FROM payloads WHERE tier = 'inline' AND data IS NOT NULL "
+    "AND sha256 IN ({marks})"
+)
