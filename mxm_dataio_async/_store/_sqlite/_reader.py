@@ -36,8 +36,9 @@ _PAYLOAD_SQL: Final = (
 )
 _CHUNK: Final = 500  # bound parameters per statement (SQLite allows far more; plans stay simple)
 
-#: Inline payloads up to this size are read along with the lookup that found their response.
-PREFETCH_MAX: Final = 64 * 1024
+#: Inline payloads up to this size are read along with the lookup that found their response
+#: (0: none; ``benchmarks/hits.py`` compares both).
+PREFETCH_MAX = 64 * 1024
 #: The prefetched bytes kept for the read that follows a hit: at most about twice this much.
 _PREFETCH_BYTES: Final = 4 * 1024 * 1024
 _PREFETCH_ITEMS: Final = 4096
@@ -186,6 +187,8 @@ def _latest_sync(
 ) -> tuple[list[Any], list[Any]]:
     """The lookup's rows, and ``(sha256, data)`` of the inline payloads they name."""
     rows: list[Any] = conn.execute(sql, keys).fetchall()
+    if PREFETCH_MAX <= 0:
+        return rows, []
     wanted = [
         bytes.fromhex(row[_CHECKSUM])
         for row in rows
