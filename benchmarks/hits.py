@@ -1,4 +1,4 @@
-"""Cache hits on a store opened afresh (a second run of a scrape), fetched and read two ways.
+"""Reading back what a store holds, opened afresh (a second run of a scrape): hits and a loop.
 
     python benchmarks/hits.py                  # ~1 minute: 2 shapes x 2 variants x 3 repeats
     python benchmarks/hits.py --repeat 5 --requests 20000
@@ -9,11 +9,14 @@ with ``concurrency`` in flight, reading every payload:
 
 - ``workers``: each of the workers fetches, then reads (``await s.read(await s.fetch(r))``);
 - ``in order``: ``async for outcome in s.fetch_many(...)``, and the consumer reads each payload as
-  it comes, one after the other (the usual shape of a loop over results).
+  it comes, one after the other (the usual shape of a loop over results);
+- ``iter_responses``: no fetch, the store's documented loop ``async for r in
+  store.iter_responses(): await store.read(r)``.
 
 Each shape runs with the payload prefetch (the lookup that finds a response reads its inline
-payload in the same hop to SQLite's thread) and without it (``PREFETCH_MAX = 0``: every read is a
-query of its own), interleaved, and reports req/s and client CPU per hit.
+payload in the same hop to SQLite's thread; a read in a loop over ``iter_responses`` reads the
+next payloads of the page with it) and without it (``PREFETCH_MAX = 0``: every read is a query of
+its own), interleaved, and reports reads/s and client CPU per read.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any
 from _common import Trials, machine, pin, placement, run, trial_main
 from _server import ServerProcess
 
-SHAPES = ("workers", "in order")
+SHAPES = ("workers", "in order", "iter_responses")
 VARIANTS = ("prefetch", "no prefetch")
 
 
@@ -49,11 +52,21 @@ async def record(root: str, port: int, n: int, concurrency: int) -> None:
 
 async def trial(spec: dict[str, Any]) -> dict[str, Any]:
     import mxm_dataio_async as dio
-    from mxm_dataio_async._store._sqlite import _reader
+    from mxm_dataio_async._store._sqlite import _memory
 
     if spec["variant"] == "no prefetch":
-        _reader.PREFETCH_MAX = 0
+        _memory.PREFETCH_MAX = 0
     n, concurrency = spec["n"], spec["concurrency"]
+    if spec["shape"] == "iter_responses":
+        async with dio.Store(spec["root"]) as store:
+            read = 0
+            wall0, cpu0 = time.perf_counter(), time.process_time()
+            async for response in store.iter_responses():
+                read += len(await store.read(response))
+            wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        if read != n * 1024:
+            raise RuntimeError(f"read {read} bytes, expected {n * 1024}")
+        return {"per_s": n / wall, "cpu_us": cpu / n * 1e6}
     async with dio.Store(spec["root"]) as store, dio.Registry() as registry:
         registry.register("bench", dio.HttpAdapter(base_url=f"http://127.0.0.1:{spec['port']}"))
         async with dio.AsyncSession("bench", store=store, registry=registry) as s:
@@ -122,7 +135,7 @@ def main() -> None:
                         result, info = trials.run(spec, timeout=600)
                         runs[f"{shape} / {variant}"].append(result | info)
                         print(
-                            f"run {r + 1}/{args.repeat}  {shape:8s} {variant:11s} "
+                            f"run {r + 1}/{args.repeat}  {shape:14s} {variant:11s} "
                             f"{result['per_s']:9,.0f}/s {result['cpu_us']:6.1f} µs"
                         )
     finally:
@@ -136,8 +149,8 @@ def main() -> None:
             row[f"{name}_cpu_us"] = statistics.median(x["cpu_us"] for x in got)
         row["speedup"] = row["prefetch_per_s"] / row["no_prefetch_per_s"]
         rows.append(row)
-    print(f"\nmedians of {args.repeat}, {args.requests} hits, concurrency {args.concurrency}")
-    print("| read | prefetch req/s | µs/hit | without req/s | µs/hit | ratio |")
+    print(f"\nmedians of {args.repeat}, {args.requests} reads, concurrency {args.concurrency}")
+    print("| read | prefetch reads/s | µs/read | without reads/s | µs/read | ratio |")
     print("|---|--:|--:|--:|--:|--:|")
     for row in rows:
         print(

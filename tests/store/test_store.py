@@ -210,6 +210,51 @@ async def test_a_hit_reads_the_payload_fetched_with_its_lookup(tmp_path: Path) -
         assert len(reader.prefetched) == 0
 
 
+async def test_reading_in_a_loop_over_iter_responses_reads_ahead(tmp_path: Path) -> None:
+    # The documented loop: one query brings a payload and those after it on the page (up to
+    # AHEAD_BYTES), not one query per read; what is read ahead is verified like stored bytes.
+    from mxm_dataio_async._store._sqlite import _memory
+
+    bodies = [os.urandom(700) + bytes([i % 256]) for i in range(120)]
+    async with Store(tmp_path, inline_threshold=1024) as store:
+        s = _session()
+        await store.metadata.save_session(s)
+        for i, body in enumerate(bodies):
+            await _put(store, build_request(session_id=s.id, source="src", kind=f"k{i}"), body)
+        await _put(store, build_request(session_id=s.id, source="src", kind="file"), b"f" * 2000)
+    conn = sqlite3.connect(tmp_path / DB_NAME)  # the 100th inline payload, damaged in place
+    damaged = hashlib.sha256(bodies[99]).digest()
+    conn.execute("UPDATE payloads SET data = ? WHERE sha256 = ?", (b"x" * 701, damaged))
+    conn.commit()
+    conn.close()
+    async with Store(tmp_path, inline_threshold=1024) as store:
+        metadata = store.metadata
+        assert isinstance(metadata, SqliteMetadata)
+        queries: list[str] = []
+        fetchall = metadata._fetchall
+
+        async def counted(sql: str, params: Any = ()) -> list[Any]:
+            queries.append(sql)
+            return await fetchall(sql, params)
+
+        metadata._fetchall = counted  # type: ignore[method-assign]
+        got: list[bytes] = []
+        async for resp in store.iter_responses(page_size=50):
+            if resp.checksum == damaged.hex():
+                with pytest.raises(IntegrityError, match="corrupt"):
+                    await store.read(resp)
+                got.append(b"damaged")
+            else:
+                got.append(await store.read(resp))
+    assert got == [*bodies[:99], b"damaged", *bodies[100:], b"f" * 2000]
+    ahead = [q for q in queries if "FROM payloads" in q]
+    pages = [q for q in queries if "FROM responses" in q]
+    assert len(pages) == 3  # 121 responses, 50 a page
+    # one read-ahead per page (701 bytes x 50 is under AHEAD_BYTES), not one per read
+    assert len(ahead) == 3, queries
+    assert _memory.AHEAD_BYTES > 50 * 701
+
+
 async def test_lookup_and_iteration(tmp_path: Path) -> None:
     async with Store(tmp_path) as store:
         s1, s2 = _session("a"), _session("b")

@@ -46,7 +46,8 @@ from mxm_dataio_async._store._protocols import (
 from mxm_dataio_async._store._sqlite import _coordination, _queries, _validations
 from mxm_dataio_async._store._sqlite._checkpoint import Checkpointer
 from mxm_dataio_async._store._sqlite._checkpoint import settings as checkpoints
-from mxm_dataio_async._store._sqlite._reader import BatchReader
+from mxm_dataio_async._store._sqlite._memory import PayloadMemory
+from mxm_dataio_async._store._sqlite._reader import PREFETCH_SQL, BatchReader
 from mxm_dataio_async._store._sqlite._rows import (
     RESPONSE_COLUMNS,
     SESSION_COLUMNS,
@@ -76,8 +77,6 @@ T = TypeVar("T")
 # Responses committed recently, by request hash: the window they serve is one lookup long, so a
 # few thousand cover it under any load (between 4,096 and 8,192 are kept).
 _RECENT_RESPONSES: Final = 4096
-# Inline payloads committed recently: up to 2 x 4 MiB of the newest.
-_RECENT_PAYLOAD_BYTES: Final = 4 * 1024 * 1024
 
 
 async def _shielded(loop: Callable[[], Awaitable[None]]) -> None:
@@ -127,9 +126,9 @@ class SqliteMetadata:
         # Checksums of payloads found corrupt and discarded: lookups skip responses naming them.
         self._bad: set[str] = set()
         self._recent: Recent[str, tuple[int, Response]] = Recent(_RECENT_RESPONSES)
-        self._recent_payloads: Recent[bytes, bytes] = Recent(
-            _RECENT_RESPONSES, max_weight=_RECENT_PAYLOAD_BYTES, weigh=len
-        )
+        # Inline payloads read() gets without a query: committed here, found with a lookup, or
+        # read ahead of a loop over iter_responses (_memory.py).
+        self._memory = PayloadMemory()
 
     def __repr__(self) -> str:
         mode = " read-only" if self.read_only else ""
@@ -194,9 +193,11 @@ class SqliteMetadata:
         # turns at the GIL: +2% recorded misses, +5% hits measured); a read-only store has only
         # the reader. Its queries never land inside the writer's transaction (Writer.lock).
         if writer is not None and LOOKUPS_ON_WRITER:
-            batch_reader = BatchReader(writer.conn, RESPONSE_COLUMNS, lock=writer.lock)
+            batch_reader = BatchReader(
+                writer.conn, RESPONSE_COLUMNS, self._memory.prefetched, lock=writer.lock
+            )
         else:
-            batch_reader = BatchReader(rconn, RESPONSE_COLUMNS)
+            batch_reader = BatchReader(rconn, RESPONSE_COLUMNS, self._memory.prefetched)
         # The writer and reader tasks live in a task group entered here and exited by aclose():
         # open and close happen in the same task, in LIFO order with other scopes (anyio's rule).
         tg = await stack.enter_async_context(anyio.create_task_group())
@@ -280,7 +281,7 @@ class SqliteMetadata:
                 self._recent.put(response.request_hash, (seq, response))
         for payload in recording.payloads:
             if payload.data is not None:
-                self._recent_payloads.put(payload.digest, payload.data)
+                self._memory.committed.put(payload.digest, payload.data)
         if self._bad:
             await self._repaired(recording)
 
@@ -418,6 +419,8 @@ class SqliteMetadata:
                 "ORDER BY rowid LIMIT ?",
                 [last, *params, page_size],
             )
+            # rowid, then RESPONSE_COLUMNS: the checksum at 8, the size at 9
+            self._memory.page(rows, checksum_at=8, size_at=9)
             for row in rows:
                 yield response_from_row(row[1:])
             if len(rows) < page_size:
@@ -426,13 +429,17 @@ class SqliteMetadata:
 
     async def payload(self, digest: bytes) -> PayloadRow | None:
         self._require_open()
-        recent = self._recent_payloads.get(digest)
-        if recent is not None:  # the bytes staged (and hashed) on arrival, then committed here
-            return PayloadRow(digest, len(recent), "inline", recent, verified=True)
+        memory = self._memory
+        known = memory.row(digest)
+        if known is not None:
+            return known
+        ahead = memory.ahead_of(digest)
+        if ahead:  # a loop over iter_responses: this payload and the next ones, one query
+            sql = PREFETCH_SQL.format(marks=", ".join("?" * len(ahead)))
+            data = memory.keep(await self._fetchall(sql, ahead), digest, ahead)
+            if data is not None:  # stored bytes, unverified: the reader hashes them
+                return PayloadRow(digest, len(data), "inline", data)
         assert self._batch_reader is not None
-        prefetched = self._batch_reader.prefetched.get(digest)
-        if prefetched is not None:  # read with the lookup that found its response (unverified)
-            return PayloadRow(digest, len(prefetched), "inline", prefetched)
         found = await self._batch_reader.payload(digest)
         if found is None:
             return None
@@ -447,14 +454,8 @@ class SqliteMetadata:
             lambda conn: _queries.present(conn, wanted, tier=tier), "read payload rows"
         )
 
-    def _forget_payloads(self) -> None:
-        """Payload rows are being deleted: nothing is served from memory of them any more."""
-        self._recent_payloads.clear()
-        if self._batch_reader is not None:
-            self._batch_reader.prefetched.clear()
-
     async def discard_payload(self, digest: bytes) -> None:
-        self._forget_payloads()
+        self._memory.forget()
         now = self.clock.now()
         await self._in_thread(
             lambda conn: _queries.discard_payload(conn, digest, now),
@@ -621,7 +622,7 @@ class SqliteMetadata:
 
     async def delete_payloads(self, digests: Sequence[bytes]) -> list[bytes]:
         doomed = list(digests)
-        self._forget_payloads()
+        self._memory.forget()
         return await self._in_thread(
             lambda conn: _queries.delete_unreferenced(conn, doomed),
             "delete payload rows",
@@ -637,7 +638,7 @@ class SqliteMetadata:
         dry_run: bool = False,
     ) -> PruneCounts:
         if not dry_run:
-            self._forget_payloads()
+            self._memory.forget()
         return await self._in_thread(
             lambda conn: _queries.prune(conn, cutoff, source, bucket, dry_run),
             "prune the store",

@@ -6,9 +6,9 @@ inline payload by sha256) are therefore queued, and one task answers everything 
 single ``IN (...)`` query per kind: one hop for a whole batch instead of three per call.
 
 A lookup that finds responses also reads, in the same hop, the inline payloads they name (up to
-``PREFETCH_MAX`` bytes each): a cache hit is nearly always followed by ``read()``, which then
-finds the bytes in ``prefetched`` instead of queueing a second query. They are the stored bytes,
-unverified: ``Store.read`` hashes them as it hashes any bytes read back.
+``PREFETCH_MAX`` bytes each, ``_memory.py``): a cache hit is nearly always followed by ``read()``,
+which then finds the bytes in memory instead of queueing a second query. They are the stored
+bytes, unverified: ``Store.read`` hashes them as it hashes any bytes read back.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import aiosqlite
 
 from mxm_dataio_async._exceptions import StoreClosedError
 from mxm_dataio_async._recent import Recent
+from mxm_dataio_async._store._sqlite import _memory
 from mxm_dataio_async._store._sqlite._sql import sqlite_error
 
-__all__ = ["BatchReader", "LATEST_SQL_PREFIX"]
+__all__ = ["PREFETCH_SQL", "BatchReader", "LATEST_SQL_PREFIX"]
 
 # SQLite returns the bare columns of the row holding max(fetched_at) in each group.
 LATEST_SQL_PREFIX: Final = (
@@ -36,12 +37,6 @@ _PAYLOAD_SQL: Final = (
 )
 _CHUNK: Final = 500  # bound parameters per statement (SQLite allows far more; plans stay simple)
 
-#: Inline payloads up to this size are read along with the lookup that found their response
-#: (0: none; ``benchmarks/hits.py`` compares both).
-PREFETCH_MAX = 64 * 1024
-#: The prefetched bytes kept for the read that follows a hit: at most about twice this much.
-_PREFETCH_BYTES: Final = 4 * 1024 * 1024
-_PREFETCH_ITEMS: Final = 4096
 # Positions in a response row (RESPONSE_COLUMNS): the checksum and size of its payload.
 _CHECKSUM, _SIZE = 7, 8
 
@@ -55,6 +50,7 @@ class BatchReader:
         self,
         conn: aiosqlite.Connection,
         response_columns: str,
+        prefetched: Recent[bytes, bytes],
         *,
         lock: asyncio.Lock | None = None,
     ) -> None:
@@ -69,10 +65,8 @@ class BatchReader:
         self._closing = False
         self._loop = asyncio.get_running_loop()
         self.batches = 0
-        # The inline payloads of the responses lookups found lately, by sha256 (unverified).
-        self.prefetched: Recent[bytes, bytes] = Recent(
-            _PREFETCH_ITEMS, max_weight=_PREFETCH_BYTES, weigh=len
-        )
+        # Where the inline payloads of the responses lookups find go, by sha256 (unverified).
+        self.prefetched = prefetched
 
     def _queue(self, table: Futures, key: bytes) -> asyncio.Future[Any]:
         if self._closing:
@@ -187,21 +181,22 @@ def _latest_sync(
 ) -> tuple[list[Any], list[Any]]:
     """The lookup's rows, and ``(sha256, data)`` of the inline payloads they name."""
     rows: list[Any] = conn.execute(sql, keys).fetchall()
-    if PREFETCH_MAX <= 0:
+    limit = _memory.PREFETCH_MAX
+    if limit <= 0:
         return rows, []
     wanted = [
         bytes.fromhex(row[_CHECKSUM])
         for row in rows
-        if row[_CHECKSUM] is not None and row[_SIZE] <= PREFETCH_MAX
+        if row[_CHECKSUM] is not None and row[_SIZE] <= limit
     ]
     if not wanted:
         return rows, []
     marks = ", ".join("?" * len(wanted))
-    payloads: list[Any] = conn.execute(_PREFETCH_SQL.format(marks=marks), wanted).fetchall()
+    payloads: list[Any] = conn.execute(PREFETCH_SQL.format(marks=marks), wanted).fetchall()
     return rows, payloads
 
 
-_PREFETCH_SQL: Final = (
+PREFETCH_SQL: Final = (
     "SELECT sha256, data FROM payloads WHERE tier = 'inline' AND data IS NOT NULL "
     "AND sha256 IN ({marks})"
 )

@@ -1,0 +1,117 @@
+"""The inline payloads the SQLite store can hand to ``read()`` without a query of their own.
+
+Every read that is a query costs a hop to SQLite's thread and back (~0.2 ms here when nothing
+else is batched with it), so the store keeps three kinds of bytes in memory, all bounded:
+
+- ``committed``: payloads this process staged (hashing them on arrival) and committed: a read
+  right after a fetch. These are *verified*: the store hashed these very bytes.
+- ``prefetched``: payloads read along with the cache lookup that found their response (the
+  batched reader does it in the lookup's hop), or read ahead by a loop over ``iter_responses``.
+  These are stored bytes, *unverified*: ``Store.read`` hashes them as it hashes any bytes read
+  back.
+- read-ahead: for each page ``iter_responses`` yields, the inline-sized payloads in order; the
+  first read of one reads it and the following ones (up to ``AHEAD_BYTES``) in one query, so the
+  documented loop ``async for r in store.iter_responses(): await store.read(r)`` costs a query per
+  megabyte, not per response.
+
+Deleting or discarding payload rows forgets all of it (``forget``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final
+
+from mxm_dataio_async._recent import Recent
+from mxm_dataio_async._store._protocols import PayloadRow
+
+__all__ = ["AHEAD_BYTES", "PREFETCH_MAX", "PayloadMemory"]
+
+#: Inline payloads up to this size are read with the lookup or page that names them (0: none;
+#: ``benchmarks/hits.py`` compares both).
+PREFETCH_MAX = 64 * 1024
+#: How many bytes one read-ahead query brings (within ``prefetched``'s bound, so none is dropped
+#: before it is read).
+AHEAD_BYTES: Final = 1024 * 1024
+
+_ITEMS: Final = 4096
+_BYTES: Final = 4 * 1024 * 1024
+
+
+_NOT_INLINE: Final[tuple[list[tuple[bytes, int]], int]] = ([], 0)
+
+
+class PayloadMemory:
+    """Bytes by sha256 that ``payload()`` answers from memory (see the module's docstring)."""
+
+    __slots__ = ("_ahead", "committed", "prefetched")
+
+    def __init__(self) -> None:
+        self.committed: Recent[bytes, bytes] = Recent(_ITEMS, max_weight=_BYTES, weigh=len)
+        self.prefetched: Recent[bytes, bytes] = Recent(_ITEMS, max_weight=_BYTES, weigh=len)
+        self._ahead: Recent[bytes, tuple[list[tuple[bytes, int]], int]] = Recent(_ITEMS)
+
+    def row(self, digest: bytes) -> PayloadRow | None:
+        """The payload as an inline row if it is in memory, else None."""
+        data = self.committed.get(digest)
+        if data is not None:  # hashed on arrival by this process, then committed
+            return PayloadRow(digest, len(data), "inline", data, verified=True)
+        data = self.prefetched.get(digest)
+        if data is not None:
+            return PayloadRow(digest, len(data), "inline", data)
+        return None
+
+    def page(self, rows: Sequence[Any], *, checksum_at: int, size_at: int) -> None:
+        """Remember the inline-sized payloads a page of response rows names, in order."""
+        limit = PREFETCH_MAX
+        if limit <= 0:
+            return
+        page: list[tuple[bytes, int]] = []
+        ahead = self._ahead
+        for row in rows:
+            checksum, size = row[checksum_at], row[size_at]
+            if checksum is not None and size <= limit:
+                digest = bytes.fromhex(checksum)
+                ahead.put(digest, (page, len(page)))
+                page.append((digest, size))
+
+    def ahead_of(self, digest: bytes) -> list[bytes]:
+        """The payloads to read with ``digest``: it and those after it on its page, up to
+        ``AHEAD_BYTES``; empty if no page named it lately."""
+        found = self._ahead.get(digest)
+        if found is None:
+            return []
+        page, at = found
+        wanted: list[bytes] = []
+        total = 0
+        for later, size in page[at:]:
+            if wanted and total + size > AHEAD_BYTES:
+                break
+            wanted.append(later)
+            total += size
+        return wanted
+
+    def keep(self, rows: Sequence[Any], digest: bytes, wanted: Sequence[bytes]) -> bytes | None:
+        """Keep the ``(sha256, data)`` rows read ahead for ``wanted``; the bytes of ``digest``
+        among them. A wanted payload that is not inline (a file, or gone) is not asked again."""
+        data = None
+        prefetched = self.prefetched
+        found: set[bytes] = set()
+        for sha, blob in rows:
+            key, got = bytes(sha), bytes(blob)
+            found.add(key)
+            if key == digest:
+                data = got  # read now: no need to keep it
+            else:
+                prefetched.put(key, got)
+        if len(found) < len(wanted):
+            for key in wanted:
+                if key not in found:
+                    self._ahead.put(key, _NOT_INLINE)
+        return data
+
+    def forget(self) -> None:
+        """Payload rows are being deleted: serve none of them from memory any more."""
+        self.committed.clear()
+        self.prefetched.clear()
+        self._ahead.clear()
