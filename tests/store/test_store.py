@@ -189,25 +189,26 @@ async def test_a_hit_reads_the_payload_fetched_with_its_lookup(tmp_path: Path) -
         assert isinstance(metadata, SqliteMetadata)
         reader = metadata._batch_reader
         assert reader is not None
+        memory = metadata._memory
         hit = await store.latest_response(small.hash)
         assert hit is not None and hit.checksum is not None
         digest = bytes.fromhex(hit.checksum)
-        assert reader.prefetched.get(digest) == b"inline bytes"
+        assert memory.prefetched.get(digest) == b"inline bytes"
         big = await store.latest_response(large.hash)
         assert big is not None and big.checksum is not None
-        assert reader.prefetched.get(bytes.fromhex(big.checksum)) is None
+        assert memory.prefetched.get(bytes.fromhex(big.checksum)) is None
         queries = reader.batches
         assert await store.read(hit) == b"inline bytes"
         assert reader.batches == queries  # served from the prefetch: no query
         # bytes from the prefetch are verified like any stored bytes
-        reader.prefetched.put(digest, b"tampered!!!!")
+        memory.prefetched.put(digest, b"tampered!!!!")
         with pytest.raises(IntegrityError, match=r"corrupt.*discarded"):
             await store.read(hit)
-        assert reader.prefetched.get(digest) is None  # discarding forgets them
+        assert memory.prefetched.get(digest) is None  # discarding forgets them
         # deleting payload rows forgets what was prefetched
-        reader.prefetched.put(b"k" * 32, b"anything")
+        memory.prefetched.put(b"k" * 32, b"anything")
         await metadata.delete_payloads([])
-        assert len(reader.prefetched) == 0
+        assert len(memory.prefetched) == 0
 
 
 async def test_reading_in_a_loop_over_iter_responses_reads_ahead(tmp_path: Path) -> None:

@@ -14,7 +14,10 @@ else is batched with it), so the store keeps three kinds of bytes in memory, all
   documented loop ``async for r in store.iter_responses(): await store.read(r)`` costs a query per
   megabyte, not per response.
 
-Deleting or discarding payload rows forgets all of it (``forget``).
+Deleting or discarding payload rows forgets all of it (``forget``). A program that fetches
+without reading (a job re-run to refresh nothing, a cache warm-up) would pay for bytes it never
+uses: when fewer than one in ten of the last ``_SAMPLE`` prefetched payloads was read, lookups stop
+prefetching for the next ``_PAUSE`` batches, then try again.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ AHEAD_BYTES: Final = 1024 * 1024
 
 _ITEMS: Final = 4096
 _BYTES: Final = 4 * 1024 * 1024
+_SAMPLE: Final = 1024  # prefetched payloads between two looks at how many were read
+_PAUSE: Final = 256  # lookup batches without prefetch after a look that found them unread
 
 
 _NOT_INLINE: Final[tuple[list[tuple[bytes, int]], int]] = ([], 0)
@@ -44,12 +49,31 @@ _NOT_INLINE: Final[tuple[list[tuple[bytes, int]], int]] = ([], 0)
 class PayloadMemory:
     """Bytes by sha256 that ``payload()`` answers from memory (see the module's docstring)."""
 
-    __slots__ = ("_ahead", "committed", "prefetched")
+    __slots__ = ("_ahead", "_offered", "_paused", "_taken", "committed", "prefetched")
 
     def __init__(self) -> None:
         self.committed: Recent[bytes, bytes] = Recent(_ITEMS, max_weight=_BYTES, weigh=len)
         self.prefetched: Recent[bytes, bytes] = Recent(_ITEMS, max_weight=_BYTES, weigh=len)
         self._ahead: Recent[bytes, tuple[list[tuple[bytes, int]], int]] = Recent(_ITEMS)
+        self._offered = self._taken = self._paused = 0
+
+    def lookup_limit(self) -> int:
+        """The largest payload a lookup batch should read along (0: none), asked per batch."""
+        if self._paused:
+            self._paused -= 1
+            return 0
+        return PREFETCH_MAX
+
+    def found(self, rows: Sequence[Any]) -> None:
+        """Keep the ``(sha256, data)`` rows a lookup read along; pause when they go unread."""
+        prefetched = self.prefetched
+        for sha, blob in rows:
+            prefetched.put(bytes(sha), bytes(blob))
+        self._offered += len(rows)
+        if self._offered >= _SAMPLE:
+            if self._taken * 10 < self._offered:
+                self._paused = _PAUSE
+            self._offered = self._taken = 0
 
     def row(self, digest: bytes) -> PayloadRow | None:
         """The payload as an inline row if it is in memory, else None."""
@@ -58,6 +82,7 @@ class PayloadMemory:
             return PayloadRow(digest, len(data), "inline", data, verified=True)
         data = self.prefetched.get(digest)
         if data is not None:
+            self._taken += 1
             return PayloadRow(digest, len(data), "inline", data)
         return None
 

@@ -194,10 +194,10 @@ class SqliteMetadata:
         # the reader. Its queries never land inside the writer's transaction (Writer.lock).
         if writer is not None and LOOKUPS_ON_WRITER:
             batch_reader = BatchReader(
-                writer.conn, RESPONSE_COLUMNS, self._memory.prefetched, lock=writer.lock
+                writer.conn, RESPONSE_COLUMNS, self._memory, lock=writer.lock
             )
         else:
-            batch_reader = BatchReader(rconn, RESPONSE_COLUMNS, self._memory.prefetched)
+            batch_reader = BatchReader(rconn, RESPONSE_COLUMNS, self._memory)
         # The writer and reader tasks live in a task group entered here and exited by aclose():
         # open and close happen in the same task, in LIFO order with other scopes (anyio's rule).
         tg = await stack.enter_async_context(anyio.create_task_group())

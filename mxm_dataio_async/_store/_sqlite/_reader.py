@@ -21,8 +21,7 @@ from typing import Any, Final
 import aiosqlite
 
 from mxm_dataio_async._exceptions import StoreClosedError
-from mxm_dataio_async._recent import Recent
-from mxm_dataio_async._store._sqlite import _memory
+from mxm_dataio_async._store._sqlite._memory import PayloadMemory
 from mxm_dataio_async._store._sqlite._sql import sqlite_error
 
 __all__ = ["PREFETCH_SQL", "BatchReader", "LATEST_SQL_PREFIX"]
@@ -50,7 +49,7 @@ class BatchReader:
         self,
         conn: aiosqlite.Connection,
         response_columns: str,
-        prefetched: Recent[bytes, bytes],
+        memory: PayloadMemory,
         *,
         lock: asyncio.Lock | None = None,
     ) -> None:
@@ -65,8 +64,8 @@ class BatchReader:
         self._closing = False
         self._loop = asyncio.get_running_loop()
         self.batches = 0
-        # Where the inline payloads of the responses lookups find go, by sha256 (unverified).
-        self.prefetched = prefetched
+        # Where the inline payloads of the responses lookups find go (unverified).
+        self._memory = memory
 
     def _queue(self, table: Futures, key: bytes) -> asyncio.Future[Any]:
         if self._closing:
@@ -127,17 +126,16 @@ class BatchReader:
             return await self._query(sql, keys)
         # One hop for the lookup and the inline payloads of what it found (aiosqlite runs the
         # function on its connection thread, as the writer's one-hop commit does).
-        raw = self._conn._conn
+        raw, limit = self._conn._conn, self._memory.lookup_limit()
         found: tuple[list[Any], list[Any]]
         if self._lock is None:
-            found = await run_in_thread(_latest_sync, raw, sql, keys)
+            found = await run_in_thread(_latest_sync, raw, sql, keys, limit)
         else:
             async with self._lock:
-                found = await run_in_thread(_latest_sync, raw, sql, keys)
+                found = await run_in_thread(_latest_sync, raw, sql, keys, limit)
         rows, payloads = found
-        prefetched = self.prefetched
-        for digest, data in payloads:
-            prefetched.put(bytes(digest), bytes(data))
+        if payloads:
+            self._memory.found(payloads)
         return rows
 
     async def _payload_rows(self, keys: Sequence[bytes]) -> list[Any]:
@@ -177,11 +175,11 @@ class BatchReader:
 
 
 def _latest_sync(
-    conn: sqlite3.Connection, sql: str, keys: Sequence[bytes]
+    conn: sqlite3.Connection, sql: str, keys: Sequence[bytes], limit: int
 ) -> tuple[list[Any], list[Any]]:
-    """The lookup's rows, and ``(sha256, data)`` of the inline payloads they name."""
+    """The lookup's rows, and ``(sha256, data)`` of the inline payloads they name up to
+    ``limit`` bytes each."""
     rows: list[Any] = conn.execute(sql, keys).fetchall()
-    limit = _memory.PREFETCH_MAX
     if limit <= 0:
         return rows, []
     wanted = [
