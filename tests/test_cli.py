@@ -138,6 +138,25 @@ async def read_all(root: Path, checksums: list[str]) -> list[bytes]:
 # -- inspection ----------------------------------------------------------------------------------
 
 
+def test_a_command_runs_with_the_objects_before_it_frozen_out_of_the_collector() -> None:
+    import gc
+
+    from mxm_dataio_async._cli._common import _run
+
+    async def frozen() -> int:
+        return gc.get_freeze_count()
+
+    assert gc.get_freeze_count() == 0
+    assert _run(frozen) > 0  # the imports are not walked by a full collection meanwhile
+    assert gc.get_freeze_count() == 0  # and are collected again afterwards
+    gc.freeze()  # a program that froze objects itself: left as it was
+    try:
+        assert _run(frozen) > 0
+        assert gc.get_freeze_count() > 0  # not unfrozen by the command
+    finally:
+        gc.unfreeze()
+
+
 def test_sessions_table_and_json(store: Path) -> None:
     rows = as_json("sessions", "--root", str(store))
     assert len(rows) == 4
