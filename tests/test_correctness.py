@@ -481,7 +481,7 @@ async def test_a_corrupt_cached_payload_is_fetched_again(tmp_path: Path, size: i
                     (b"x" * size, bytes.fromhex(checksum)),
                 )
                 conn.commit()
-        store.metadata._recent_payloads.clear()  # type: ignore[attr-defined]  # as a new process
+        store.metadata._memory.forget()  # type: ignore[attr-defined]  # as a new process
         async with dio.AsyncSession("m", store=store, registry=reg) as s:
             served = await s.fetch(s.request("k"))
             assert served.from_cache
