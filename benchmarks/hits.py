@@ -52,7 +52,7 @@ async def record(root: str, port: int, n: int, concurrency: int) -> None:
 
 async def trial(spec: dict[str, Any]) -> dict[str, Any]:
     import mxm_dataio_async as dio
-    from mxm_dataio_async._store._sqlite import _memory
+    from mxm_dataio_async._store import _memory
 
     if spec["variant"] == "no prefetch":
         _memory.PREFETCH_MAX = 0

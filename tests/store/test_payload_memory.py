@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 
-from mxm_dataio_async._store._sqlite import _memory
-from mxm_dataio_async._store._sqlite._memory import PayloadMemory
+from mxm_dataio_async._store import _memory
+from mxm_dataio_async._store._memory import PayloadMemory
 
 
 def _rows(start: int, n: int) -> list[tuple[bytes, bytes]]:

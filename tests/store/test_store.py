@@ -214,7 +214,7 @@ async def test_a_hit_reads_the_payload_fetched_with_its_lookup(tmp_path: Path) -
 async def test_reading_in_a_loop_over_iter_responses_reads_ahead(tmp_path: Path) -> None:
     # The documented loop: one query brings a payload and those after it on the page (up to
     # AHEAD_BYTES), not one query per read; what is read ahead is verified like stored bytes.
-    from mxm_dataio_async._store._sqlite import _memory
+    from mxm_dataio_async._store import _memory
 
     bodies = [os.urandom(700) + bytes([i % 256]) for i in range(120)]
     async with Store(tmp_path, inline_threshold=1024) as store:

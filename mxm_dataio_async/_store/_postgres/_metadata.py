@@ -30,7 +30,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from datetime import datetime
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -39,9 +39,9 @@ from mxm_dataio_async._clock import SYSTEM_CLOCK, Clock
 from mxm_dataio_async._exceptions import StoreClosedError, UsageError
 from mxm_dataio_async._lifecycle import State
 from mxm_dataio_async._models import Response, ResponseStatus, Session
-from mxm_dataio_async._recent import Recent
+from mxm_dataio_async._store._memory import PayloadMemory
 from mxm_dataio_async._store._postgres import _coordination, _queries, _validations
-from mxm_dataio_async._store._postgres._reader import BatchReader
+from mxm_dataio_async._store._postgres._reader import PREFETCH_SQL, BatchReader
 from mxm_dataio_async._store._postgres._rows import (
     COLUMNS,
     RESPONSE_COLUMNS,
@@ -81,10 +81,6 @@ __all__ = ["PostgresMetadata"]
 
 T = TypeVar("T")
 Connection = Any  # asyncpg.Connection
-
-# Inline payloads committed recently: up to 2 x 4 MiB of the newest (as the SQLite backend).
-_RECENT_PAYLOADS: Final = 4096
-_RECENT_PAYLOAD_BYTES: Final = 4 * 1024 * 1024
 
 
 class _SourceError(Exception):
@@ -139,9 +135,9 @@ class PostgresMetadata:
         self._writer: Writer | None = None
         self._reader: BatchReader | None = None
         self._bad: set[str] = set()  # payloads found corrupt: lookups skip responses naming them
-        self._recent_payloads: Recent[bytes, bytes] = Recent(
-            _RECENT_PAYLOADS, max_weight=_RECENT_PAYLOAD_BYTES, weigh=len
-        )
+        # Inline payloads read() gets without a round trip: committed here, brought by a lookup,
+        # or read ahead of a loop over iter_responses (_store/_memory.py, as the SQLite backend).
+        self._memory = PayloadMemory()
 
     def __repr__(self) -> str:
         mode = " read-only" if self.read_only else ""
@@ -205,7 +201,7 @@ class PostgresMetadata:
             )
             tg.start_soon(shielded, writer.run)
             self._writer = writer
-        reader = BatchReader(self._fetch)
+        reader = BatchReader(self._fetch, self._memory)
         tg.start_soon(shielded, reader.run)
         self._reader = reader
 
@@ -288,7 +284,7 @@ class PostgresMetadata:
         await fut
         for payload in recording.payloads:
             if payload.data is not None:
-                self._recent_payloads.put(payload.digest, payload.data)
+                self._memory.committed.put(payload.digest, payload.data)
         again = [p.checksum for p in recording.payloads if p.checksum in self._bad]
         if again:  # discarded payloads recorded again: lookups may use them
             await self._run(
@@ -418,6 +414,7 @@ class PostgresMetadata:
         waited = False
         while True:
             rows = await self._fetch("read responses", page_sql, (*position, *args, page_size))
+            self._memory.page(rows, checksum_at=7, size_at=8)  # for the reads that follow
             for row in rows:
                 yield response_from_row(row)
             if rows:
@@ -452,9 +449,16 @@ class PostgresMetadata:
 
     async def payload(self, digest: bytes) -> PayloadRow | None:
         self._require_open()
-        recent = self._recent_payloads.get(digest)
-        if recent is not None:  # the bytes staged (and hashed) on arrival, then committed here
-            return PayloadRow(digest, len(recent), "inline", recent, verified=True)
+        memory = self._memory
+        known = memory.row(digest)
+        if known is not None:
+            return known
+        ahead = memory.ahead_of(digest)
+        if ahead:  # a loop over iter_responses: this payload and the next ones, one query
+            rows = await self._fetch("read payloads ahead", PREFETCH_SQL, (ahead,))
+            data = memory.keep(rows, digest, ahead)
+            if data is not None:  # stored bytes, unverified: the reader hashes them
+                return PayloadRow(digest, len(data), "inline", data)
         assert self._reader is not None
         found = await self._reader.payload(digest)
         if found is None:
@@ -463,7 +467,7 @@ class PostgresMetadata:
         return PayloadRow(digest, size, tier, None if data is None else bytes(data))
 
     async def discard_payload(self, digest: bytes) -> None:
-        self._recent_payloads.clear()
+        self._memory.forget()
 
         async def run(conn: Connection) -> None:
             async with conn.transaction():
@@ -637,7 +641,7 @@ class PostgresMetadata:
     async def delete_payloads(self, digests: Sequence[bytes]) -> list[bytes]:
         doomed = list(digests)
         self._require_open()
-        self._recent_payloads.clear()
+        self._memory.forget()
         return await self._run(
             "delete payload rows",
             lambda conn: _queries.delete_unreferenced(conn, doomed),

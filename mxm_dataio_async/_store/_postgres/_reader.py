@@ -10,6 +10,11 @@ entry of the partial index ``(request_hash, fetched_at) WHERE status = 'ok'`` ba
 many responses that hash has accumulated. ``DISTINCT ON (request_hash) ... WHERE request_hash =
 ANY($1)`` reads them all, then sorts: as fast at one response per hash, 12x slower at 50 (measured
 here, 256 hashes per query: ~13k against ~163k hashes/s).
+
+The lookup also brings the inline payload of each response it finds (a left join on the payload's
+primary key, up to ``PREFETCH_MAX`` bytes; ``_store/_memory.py``): a hit is nearly always
+followed by ``read()``, which then needs no round trip of its own. The bytes are verified on read
+like any stored bytes, and the prefetch pauses while they go unread.
 """
 
 from __future__ import annotations
@@ -19,19 +24,34 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from mxm_dataio_async._exceptions import StoreClosedError, StoreError
+from mxm_dataio_async._store._memory import PayloadMemory
 from mxm_dataio_async._store._postgres._rows import RESPONSE_COLUMNS
 
-__all__ = ["LATEST_SQL", "PAYLOAD_SQL", "BatchReader"]
+__all__ = ["LATEST_SQL", "PAYLOAD_SQL", "PREFETCH_SQL", "BatchReader"]
 
 LATEST_SQL: Final = (
     f"SELECT r.* FROM unnest($1::bytea[]) AS wanted(hash) CROSS JOIN LATERAL ("
     f"SELECT {RESPONSE_COLUMNS} FROM responses WHERE request_hash = wanted.hash "
     "AND status = 'ok' ORDER BY fetched_at DESC LIMIT 1) AS r"
 )
+# The same, with the response's inline payload (NULL when there is none, or it is over $2 bytes).
+LATEST_PREFETCH_SQL: Final = (
+    f"SELECT r.*, p.data FROM unnest($1::bytea[]) AS wanted(hash) CROSS JOIN LATERAL ("
+    f"SELECT {RESPONSE_COLUMNS} FROM responses WHERE request_hash = wanted.hash "
+    "AND status = 'ok' ORDER BY fetched_at DESC LIMIT 1) AS r "
+    "LEFT JOIN payloads p ON r.checksum IS NOT NULL AND r.size_bytes <= $2 "
+    "AND p.sha256 = decode(r.checksum, 'hex') AND p.tier = 'inline'"
+)
+# Inline payloads by digest, for a read-ahead.
+PREFETCH_SQL: Final = (
+    "SELECT sha256, data FROM payloads WHERE tier = 'inline' AND data IS NOT NULL "
+    "AND sha256 = ANY($1::bytea[])"
+)
 PAYLOAD_SQL: Final = (
     "SELECT sha256, size_bytes, tier, data FROM payloads WHERE sha256 = ANY($1::bytea[])"
 )
 _CHUNK: Final = 1000  # keys per query
+_CHECKSUM: Final = 7  # the payload's checksum in a response row (RESPONSE_COLUMNS)
 
 Futures = dict[bytes, list["asyncio.Future[Any]"]]
 Fetch = Callable[[str, str, Sequence[Any]], Awaitable[list[Any]]]
@@ -41,8 +61,9 @@ class BatchReader:
     """Answers queued lookups in batches; ``fetch(action, sql, args)`` runs one query (the store
     translates its errors and retries a lost connection)."""
 
-    def __init__(self, fetch: Fetch) -> None:
+    def __init__(self, fetch: Fetch, memory: PayloadMemory) -> None:
         self._fetch = fetch
+        self._memory = memory  # where the inline payloads the lookups bring go
         self._latest: Futures = {}
         self._payloads: Futures = {}
         self._wakeup = asyncio.Event()
@@ -88,7 +109,19 @@ class BatchReader:
                 payloads, self._payloads = self._payloads, {}
                 self.batches += 1
                 if latest:
-                    await self._answer(latest, LATEST_SQL, key_index=2, action="look up responses")
+                    limit = self._memory.lookup_limit()
+                    if limit > 0:
+                        await self._answer(
+                            latest,
+                            LATEST_PREFETCH_SQL,
+                            key_index=2,
+                            action="look up responses",
+                            extra=(limit,),
+                        )
+                    else:
+                        await self._answer(
+                            latest, LATEST_SQL, key_index=2, action="look up responses"
+                        )
                 if payloads:
                     await self._answer(payloads, PAYLOAD_SQL, key_index=0, action="read payloads")
         finally:
@@ -100,12 +133,29 @@ class BatchReader:
                             fut.set_exception(err)
                 table.clear()
 
-    async def _answer(self, table: Futures, sql: str, *, key_index: int, action: str) -> None:
+    async def _answer(
+        self,
+        table: Futures,
+        sql: str,
+        *,
+        key_index: int,
+        action: str,
+        extra: tuple[Any, ...] = (),
+    ) -> None:
         keys = list(table)
         found: dict[bytes, Any] = {}
         try:
             for i in range(0, len(keys), _CHUNK):
-                for row in await self._fetch(action, sql, (keys[i : i + _CHUNK],)):
+                rows = await self._fetch(action, sql, (keys[i : i + _CHUNK], *extra))
+                if extra:  # a lookup with its payloads: (sha256, data) of those it brought
+                    brought = [
+                        (bytes.fromhex(row[_CHECKSUM]), row[-1])
+                        for row in rows
+                        if row[-1] is not None
+                    ]
+                    if brought:
+                        self._memory.found(brought)
+                for row in rows:
                     found[bytes(row[key_index])] = row
         except Exception as exc:  # StoreError; anything else is a bug, reported to the waiters
             err = exc if isinstance(exc, StoreError) else StoreError(f"cannot {action}: {exc!r}")

@@ -33,6 +33,7 @@ from mxm_dataio_async._exceptions import UsageError
 from mxm_dataio_async._lifecycle import State
 from mxm_dataio_async._models import Response, ResponseStatus, Session
 from mxm_dataio_async._recent import Recent
+from mxm_dataio_async._store._memory import PayloadMemory
 from mxm_dataio_async._store._protocols import (
     DanglingReference,
     Lease,
@@ -46,7 +47,6 @@ from mxm_dataio_async._store._protocols import (
 from mxm_dataio_async._store._sqlite import _coordination, _queries, _validations
 from mxm_dataio_async._store._sqlite._checkpoint import Checkpointer
 from mxm_dataio_async._store._sqlite._checkpoint import settings as checkpoints
-from mxm_dataio_async._store._sqlite._memory import PayloadMemory
 from mxm_dataio_async._store._sqlite._reader import PREFETCH_SQL, BatchReader
 from mxm_dataio_async._store._sqlite._rows import (
     RESPONSE_COLUMNS,
@@ -127,7 +127,7 @@ class SqliteMetadata:
         self._bad: set[str] = set()
         self._recent: Recent[str, tuple[int, Response]] = Recent(_RECENT_RESPONSES)
         # Inline payloads read() gets without a query: committed here, found with a lookup, or
-        # read ahead of a loop over iter_responses (_memory.py).
+        # read ahead of a loop over iter_responses (_store/_memory.py).
         self._memory = PayloadMemory()
 
     def __repr__(self) -> str:

@@ -374,6 +374,46 @@ async def test_export_session_then_import_bundle_round_trips(
     assert (await third.verify()).ok
 
 
+def _reader_batches(store: Store) -> int:
+    """How many batches the store's batched reader has queried (each backend keeps the count)."""
+    reader = getattr(store.metadata, "_batch_reader", None) or store.metadata._reader  # type: ignore[attr-defined]
+    batches: int = reader.batches
+    return batches
+
+
+async def test_reads_after_lookups_and_in_a_loop_come_from_memory_of_stored_bytes(
+    make_store: StoreMaker, clock: FakeClock, tmp_path: Path
+) -> None:
+    # A store opened afresh (nothing committed in this process): the lookup that finds a
+    # response brings its inline payload, and a loop over iter_responses reads ahead; every read
+    # returns the exact bytes, and the reads after lookups need no query of their own.
+    root = tmp_path / "reopened"
+    first = await make_store(root=root)
+    s = make_session()
+    await first.metadata.save_session(s)
+    bodies = {}
+    for i in range(40):
+        req = make_request(s, kind=f"k{i}")
+        data = os.urandom(100 + i) if i % 10 else os.urandom(INLINE_THRESHOLD + 10)  # some files
+        bodies[req.hash] = (await fetch(first, req, data, at=clock.now()), data)
+    await first.aclose()
+
+    second = await make_store(root=root)
+    for request_hash, (written, data) in bodies.items():
+        found = await second.latest_response(request_hash)
+        assert found is not None and found.id == written.id
+        before = _reader_batches(second)
+        assert await second.read(found) == data
+        if len(data) <= INLINE_THRESHOLD:  # inline: brought by the lookup
+            assert _reader_batches(second) == before
+    await second.aclose()
+
+    third = await make_store(root=root)
+    by_id = {written.id: data for written, data in bodies.values()}
+    read = {r.id: await third.read(r) async for r in third.iter_responses(page_size=16)}
+    assert read == by_id
+
+
 async def test_close_commits_queued_records_and_a_reopened_store_has_everything(
     make_store: StoreMaker, clock: FakeClock, tmp_path: Path
 ) -> None:

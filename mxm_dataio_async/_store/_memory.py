@@ -1,14 +1,15 @@
-"""The inline payloads the SQLite store can hand to ``read()`` without a query of their own.
+"""The inline payloads a metadata store can hand to ``read()`` without a query of their own.
 
-Every read that is a query costs a hop to SQLite's thread and back (~0.2 ms here when nothing
-else is batched with it), so the store keeps three kinds of bytes in memory, all bounded:
+Every read that is a query costs a hop to SQLite's thread, or a round trip to PostgreSQL (~0.2 ms
+here when nothing else is batched with it), so both backends keep three kinds of bytes in memory,
+all bounded:
 
 - ``committed``: payloads this process staged (hashing them on arrival) and committed: a read
   right after a fetch. These are *verified*: the store hashed these very bytes.
 - ``prefetched``: payloads read along with the cache lookup that found their response (the
   batched reader does it in the lookup's hop), or read ahead by a loop over ``iter_responses``.
   These are stored bytes, *unverified*: ``Store.read`` hashes them as it hashes any bytes read
-  back.
+  back (the batched readers: ``_sqlite/_reader.py``, ``_postgres/_reader.py``).
 - read-ahead: for each page ``iter_responses`` yields, the inline-sized payloads in order; the
   first read of one reads it and the following ones (up to ``AHEAD_BYTES``) in one query, so the
   documented loop ``async for r in store.iter_responses(): await store.read(r)`` costs a query per
