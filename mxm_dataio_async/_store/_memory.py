@@ -93,10 +93,12 @@ class PayloadMemory:
         if limit <= 0:
             return
         page: list[tuple[bytes, int]] = []
+        seen: set[str] = set()  # identical bodies share a payload: each is read once
         ahead = self._ahead
         for row in rows:
             checksum, size = row[checksum_at], row[size_at]
-            if checksum is not None and size <= limit:
+            if checksum is not None and size <= limit and checksum not in seen:
+                seen.add(checksum)
                 digest = bytes.fromhex(checksum)
                 ahead.put(digest, (page, len(page)))
                 page.append((digest, size))
@@ -127,9 +129,8 @@ class PayloadMemory:
             key, got = bytes(sha), bytes(blob)
             found.add(key)
             if key == digest:
-                data = got  # read now: no need to keep it
-            else:
-                prefetched.put(key, got)
+                data = got
+            prefetched.put(key, got)  # this one too: other responses may name the same bytes
         if len(found) < len(wanted):
             for key in wanted:
                 if key not in found:

@@ -256,6 +256,38 @@ async def test_reading_in_a_loop_over_iter_responses_reads_ahead(tmp_path: Path)
     assert _memory.AHEAD_BYTES > 50 * 701
 
 
+async def test_read_ahead_of_a_payload_many_responses_share(tmp_path: Path) -> None:
+    # Identical bodies share one payload row: a page of 50 responses naming it costs one
+    # read-ahead query, not one per read (nor a query of 50 copies of one key).
+    shared, other = os.urandom(600), os.urandom(600)
+    async with Store(tmp_path, inline_threshold=1024) as store:
+        s = _session()
+        await store.metadata.save_session(s)
+        for i in range(100):
+            body = other if i == 70 else shared
+            await _put(store, build_request(session_id=s.id, source="src", kind=f"k{i}"), body)
+    async with Store(tmp_path, inline_threshold=1024) as store:
+        metadata = store.metadata
+        assert isinstance(metadata, SqliteMetadata)
+        reader = metadata._batch_reader
+        assert reader is not None
+        queries: list[tuple[str, Any]] = []
+        fetchall = metadata._fetchall
+
+        async def counted(sql: str, params: Any = ()) -> list[Any]:
+            queries.append((sql, params))
+            return await fetchall(sql, params)
+
+        metadata._fetchall = counted  # type: ignore[method-assign]
+        before = reader.batches
+        got = [await store.read(r) async for r in store.iter_responses(page_size=50)]
+    assert got == [other if i == 70 else shared for i in range(100)]
+    ahead = [params for sql, params in queries if "FROM payloads" in sql]
+    # page 1: the shared one; page 2: the other (the shared one is in memory already)
+    assert [len(p) for p in ahead] == [1, 1]
+    assert reader.batches == before  # no read went to the batched reader
+
+
 async def test_lookup_and_iteration(tmp_path: Path) -> None:
     async with Store(tmp_path) as store:
         s1, s2 = _session("a"), _session("b")
