@@ -1,8 +1,11 @@
 """The loopback HTTP server of the benchmarks, run in its own process.
 
-``/bytes/{size}/{n}`` answers ``size`` deterministic bytes (precomputed; ``n`` only makes each URL
-distinct, so the first pass over a fresh cache is all misses), after ``?delay=S`` seconds if
-asked. ``/stats`` answers the requests served and the server's own CPU seconds, so a trial can
+``/bytes/{size}/{n}`` answers ``size`` deterministic bytes, distinct for each ``n``
+(``distinct``: the first 16 bytes are a hash of ``n``, the rest precomputed), after ``?delay=S``
+seconds if asked: the first pass over a fresh cache is all misses, and a content-addressed store
+keeps a payload per URL, as real pages need. (Until 2026-11-30 every URL of a size got the same
+bytes, which this library's store wrote once and the peer once per URL: that flattered our
+misses.) ``/stats`` answers the requests served and the server's own CPU seconds, so a trial can
 tell how many requests reached upstream and whether the server, rather than the client, was the
 limit.
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import random
 import socket
@@ -35,6 +39,11 @@ def body(size: int) -> bytes:
     return random.Random(size).randbytes(size)
 
 
+def distinct(data: bytes, key: str) -> bytes:
+    """``data`` made distinct for ``key``: its first 16 bytes replaced by a hash of the key."""
+    return hashlib.blake2b(key.encode(), digest_size=16).digest() + data[16:]
+
+
 def _app(bodies: dict[int, bytes]) -> web.Application:
     served = [0]
 
@@ -46,6 +55,7 @@ def _app(bodies: dict[int, bytes]) -> web.Application:
         delay = float(request.query.get("delay", "0"))
         if delay > 0:  # a latency-bound upstream (benchmarks/workers.py)
             await asyncio.sleep(delay)
+        data = distinct(data, request.match_info["n"])
         return web.Response(body=data, content_type="application/octet-stream")
 
     async def stats(request: web.Request) -> web.Response:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import machine
-from _server import ServerProcess, body
+from _server import ServerProcess, body, distinct
 
 import mxm_dataio_async as dio
 
@@ -78,7 +78,7 @@ async def one_trial(backend: str, workload: str, n: int, concurrency: int, port:
         async with open_store(backend, Path(tmp)) as store, dio.Registry() as registry:
             if workload == "mock 1 KiB":
                 payload = body(1024)
-                registry.register("b", dio.MockAdapter(lambda r: payload))
+                registry.register("b", dio.MockAdapter(lambda r: distinct(payload, str(r.params))))
 
                 def make(s: dio.AsyncSession, i: int) -> dio.Request:
                     return s.request("k", params={"i": i})

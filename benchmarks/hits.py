@@ -1,7 +1,8 @@
 """Reading back what a store holds, opened afresh (a second run of a scrape): hits and a loop.
 
-    python benchmarks/hits.py                  # ~1 minute: 2 shapes x 2 variants x 3 repeats
+    python benchmarks/hits.py                  # ~1 minute: 3 shapes x 2 variants x 3 repeats
     python benchmarks/hits.py --repeat 5 --requests 20000
+    python benchmarks/hits.py --postgres postgresql://user@host/db   # metadata in PostgreSQL
 
 A first process records ``--requests`` 1 KiB responses from the loopback server; every trial then
 opens that store in a fresh process (nothing in memory) and fetches them all again, each a hit,
@@ -16,7 +17,9 @@ with ``concurrency`` in flight, reading every payload:
 Each shape runs with the payload prefetch (the lookup that finds a response reads its inline
 payload in the same hop to SQLite's thread; a read in a loop over ``iter_responses`` reads the
 next payloads of the page with it) and without it (``PREFETCH_MAX = 0``: every read is a query of
-its own), interleaved, and reports reads/s and client CPU per read.
+its own), interleaved, and reports reads/s and client CPU per read. With ``--postgres URL`` the
+metadata (and inline payloads) live in a fresh schema of that database, dropped at the end, and
+the payload files in a temporary folder.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +42,35 @@ SHAPES = ("workers", "in order", "iter_responses")
 VARIANTS = ("prefetch", "no prefetch")
 
 
-async def record(root: str, port: int, n: int, concurrency: int) -> None:
+def _store(root: str, postgres: str | None, schema: str) -> Any:
+    """The store of the run: a folder, or a PostgreSQL schema with the payload files in root."""
     import mxm_dataio_async as dio
 
-    async with dio.Store(root) as store, dio.Registry() as registry:
+    if postgres is None:
+        return dio.Store(root)
+    from mxm_dataio_async._store import LocalPayloads
+    from mxm_dataio_async._store._postgres import PostgresMetadata
+
+    metadata = PostgresMetadata(postgres, schema=schema)
+    return dio.Store(metadata=metadata, payloads=LocalPayloads(Path(root) / "objects"))
+
+
+async def _drop(postgres: str, schema: str) -> None:
+    import asyncpg  # type: ignore[import-untyped]
+
+    conn = await asyncpg.connect(postgres)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+async def record(
+    root: str, port: int, n: int, concurrency: int, postgres: str | None, schema: str
+) -> None:
+    import mxm_dataio_async as dio
+
+    async with _store(root, postgres, schema) as store, dio.Registry() as registry:
         registry.register("bench", dio.HttpAdapter(base_url=f"http://127.0.0.1:{port}"))
         async with dio.AsyncSession("bench", store=store, registry=registry) as s:
             requests = (s.request("b", endpoint=f"/bytes/1024/{i}") for i in range(n))
@@ -57,8 +86,9 @@ async def trial(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["variant"] == "no prefetch":
         _memory.PREFETCH_MAX = 0
     n, concurrency = spec["n"], spec["concurrency"]
+    opened = _store(spec["root"], spec["postgres"], spec["schema"])
     if spec["shape"] == "iter_responses":
-        async with dio.Store(spec["root"]) as store:
+        async with opened as store:
             read = 0
             wall0, cpu0 = time.perf_counter(), time.process_time()
             async for response in store.iter_responses():
@@ -67,7 +97,7 @@ async def trial(spec: dict[str, Any]) -> dict[str, Any]:
         if read != n * 1024:
             raise RuntimeError(f"read {read} bytes, expected {n * 1024}")
         return {"per_s": n / wall, "cpu_us": cpu / n * 1e6}
-    async with dio.Store(spec["root"]) as store, dio.Registry() as registry:
+    async with opened as store, dio.Registry() as registry:
         registry.register("bench", dio.HttpAdapter(base_url=f"http://127.0.0.1:{spec['port']}"))
         async with dio.AsyncSession("bench", store=store, registry=registry) as s:
             requests = [s.request("b", endpoint=f"/bytes/1024/{i}") for i in range(n)]
@@ -106,7 +136,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results/hits.json")
+    parser.add_argument("--postgres", help="a PostgreSQL URL: the metadata there, not in SQLite")
+    parser.add_argument("--out", type=Path, help="default results/hits.json (hits-pg.json)")
     parser.add_argument("--trial", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trial:
@@ -114,10 +145,15 @@ def main() -> None:
         return
 
     runs: dict[str, list[dict[str, Any]]] = {f"{s} / {v}": [] for s in SHAPES for v in VARIANTS}
+    out = args.out or Path(__file__).parent / "results" / (
+        "hits-pg.json" if args.postgres else "hits.json"
+    )
     root = tempfile.mkdtemp(prefix="mxm-hits-")
+    schema = f"hits_{uuid.uuid4().hex[:12]}"
     try:
         with ServerProcess(lifetime=1800) as server:
-            run(record(root, server.port, args.requests, args.concurrency), args.loop)
+            n, concurrency = args.requests, args.concurrency
+            run(record(root, server.port, n, concurrency, args.postgres, schema), args.loop)
             pin(placement()[1])  # the driver calibrates (and its trials run) on the client's core
             trials = Trials(__file__)
             for r in range(args.repeat):
@@ -127,6 +163,8 @@ def main() -> None:
                             "shape": shape,
                             "variant": variant,
                             "root": root,
+                            "postgres": args.postgres,
+                            "schema": schema,
                             "port": server.port,
                             "n": args.requests,
                             "concurrency": args.concurrency,
@@ -140,6 +178,8 @@ def main() -> None:
                         )
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        if args.postgres:
+            run(_drop(args.postgres, schema), args.loop)
     rows = []
     for shape in SHAPES:
         with_, without = (runs[f"{shape} / {v}"] for v in VARIANTS)
@@ -158,12 +198,13 @@ def main() -> None:
             f"| {row['no_prefetch_per_s']:,.0f} | {row['no_prefetch_cpu_us']:.0f} "
             f"| {row['speedup']:.2f}x |"
         )
-    config = {k: v for k, v in vars(args).items() if k not in ("trial", "out")}
+    config = {k: v for k, v in vars(args).items() if k not in ("trial", "out", "postgres")}
+    config["metadata"] = "postgresql" if args.postgres else "sqlite"
     config["reruns_on_a_slowed_core"] = trials.reruns
     report = {"machine": machine(), "config": config, "medians": rows, "runs": runs}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written to {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {out}")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from _common import (
     trial_main,
     uvloop_available,
 )
-from _server import SIZES, ServerProcess, body
+from _server import SIZES, ServerProcess, body, distinct
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CLIENTS = ("raw", "peer", "ours")
@@ -167,7 +167,8 @@ async def trial_mock(
     phases: dict[str, Phase] = {}
     with tempfile.TemporaryDirectory() as tmp:
         async with dio.Store(tmp) as store, dio.Registry() as registry:
-            registry.register("mock", dio.MockAdapter(lambda r: payload))
+            # a distinct body per request, as the server's (a payload row each)
+            registry.register("mock", dio.MockAdapter(lambda r: distinct(payload, str(r.params))))
             for phase in ("miss", "hit"):
                 async with dio.AsyncSession("mock", store=store, registry=registry) as s:
                     ok = errors = cached = size = 0
