@@ -6,9 +6,9 @@ inline payload by sha256) are therefore queued, and one task answers everything 
 single ``IN (...)`` query per kind: one hop for a whole batch instead of three per call.
 
 A lookup that finds responses also reads, in the same hop, the inline payloads they name (up to
-``PREFETCH_MAX`` bytes each, ``_store/_memory.py``): a cache hit is nearly always followed by ``read()``,
-which then finds the bytes in memory instead of queueing a second query. They are the stored
-bytes, unverified: ``Store.read`` hashes them as it hashes any bytes read back.
+``PREFETCH_MAX`` bytes each, ``_store/_memory.py``): a cache hit is nearly always followed by
+``read()``, which then finds the bytes in memory instead of queueing a second query. They are the
+stored bytes, unverified: ``Store.read`` hashes them as it hashes any bytes read back.
 """
 
 from __future__ import annotations
