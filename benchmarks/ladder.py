@@ -62,7 +62,7 @@ def _stub_commit(rung: str) -> None:
         setattr(_writer.Writer, "_transaction", resolved_at_once)  # noqa: B010
     elif rung == "hop":
 
-        def empty(conn: object, batches: object) -> None:
+        def empty(conn: object, batches: object, finish: bool = False) -> None:
             return None
 
         setattr(_writer, "_transaction_sync", empty)  # noqa: B010

@@ -105,3 +105,31 @@ async def test_switched_off_sqlite_checkpoints_inside_commits(
         await _fetch_rounds(store)
         [(count,)] = await metadata._reader.execute_fetchall("SELECT count(*) FROM responses")  # type: ignore[union-attr]
         assert count == ROUNDS * PER_ROUND
+
+
+async def test_under_continuous_commits_the_writer_finishes_the_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """64 fetchers never let the log be fully checkpointed between two commits: without the
+    writer finishing a checkpoint after a commit, the log holds every fetch (it grew to 3.3 GB
+    after 300,000 misses); with it, the log is started from the top again and again."""
+    from mxm_dataio_async._store._sqlite import _checkpoint
+
+    monkeypatch.setattr(_checkpoint, "RESTART_PAGES", 256)  # 1 MiB of 4 KiB pages
+    sizes: dict[str, int] = {}
+    for name in ("ours", "never finished"):
+        if name != "ours":
+            monkeypatch.setattr(Checkpointer, "finish_wanted", lambda self: False)
+        async with Store(tmp_path / name, inline_threshold=4096) as store:
+            registry = dio.Registry()
+            registry.register("src", dio.MockAdapter(lambda r: BODY + str(r.params["i"]).encode()))
+            async with dio.AsyncSession("src", store=store, registry=registry) as s:
+                requests = (s.request("item", params={"i": i}) for i in range(3000))
+                async for outcome in s.fetch_many(requests, concurrency=64):
+                    assert outcome.ok
+            if name == "ours":
+                assert _checkpointer(store).finishes > 0
+            sizes[name] = (tmp_path / name / f"{DB_NAME}-wal").stat().st_size
+    # 3,000 x 3 KB went through the log: all of it stays there unless the log is restarted
+    assert sizes["never finished"] > 9_000_000, sizes
+    assert sizes["ours"] * 3 < sizes["never finished"], sizes

@@ -188,7 +188,8 @@ class SqliteMetadata:
         writer = None
         if wconn is not None:
             on_commit = None if checkpointer is None else checkpointer.committed
-            writer = Writer(wconn, on_commit=on_commit)
+            finish_log = None if checkpointer is None else checkpointer.finish_wanted
+            writer = Writer(wconn, on_commit=on_commit, finish_log=finish_log)
         # Lookups go to the writer's connection, in the writer's thread (one thread less taking
         # turns at the GIL: +2% recorded misses, +5% hits measured); a read-only store has only
         # the reader. Its queries never land inside the writer's transaction (Writer.lock).

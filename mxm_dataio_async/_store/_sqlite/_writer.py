@@ -81,12 +81,14 @@ class Writer:
         *,
         max_batch: int = 2048,
         on_commit: Callable[[], None] | None = None,
+        finish_log: Callable[[], bool] | None = None,
     ) -> None:
         self._conn = conn
         # Held around a transaction that takes several calls (the fallback below), so that
         # another user of this connection (the batched lookups) never reads inside it.
         self.lock = asyncio.Lock()
         self._on_commit = on_commit  # told after each commit (the WAL checkpointer)
+        self._finish_log = finish_log  # asked before each: checkpoint the rest after it?
         self._max_batch = max_batch
         self._pending: list[_Job] = []
         self._wakeup = asyncio.Event()
@@ -206,12 +208,13 @@ class Writer:
 
     async def _transaction(self, batches: list[tuple[str, list[Sequence[Any]]]]) -> None:
         run_in_thread = getattr(self._conn, "_execute", None)
+        finish = self._finish_log is not None and self._finish_log()
         if ONE_HOP_COMMIT and run_in_thread is not None:
             # One hop to SQLite's thread for the whole transaction instead of one per statement:
             # each hop back also waits for the GIL, up to the interpreter's switch interval.
             # aiosqlite runs ``fn`` on its connection thread (the same path as its public calls).
             raw = self._conn._conn
-            await run_in_thread(_transaction_sync, raw, batches)
+            await run_in_thread(_transaction_sync, raw, batches, finish)
             return
         async with self.lock:
             await self._conn.execute("BEGIN IMMEDIATE")
@@ -219,6 +222,11 @@ class Writer:
                 for sql, params_list in batches:
                     await self._conn.executemany(sql, params_list)
                 await self._conn.execute("COMMIT")
+                if finish:  # the commit is done: a failure here is logged, not the batch's
+                    try:
+                        await self._conn.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
+                    except sqlite3.Error as exc:
+                        log.warning("store: WAL checkpoint after a commit failed: %s", exc)
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     try:
@@ -233,7 +241,9 @@ class Writer:
 ONE_HOP_COMMIT = True
 
 
-def _transaction_sync(conn: sqlite3.Connection, batches: list[tuple[str, list[Any]]]) -> None:
+def _transaction_sync(
+    conn: sqlite3.Connection, batches: list[tuple[str, list[Any]]], finish: bool = False
+) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
         for sql, params_list in batches:
@@ -243,3 +253,14 @@ def _transaction_sync(conn: sqlite3.Connection, batches: list[tuple[str, list[An
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+    if finish:
+        _finish_checkpoint(conn)
+
+
+def _finish_checkpoint(conn: sqlite3.Connection) -> None:
+    """Checkpoint what is left of the log, after a commit (``_checkpoint.py``). The commit is
+    done: a failure here is logged, never the batch's."""
+    try:
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    except sqlite3.Error as exc:
+        log.warning("store: WAL checkpoint after a commit failed: %s", exc)
