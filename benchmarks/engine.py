@@ -188,7 +188,8 @@ async def bulk_memory(requests: int, cache_mode: str) -> dict[str, Any]:
     baseline = _rss_mib()
     with tempfile.TemporaryDirectory() as tmp:
         reg = dio.Registry()
-        reg.register("m", dio.MockAdapter(lambda r: b"x" * 1024))
+        # a distinct 1 KiB body per request: with one body for all, the store writes it once
+        reg.register("m", dio.MockAdapter(lambda r: str(r.params["i"]).encode().ljust(1024, b"x")))
         async with dio.AsyncSession("m", root=tmp, registry=reg, cache_mode=cache_mode) as s:
 
             def gen() -> Iterator[dio.Request]:
