@@ -29,7 +29,7 @@ from typing import Any, Final
 from mxm_dataio_async._recent import Recent
 from mxm_dataio_async._store._protocols import PayloadRow
 
-__all__ = ["AHEAD_BYTES", "PREFETCH_MAX", "PayloadMemory"]
+__all__ = ["AHEAD_BYTES", "CHECKSUM_AT", "PREFETCH_MAX", "SIZE_AT", "PayloadMemory"]
 
 #: Inline payloads up to this size are read with the lookup or page that names them (0: none;
 #: ``benchmarks/hits.py`` compares both).
@@ -37,6 +37,11 @@ PREFETCH_MAX = 64 * 1024
 #: How many bytes one read-ahead query brings (within ``prefetched``'s bound, so none is dropped
 #: before it is read).
 AHEAD_BYTES: Final = 1024 * 1024
+
+#: Where a response row (``RESPONSE_COLUMNS``, the same in both backends) holds its payload's
+#: checksum and size.
+CHECKSUM_AT: Final = 7
+SIZE_AT: Final = 8
 
 _ITEMS: Final = 4096
 _BYTES: Final = 4 * 1024 * 1024
@@ -87,8 +92,10 @@ class PayloadMemory:
             return PayloadRow(digest, len(data), "inline", data)
         return None
 
-    def page(self, rows: Sequence[Any], *, checksum_at: int, size_at: int) -> None:
-        """Remember the inline-sized payloads a page of response rows names, in order."""
+    def page(self, rows: Sequence[Any], *, offset: int = 0) -> None:
+        """Remember the inline-sized payloads a page of response rows names, in order
+        (``offset``: columns before the response's own, such as SQLite's rowid)."""
+        checksum_at, size_at = CHECKSUM_AT + offset, SIZE_AT + offset
         limit = PREFETCH_MAX
         if limit <= 0:
             return

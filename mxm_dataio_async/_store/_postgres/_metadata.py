@@ -414,7 +414,7 @@ class PostgresMetadata:
         waited = False
         while True:
             rows = await self._fetch("read responses", page_sql, (*position, *args, page_size))
-            self._memory.page(rows, checksum_at=7, size_at=8)  # for the reads that follow
+            self._memory.page(rows)  # for the reads that follow
             for row in rows:
                 yield response_from_row(row)
             if rows:

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from mxm_dataio_async._exceptions import StoreClosedError, StoreError
-from mxm_dataio_async._store._memory import PayloadMemory
+from mxm_dataio_async._store._memory import CHECKSUM_AT, PayloadMemory
 from mxm_dataio_async._store._postgres._rows import RESPONSE_COLUMNS
 
 __all__ = ["LATEST_SQL", "PAYLOAD_SQL", "PREFETCH_SQL", "BatchReader"]
@@ -51,7 +51,6 @@ PAYLOAD_SQL: Final = (
     "SELECT sha256, size_bytes, tier, data FROM payloads WHERE sha256 = ANY($1::bytea[])"
 )
 _CHUNK: Final = 1000  # keys per query
-_CHECKSUM: Final = 7  # the payload's checksum in a response row (RESPONSE_COLUMNS)
 
 Futures = dict[bytes, list["asyncio.Future[Any]"]]
 Fetch = Callable[[str, str, Sequence[Any]], Awaitable[list[Any]]]
@@ -109,19 +108,11 @@ class BatchReader:
                 payloads, self._payloads = self._payloads, {}
                 self.batches += 1
                 if latest:
-                    limit = self._memory.lookup_limit()
-                    if limit > 0:
-                        await self._answer(
-                            latest,
-                            LATEST_PREFETCH_SQL,
-                            key_index=2,
-                            action="look up responses",
-                            extra=(limit,),
-                        )
-                    else:
-                        await self._answer(
-                            latest, LATEST_SQL, key_index=2, action="look up responses"
-                        )
+                    limit = self._memory.lookup_limit()  # 0: not now
+                    sql, extra = (LATEST_PREFETCH_SQL, (limit,)) if limit else (LATEST_SQL, ())
+                    await self._answer(
+                        latest, sql, key_index=2, action="look up responses", extra=extra
+                    )
                 if payloads:
                     await self._answer(payloads, PAYLOAD_SQL, key_index=0, action="read payloads")
         finally:
@@ -149,7 +140,7 @@ class BatchReader:
                 rows = await self._fetch(action, sql, (keys[i : i + _CHUNK], *extra))
                 if extra:  # a lookup with its payloads: (sha256, data) of those it brought
                     brought = [
-                        (bytes.fromhex(row[_CHECKSUM]), row[-1])
+                        (bytes.fromhex(row[CHECKSUM_AT]), row[-1])
                         for row in rows
                         if row[-1] is not None
                     ]

@@ -420,8 +420,7 @@ class SqliteMetadata:
                 "ORDER BY rowid LIMIT ?",
                 [last, *params, page_size],
             )
-            # rowid, then RESPONSE_COLUMNS: the checksum at 8, the size at 9
-            self._memory.page(rows, checksum_at=8, size_at=9)
+            self._memory.page(rows, offset=1)  # rowid, then RESPONSE_COLUMNS
             for row in rows:
                 yield response_from_row(row[1:])
             if len(rows) < page_size:

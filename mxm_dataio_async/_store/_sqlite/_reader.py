@@ -21,7 +21,7 @@ from typing import Any, Final
 import aiosqlite
 
 from mxm_dataio_async._exceptions import StoreClosedError
-from mxm_dataio_async._store._memory import PayloadMemory
+from mxm_dataio_async._store._memory import CHECKSUM_AT, SIZE_AT, PayloadMemory
 from mxm_dataio_async._store._sqlite._sql import sqlite_error
 
 __all__ = ["PREFETCH_SQL", "BatchReader", "LATEST_SQL_PREFIX"]
@@ -36,8 +36,6 @@ _PAYLOAD_SQL: Final = (
 )
 _CHUNK: Final = 500  # bound parameters per statement (SQLite allows far more; plans stay simple)
 
-# Positions in a response row (RESPONSE_COLUMNS): the checksum and size of its payload.
-_CHECKSUM, _SIZE = 7, 8
 
 Futures = dict[bytes, list["asyncio.Future[Any]"]]
 
@@ -183,9 +181,9 @@ def _latest_sync(
     if limit <= 0:
         return rows, []
     wanted = [
-        bytes.fromhex(row[_CHECKSUM])
+        bytes.fromhex(row[CHECKSUM_AT])
         for row in rows
-        if row[_CHECKSUM] is not None and row[_SIZE] <= limit
+        if row[CHECKSUM_AT] is not None and row[SIZE_AT] <= limit
     ]
     if not wanted:
         return rows, []
