@@ -211,6 +211,36 @@ async def test_a_hit_reads_the_payload_fetched_with_its_lookup(tmp_path: Path) -
         assert len(memory.prefetched) == 0
 
 
+async def test_a_lookup_finds_a_response_committed_after_its_query_ran(tmp_path: Path) -> None:
+    # The batched lookup's snapshot may predate a commit that lands before the lookup returns:
+    # the response committed meanwhile answers it, and nothing is kept once no lookup runs.
+    async with Store(tmp_path) as store:
+        metadata = store.metadata
+        assert isinstance(metadata, SqliteMetadata)
+        reader = metadata._batch_reader
+        assert reader is not None
+        s = _session()
+        await metadata.save_session(s)
+        req = build_request(session_id=s.id, source="src", kind="raced")
+        recorded: list[Response] = []
+        latest = reader.latest
+
+        async def commit_after_the_query(key: bytes) -> tuple[Any, ...] | None:
+            row = await latest(key)  # the query has run: it found nothing
+            assert row is None
+            recorded.append(await _put(store, req, b"recorded meanwhile"))
+            return row
+
+        reader.latest = commit_after_the_query  # type: ignore[method-assign]
+        found = await metadata.latest_response(req.hash)
+        assert found is not None and found.id == recorded[0].id
+        assert len(metadata._window) == 0
+        # A commit before the lookup began is the query's to find, not the window's.
+        reader.latest = latest  # type: ignore[method-assign]
+        again = await metadata.latest_response(req.hash)
+        assert again is not None and again.id == recorded[0].id
+
+
 async def test_reading_in_a_loop_over_iter_responses_reads_ahead(tmp_path: Path) -> None:
     # The documented loop: one query brings a payload and those after it on the page (up to
     # AHEAD_BYTES), not one query per read; what is read ahead is verified like stored bytes.

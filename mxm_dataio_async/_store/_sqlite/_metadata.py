@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import aiosqlite
 import anyio
@@ -32,7 +32,6 @@ from mxm_dataio_async._clock import SYSTEM_CLOCK, Clock
 from mxm_dataio_async._exceptions import UsageError
 from mxm_dataio_async._lifecycle import State
 from mxm_dataio_async._models import Response, ResponseStatus, Session
-from mxm_dataio_async._recent import Recent
 from mxm_dataio_async._store._memory import PayloadMemory
 from mxm_dataio_async._store._protocols import (
     DanglingReference,
@@ -63,6 +62,7 @@ from mxm_dataio_async._store._sqlite._sql import (
     sqlite_error,
     ts,
 )
+from mxm_dataio_async._store._sqlite._window import CommitWindow
 from mxm_dataio_async._store._sqlite._writer import Row, Writer
 from mxm_dataio_async._store._validation import ValidationOutcome, ValidationTotals
 
@@ -73,10 +73,6 @@ __all__ = ["SqliteMetadata"]
 LOOKUPS_ON_WRITER = True
 
 T = TypeVar("T")
-
-# Responses committed recently, by request hash: the window they serve is one lookup long, so a
-# few thousand cover it under any load (between 4,096 and 8,192 are kept).
-_RECENT_RESPONSES: Final = 4096
 
 
 async def _shielded(loop: Callable[[], Awaitable[None]]) -> None:
@@ -122,10 +118,10 @@ class SqliteMetadata:
         self._checkpointer: Checkpointer | None = None
         self._reader: aiosqlite.Connection | None = None
         self._batch_reader: BatchReader | None = None
-        self._commits = 0  # record() calls completed: the order of the memory below
         # Checksums of payloads found corrupt and discarded: lookups skip responses naming them.
         self._bad: set[str] = set()
-        self._recent: Recent[str, tuple[int, Response]] = Recent(_RECENT_RESPONSES)
+        # What commits while lookups are in flight, for them (_window.py).
+        self._window = CommitWindow()
         # Inline payloads read() gets without a query: committed here, found with a lookup, or
         # read ahead of a loop over iter_responses (_store/_memory.py).
         self._memory = PayloadMemory()
@@ -276,10 +272,7 @@ class SqliteMetadata:
         fut = self._require_writer().submit(self._rows(recording), wait=True)
         assert fut is not None
         await fut
-        self._commits = seq = self._commits + 1
-        for response in recording.responses:
-            if response.status is ResponseStatus.OK:
-                self._recent.put(response.request_hash, (seq, response))
+        self._window.committed(recording.responses)
         for payload in recording.payloads:
             if payload.data is not None:
                 self._memory.committed.put(payload.digest, payload.data)
@@ -332,17 +325,16 @@ class SqliteMetadata:
         if len(statuses) == 1 and statuses[0] is ResponseStatus.OK:
             self._require_open()
             assert self._batch_reader is not None
-            began = self._commits
-            row = await self._batch_reader.latest(bytes.fromhex(request_hash))
+            window = self._window
+            began = window.begin()
+            try:
+                row = await self._batch_reader.latest(bytes.fromhex(request_hash))
+            finally:
+                newer = window.end(began, request_hash)
             found = response_from_row(row) if row is not None else None
-            recent = self._recent.get(request_hash)
             # Committed while this lookup ran, possibly after its query's snapshot:
-            if (
-                recent is not None
-                and recent[0] > began
-                and (found is None or recent[1].fetched_at > found.fetched_at)
-            ):
-                found = recent[1]
+            if newer is not None and (found is None or newer.fetched_at > found.fetched_at):
+                found = newer
             if found is not None and self._bad and found.checksum in self._bad:
                 return None  # its bytes were found corrupt: not an answer until fetched again
             return found
