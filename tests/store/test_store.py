@@ -231,7 +231,7 @@ async def test_a_lookup_finds_a_response_committed_after_its_query_ran(tmp_path:
             recorded.append(await _put(store, req, b"recorded meanwhile"))
             return row
 
-        reader.latest = commit_after_the_query  # type: ignore[method-assign]
+        reader.latest = commit_after_the_query  # type: ignore[method-assign, assignment]
         found = await metadata.latest_response(req.hash)
         assert found is not None and found.id == recorded[0].id
         assert len(metadata._window) == 0
