@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable
+from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, cast
 
@@ -152,7 +153,7 @@ class Coalescer(Generic[K, T]):
                     producer = flight.task
                     if producer is not None:
                         producer.cancel()
-                        producer.add_done_callback(lambda t: self._finished(key, flight, t))
+                        producer.add_done_callback(partial(self._finished, key, flight))
                     if self._flights.get(key) is flight:
                         del self._flights[key]
         if flight.error is not None:

@@ -135,13 +135,18 @@ def _check(value: object, depth: int) -> JSONValue:
         raise _Refused(TypeError, "sets have no order and are not JSON; pass a sorted list instead")
     if isinstance(value, bool | int | float | str):
         # Subclasses (IntEnum, StrEnum, numpy-free float subclasses): normalise to the base type.
-        base: type = next(t for t in (bool, int, float, str) if isinstance(value, t))
-        return _check(base(value), depth)
+        return _check(_base_type(value)(value), depth)
     raise _Refused(
         TypeError,
         f"{type(value).__name__} is not JSON-serialisable; use str, int, float, bool, None, "
         "list or dict with str keys",
     )
+
+
+def _base_type(value: bool | int | float | str) -> type:
+    """The JSON type a subclass instance is written as (apart from ``_check``: its generator
+    would make ``_check`` build a closure cell on every call)."""
+    return next(t for t in (bool, int, float, str) if isinstance(value, t))
 
 
 # One encoder for every call: json.dumps with non-default options builds a new one each time.

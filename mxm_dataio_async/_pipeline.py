@@ -21,6 +21,7 @@ the lifecycle and builds one ``Pipeline`` per session.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from functools import partial
 
 import anyio
 
@@ -136,7 +137,7 @@ class Pipeline:
                 try:
                     response = await self._coalescer.run(
                         key,
-                        lambda: self._produce(request, decision, persist, fence),
+                        partial(self._produce, request, decision, persist, fence),
                         owner=self._owner,
                     )
                 except FetchError as exc:

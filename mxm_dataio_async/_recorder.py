@@ -27,7 +27,7 @@ from mxm_dataio_async._models import (
     new_id,
     served_from_cache,
 )
-from mxm_dataio_async._redact import REDACTED, Redaction
+from mxm_dataio_async._redact import Redaction
 from mxm_dataio_async._store import MetadataStore, Recording, StagedPayload
 from mxm_dataio_async._store._work import Fence
 
@@ -197,10 +197,8 @@ class Recorder:
         if request.headers:
             changes["headers"] = red.headers_of(request.headers)
         params = request.params
-        if any(red.is_secret_param(k) for k in params):
-            changes["params"] = {
-                k: (REDACTED if red.is_secret_param(k) else v) for k, v in params.items()
-            }
+        if params and red.has_secret_param(params):
+            changes["params"] = red.params_of(params)
         if request.endpoint and "://" in request.endpoint:
             changes["endpoint"] = red.url(request.endpoint)
         return replace(request, **changes) if changes else request
@@ -527,15 +525,21 @@ class Recorder:
             out["request_headers"] = red.headers_of(sent)
         hops = meta.get("redirects")
         if isinstance(hops, list):
-            out["redirects"] = [
-                {
-                    **hop,
-                    "url": red.url(hop.get("url")),
-                    "location": red.url(hop.get("location")),
-                    "headers": red.headers_of(hop.get("headers")),
-                }
-                if isinstance(hop, Mapping)
-                else hop
-                for hop in hops
-            ]
+            out["redirects"] = _redacted_hops(red, hops)
         return out
+
+
+def _redacted_hops(red: Redaction, hops: list[Any]) -> list[Any]:
+    """Redirect hops as they may be stored (a function of its own: the comprehension's closure
+    is then made only when there are hops)."""
+    return [
+        {
+            **hop,
+            "url": red.url(hop.get("url")),
+            "location": red.url(hop.get("location")),
+            "headers": red.headers_of(hop.get("headers")),
+        }
+        if isinstance(hop, Mapping)
+        else hop
+        for hop in hops
+    ]

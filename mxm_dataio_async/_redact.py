@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+V = TypeVar("V")
 
 __all__ = [
     "DEFAULT_REDACTED_HEADERS",
@@ -67,16 +70,49 @@ class Redaction:
     def is_secret_param(self, name: str) -> bool:
         return name.lower() in self.params
 
+    def params_of(self, params: Mapping[str, V]) -> dict[str, V | str]:
+        """A copy of ``params`` with secret values replaced."""
+        secret = self.params
+        out: dict[str, V | str] = {}
+        for k, v in params.items():  # a loop: a comprehension would need a closure per call
+            out[k] = REDACTED if k.lower() in secret else v
+        return out
+
+    def without_secret_params(self, params: Mapping[str, V]) -> dict[str, V]:
+        """A copy of ``params`` without the secret ones (a request's identity leaves them out)."""
+        secret = self.params
+        out: dict[str, V] = {}
+        for k, v in params.items():
+            if k.lower() not in secret:
+                out[k] = v
+        return out
+
+    def has_secret_param(self, names: Iterable[str]) -> bool:
+        """Whether any of ``names`` is a secret parameter."""
+        secret = self.params
+        for name in names:  # noqa: SIM110 - a loop: no generator (nor closure) per request
+            if name.lower() in secret:
+                return True
+        return False
+
     def headers_of(self, headers: Mapping[str, str] | None) -> dict[str, str] | None:
         """A copy of ``headers`` with secret values replaced."""
         if headers is None:
             return None
-        return {k: (REDACTED if k.lower() in self.headers else v) for k, v in headers.items()}
+        secret = self.headers
+        out: dict[str, str] = {}
+        for k, v in headers.items():  # a loop: a comprehension would need a closure per call
+            out[k] = REDACTED if k.lower() in secret else v
+        return out
 
     def url(self, url: str | None) -> str | None:
         """``url`` without userinfo and with secret query parameters replaced."""
         if not url or ("@" not in url and "?" not in url):
             return url  # no userinfo and no query: nothing can be secret (the common case)
+        return self._url(url)
+
+    def _url(self, url: str) -> str:
+        # Apart from url(): its comprehension's closure is made only when there is a query.
         try:
             parts = urlsplit(url)
         except ValueError:
@@ -87,10 +123,8 @@ class Redaction:
         query = parts.query
         if query:
             pairs = parse_qsl(query, keep_blank_values=True)
-            if any(k.lower() in self.params for k, _ in pairs):
-                query = urlencode(
-                    [(k, REDACTED if k.lower() in self.params else v) for k, v in pairs],
-                    quote_via=quote,
-                    safe="[]",
-                )
+            if self.has_secret_param(k for k, _ in pairs):
+                secret = self.params
+                kept = [(k, REDACTED if k.lower() in secret else v) for k, v in pairs]
+                query = urlencode(kept, quote_via=quote, safe="[]")
         return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

@@ -126,8 +126,8 @@ def build_request(
     ttl_ = check_ttl(ttl)
     mode = check_cache_mode(cache_mode)
     identity_params: dict[str, JSONValue] = params_
-    if any(redaction.is_secret_param(k) for k in params_):
-        identity_params = {k: v for k, v in params_.items() if not redaction.is_secret_param(k)}
+    if params_ and redaction.has_secret_param(params_):
+        identity_params = redaction.without_secret_params(params_)
     identity_endpoint = endpoint_
     if endpoint_ is not None and "@" in endpoint_ and "://" in endpoint_:
         identity_endpoint = redaction.url(endpoint_)

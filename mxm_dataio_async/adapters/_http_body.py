@@ -104,7 +104,11 @@ class Body:
         closed = getattr(self._proto, "closed", None)  # made on first access
         if not isinstance(closed, asyncio.Future) or closed.done():
             return
+        self._hook(closed)
 
+    def _hook(self, closed: asyncio.Future[None]) -> None:
+        # Apart from _watch: the closures below are made only for a body that is still coming.
+        content = self._content
         if closed not in _RETRIEVED:  # aiohttp made it for us: nobody else may look at it
             _RETRIEVED.add(closed)
             closed.add_done_callback(_retrieve)

@@ -405,15 +405,7 @@ class HttpAdapter:
             "request_headers": self._response_headers(resp.request_info.headers),
         }
         if resp.history:
-            meta["redirects"] = [
-                {
-                    "status": hop.status,
-                    "url": self._public_url(hop.url),
-                    "location": self.redaction.url(hop.headers.get("Location", "")) or "",
-                    "headers": self._response_headers(hop.headers),
-                }
-                for hop in resp.history
-            ]
+            meta["redirects"] = self._hops(resp)
         streamed = isinstance(data, BodyStream)
         return AdapterResult(
             data=data,
@@ -428,15 +420,25 @@ class HttpAdapter:
             error=error,
         )
 
+    def _hops(self, resp: aiohttp.ClientResponse) -> list[dict[str, Any]]:
+        """The redirects followed, as ``adapter_meta["redirects"]`` holds them."""
+        return [
+            {
+                "status": hop.status,
+                "url": self._public_url(hop.url),
+                "location": self.redaction.url(hop.headers.get("Location", "")) or "",
+                "headers": self._response_headers(hop.headers),
+            }
+            for hop in resp.history
+        ]
+
     def _public_url(self, url: URL) -> str:
         """``url`` as text, redacted; the common case (no credentials or secret params) is cheap."""
         text = str(url)
         if url.raw_user is None:
             query = url.raw_query_string.lower()
             # Over-approximates "has a secret param" (escaped names take the slow path too).
-            if not query or (
-                "%" not in query and not any(name in query for name in self.redaction.params)
-            ):
+            if not query or ("%" not in query and not _names_in(self.redaction.params, query)):
                 return text
         return self.redaction.url(text) or text
 
@@ -576,3 +578,12 @@ class HttpAdapter:
                 error=str(dropped),
             )
             await self._sleep(wait)
+
+
+def _names_in(names: frozenset[str], text: str) -> bool:
+    """Whether any of ``names`` occurs in ``text`` (a loop: no generator, nor its closure, per
+    response)."""
+    for name in names:  # noqa: SIM110
+        if name in text:
+            return True
+    return False

@@ -302,11 +302,11 @@ class SqliteMetadata:
         rows: list[Row] = []
         if recording.payloads:  # (a cache hit's audit row has none: no clock read for it)
             now = ts(self.clock.now())
-            rows.extend(
-                ("payload", (p.digest, p.size, p.tier, p.data, now)) for p in recording.payloads
-            )
+            for p in recording.payloads:  # loops, not generators: no closure per recording
+                rows.append(("payload", (p.digest, p.size, p.tier, p.data, now)))
         rows.append(("request", request_row(request, recording.served_from, recording.sent)))
-        rows.extend(("response", response_row(request, r)) for r in recording.responses)
+        for r in recording.responses:
+            rows.append(("response", response_row(request, r)))
         return rows
 
     # -- reading --------------------------------------------------------------------------------
