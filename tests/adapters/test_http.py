@@ -142,6 +142,22 @@ def test_redaction_options() -> None:
     assert HttpAdapter(redact="X-One").redaction.is_secret_header("x-one")
 
 
+def test_redaction_of_params_headers_and_urls() -> None:
+    red = Redaction.extend(params=["Sig"])
+    params = {"q": 1, "SIG": "s3cret", "api_key": "k"}
+    assert red.has_secret_param(params) and not red.has_secret_param(["q", "page"])
+    assert red.params_of(params) == {"q": 1, "SIG": REDACTED, "api_key": REDACTED}
+    assert red.without_secret_params(params) == {"q": 1}
+    assert red.headers_of({"Authorization": "Bearer x", "Accept": "*/*"}) == {
+        "Authorization": REDACTED,
+        "Accept": "*/*",
+    }
+    assert red.headers_of(None) is None
+    # Repeated parameters keep their order and multiplicity; credentials leave the URL.
+    assert red.url("https://u:p@h/x?a=1&sig=2&a=3") == f"https://h/x?a=1&sig={REDACTED}&a=3"
+    assert red.url("https://h/x") == "https://h/x"
+
+
 async def test_relative_endpoint_without_base_url() -> None:
     async with HttpAdapter() as adapter:
         with pytest.raises(FetchError, match="base_url"):
