@@ -21,6 +21,7 @@ from yarl import URL
 from mxm_dataio_async._exceptions import DataIOError, FetchError, TransientError
 from mxm_dataio_async._models import AdapterResult, Request, Response
 from mxm_dataio_async._redact import Redaction
+from mxm_dataio_async.adapters._deadlines import Deadlines
 from mxm_dataio_async.adapters._http_body import Body, BodyStream, past, past_deadline
 from mxm_dataio_async.adapters._http_errors import (
     CLIENT_ERRORS,
@@ -190,6 +191,7 @@ class HttpAdapter:
         self._sleep = sleep
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._deadlines_of: Deadlines | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -234,6 +236,14 @@ class HttpAdapter:
             self._session._retry_connection = False
         self._loop = loop
         return self._session
+
+    @property
+    def _deadlines(self) -> Deadlines:
+        """The deadlines of this adapter's attempts in flight (on its loop: see _client)."""
+        deadlines = self._deadlines_of
+        if deadlines is None:
+            deadlines = self._deadlines_of = Deadlines(asyncio.get_running_loop())
+        return deadlines
 
     async def aclose(self) -> None:
         """Close the connection pool. Safe to call twice; the adapter cannot be used afterwards."""
@@ -287,24 +297,31 @@ class HttpAdapter:
             exc.url = self.redaction.url(url)
             raise
         where = Where(url, self.redaction, params)
-        # The attempt's deadline bounds sending and the head here, and each body read in Body.
-        # (Measured cheaper per request than setting aiohttp's own total timeout.)
-        timer = asyncio.timeout(None if deadline is None else deadline - time.monotonic())
+        client = self._client()
+        # The attempt's deadline bounds sending and the head here (one timer for all attempts in
+        # flight, _deadlines.py), and each body read in Body.
+        watch = None if deadline is None else self._deadlines.watch(deadline)
         try:
-            async with timer:
-                resp = await self._client().request(
-                    request.method,
-                    url,
-                    params=params,
-                    headers=headers,
-                    data=data,
-                    proxy=self.proxy,
-                    timeout=client_timeout if client_timeout is not None else self.timeout,
-                )
+            resp = await client.request(
+                request.method,
+                url,
+                params=params,
+                headers=headers,
+                data=data,
+                proxy=self.proxy,
+                timeout=client_timeout if client_timeout is not None else self.timeout,
+            )
         except CLIENT_ERRORS as exc:
-            if timer.expired() or (isinstance(exc, asyncio.TimeoutError) and past(deadline)):
+            if isinstance(exc, asyncio.TimeoutError) and past(deadline):
                 raise past_deadline(where, self._total) from exc
             raise translate(exc, where) from exc
+        except asyncio.CancelledError as exc:
+            if watch is not None and watch.timed_out(exc):
+                raise past_deadline(where, self._total) from None
+            raise
+        finally:
+            if watch is not None:
+                self._deadlines.forget(watch)
         return resp, Where(resp.url, self.redaction)
 
     # -- capabilities ----------------------------------------------------------------------------

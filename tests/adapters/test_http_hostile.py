@@ -4,6 +4,7 @@ refused is reported as a protocol error with its reason (never as an "HTTP 400" 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -164,6 +165,41 @@ async def test_total_timeout_bounds_the_wait_for_the_head(raw_server: RawStart) 
     async with HttpAdapter(url, timeout=3 * BOUND, total_timeout=0.3) as adapter:
         with anyio.fail_after(BOUND), pytest.raises(TransientError, match="total_timeout"):
             await adapter.fetch(req())
+
+
+async def test_the_head_deadline_cancels_only_the_late_and_leaves_other_cancellations(
+    raw_server: RawStart,
+) -> None:
+    # One timer serves every attempt in flight: the silent upstream's attempts time out at their
+    # own deadlines, while an attempt cancelled from outside stays cancelled (not a timeout), and
+    # nothing is left watched afterwards.
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        await wait_for_close(reader)
+
+    url = await raw_server(silent)
+    async with HttpAdapter(url, timeout=3 * BOUND, total_timeout=0.3) as adapter:
+        outcomes: list[str] = []
+
+        async def attempt() -> None:
+            try:
+                await adapter.fetch(req())
+            except TransientError as exc:
+                outcomes.append("timeout" if "total_timeout" in str(exc) else str(exc))
+
+        started = time.monotonic()
+        with anyio.fail_after(BOUND):
+            async with anyio.create_task_group() as tg:
+                for _ in range(3):
+                    tg.start_soon(attempt)
+                async with anyio.create_task_group() as inner:
+                    inner.start_soon(attempt)
+                    await anyio.sleep(0.05)
+                    inner.cancel_scope.cancel()  # from outside, before the deadline
+        took = time.monotonic() - started
+        assert outcomes == ["timeout"] * 3
+        assert 0.3 <= took < BOUND
+        assert len(adapter._deadlines) == 0
 
 
 # -- 5. protocol errors, not "HTTP 400" ------------------------------------------------------
