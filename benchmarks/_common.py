@@ -266,6 +266,12 @@ def trial_main(run_trial: Callable[[dict[str, Any]], Any], spec_json: str) -> No
     line, ``{"result": ..., "calibration_ms": [before, after], "core": n}``."""
     core = placement()[1]
     pin(core)
+    # Every client starts from the same malloc state: one 1 MiB buffer allocated and freed, as
+    # mxm_dataio_async's settle_malloc() does. Without it, whether asyncio's 256 KiB socket reads
+    # cost an mmap each depended on what the process had freed before (13-23 us a request, in
+    # raw aiohttp's trials as in ours): the same client was fast in one trial, slow in the next.
+    settle = bytearray(1 << 20)
+    del settle
     before = calibration_ms()
     result = run_trial(json.loads(spec_json))
     after = calibration_ms()

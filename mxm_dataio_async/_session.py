@@ -24,6 +24,7 @@ from mxm_dataio_async._clock import Clock
 from mxm_dataio_async._events import Hook, Telemetry
 from mxm_dataio_async._exceptions import CapabilityError, StoreClosedError, UsageError
 from mxm_dataio_async._lifecycle import State
+from mxm_dataio_async._malloc import settle_malloc
 from mxm_dataio_async._models import (
     USE_SESSION_DEFAULT,
     CacheMode,
@@ -183,6 +184,7 @@ class AsyncSession:
         if self._state is not State.UNOPENED:
             raise UsageError("an AsyncSession can be entered once; create a new one")
         self._state = State.CLOSED  # until fully open: a failed enter leaves a closed session
+        settle_malloc()  # the loop's socket reads from malloc's heap, not an mmap each (_malloc.py)
         async with AsyncExitStack() as stack:
             if self._owns_store:
                 await self._store.open()

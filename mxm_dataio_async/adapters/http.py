@@ -19,6 +19,7 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from mxm_dataio_async._exceptions import DataIOError, FetchError, TransientError
+from mxm_dataio_async._malloc import settle_malloc
 from mxm_dataio_async._models import AdapterResult, Request, Response
 from mxm_dataio_async._redact import Redaction
 from mxm_dataio_async.adapters._deadlines import Deadlines
@@ -218,6 +219,7 @@ class HttpAdapter:
                 "this HttpAdapter was first used in another event loop; an aiohttp session "
                 "belongs to one loop, so create one adapter per loop (and aclose() it there)"
             )
+        settle_malloc()  # socket reads from malloc's heap, not an mmap each (_malloc.py)
         # Created here, not in __init__: aiohttp binds the session to the running loop.
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self._connector_limit, ssl=self._ssl),
