@@ -25,6 +25,7 @@ __all__ = [
     "make_ssl",
     "make_timeout",
     "merge_headers",
+    "names_in",
     "query",
     "min_total",
 ]
@@ -204,3 +205,12 @@ def min_total(a: float | None, b: float | None) -> float | None:
     if a is None:
         return b
     return a if b is None else min(a, b)
+
+
+def names_in(names: frozenset[str], text: str) -> bool:
+    """Whether any of ``names`` occurs in ``text`` (a loop: no generator, nor its closure, per
+    response)."""
+    for name in names:  # noqa: SIM110
+        if name in text:
+            return True
+    return False

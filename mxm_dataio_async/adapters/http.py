@@ -44,6 +44,7 @@ from mxm_dataio_async.adapters._http_parts import (
     make_timeout,
     merge_headers,
     min_total,
+    names_in,
     query,
 )
 from mxm_dataio_async.adapters._sse import SSEDecoder, SSEError
@@ -457,7 +458,7 @@ class HttpAdapter:
         if url.raw_user is None:
             query = url.raw_query_string.lower()
             # Over-approximates "has a secret param" (escaped names take the slow path too).
-            if not query or ("%" not in query and not _names_in(self.redaction.params, query)):
+            if not query or ("%" not in query and not names_in(self.redaction.params, query)):
                 return text
         return self.redaction.url(text) or text
 
@@ -597,12 +598,3 @@ class HttpAdapter:
                 error=str(dropped),
             )
             await self._sleep(wait)
-
-
-def _names_in(names: frozenset[str], text: str) -> bool:
-    """Whether any of ``names`` occurs in ``text`` (a loop: no generator, nor its closure, per
-    response)."""
-    for name in names:  # noqa: SIM110
-        if name in text:
-            return True
-    return False
