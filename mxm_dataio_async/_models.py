@@ -32,13 +32,14 @@ __all__ = [
 
 
 _id_lock = threading.Lock()
-_id_pool = b""
+_id_pool = ""  # random bytes as hex text, 20 digits an id
 _id_pos = 0
+_id_time: tuple[int, str] = (-1, "")  # the last millisecond and its id prefix
 
 
 def _reset_id_pool() -> None:
     global _id_pool, _id_pos
-    _id_pool, _id_pos = b"", 0
+    _id_pool, _id_pos = "", 0
 
 
 # A forked child must not hand out the ids left in its parent's pool.
@@ -54,20 +55,26 @@ def new_id() -> str:
     (measured here: ~30% less SQLite CPU per recorded fetch). Ids also sort by creation time.
 
     Random bytes come from ``os.urandom`` 256 ids at a time: one syscall (and one GIL release,
-    which costs a hand-off when SQLite's threads are busy) per 256 ids instead of one per id.
-    The text is formatted directly, ~4x cheaper than going through ``uuid.UUID``.
+    which costs a hand-off when SQLite's threads are busy) per 256 ids instead of one per id,
+    kept as hex text. The text is formatted directly, ~4x cheaper than going through
+    ``uuid.UUID``, and the time part once per millisecond.
     """
-    global _id_pool, _id_pos
+    global _id_pool, _id_pos, _id_time
     with _id_lock:
-        if _id_pos >= len(_id_pool):
-            _id_pool = os.urandom(_ID_RANDOM_BYTES * 256)
-            _id_pos = 0
-        raw = _id_pool[_id_pos : _id_pos + _ID_RANDOM_BYTES]
-        _id_pos += _ID_RANDOM_BYTES
-    t = f"{time.time_ns() // 1_000_000:012x}"
-    h = raw.hex()
-    # rand_a: 12 bits; the variant digit carries 2 more, then 12 + 48 (74 random bits in all).
-    return f"{t[:8]}-{t[8:]}-7{h[:3]}-{_VARIANT[raw[2] >> 6]}{h[5:8]}-{h[8:20]}"
+        pos = _id_pos
+        if pos >= len(_id_pool):
+            _id_pool, pos = os.urandom(_ID_RANDOM_BYTES * 256).hex(), 0
+        h = _id_pool[pos : pos + 2 * _ID_RANDOM_BYTES]
+        _id_pos = pos + 2 * _ID_RANDOM_BYTES
+    ms = time.time_ns() // 1_000_000
+    last, prefix = _id_time
+    if ms != last:
+        t = f"{ms:012x}"
+        prefix = f"{t[:8]}-{t[8:]}-7"
+        _id_time = (ms, prefix)
+    # rand_a: 12 bits; the variant digit carries 2 more (the top two bits of h[4]), then
+    # 12 + 48 (74 random bits in all).
+    return f"{prefix}{h[:3]}-{_VARIANT[h[4]]}{h[5:8]}-{h[8:20]}"
 
 
 _ID_RANDOM_BYTES = 10
@@ -83,8 +90,9 @@ def new_session_id() -> str:
     return str(uuid.uuid4())
 
 
-# The first hex digit of the fourth group: RFC 4122 variant bits (10xx) over 2 random bits.
-_VARIANT = "89ab"
+# The first hex digit of the fourth group: RFC 4122 variant bits (10xx) over 2 random bits,
+# the top two bits of a random hex digit.
+_VARIANT: Final = {digit: "89ab"[int(digit, 16) >> 2] for digit in "0123456789abcdef"}
 
 
 def utcnow() -> datetime:

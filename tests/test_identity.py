@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import subprocess
@@ -130,6 +131,51 @@ def test_hash_stable_across_processes() -> None:
         body=None,
         as_of_bucket=None,
         cache_tag=None,
+    )
+
+
+def test_identity_digests_are_pinned() -> None:
+    # Literal digests, taken before the identity text was built without a dict: a store's cache
+    # keys are these, so they must never drift between releases.
+    assert (
+        request_hash(
+            source="src",
+            kind="k",
+            method="GET",
+            endpoint="/e",
+            params={"symbol": "CSPX.L"},
+            body=None,
+            as_of_bucket=None,
+            cache_tag=None,
+        )
+        == "82bb8768258c8ff4e2aa837012507b7f039236999106e634767b1d1404dbc59d"
+    )
+    assert (
+        request_hash(
+            source="src",
+            kind="k",
+            method="POST",
+            endpoint=None,
+            params={},
+            body={"q": [1, 2.5, "é"]},
+            as_of_bucket="2026-11-30",
+            cache_tag="t",
+            byte_range="bytes=0-99",
+        )
+        == "d9d3e54684c1e040b72ae4194e29b3cc335d495f324fc402c4d075c559f50756"
+    )
+    assert (
+        request_hash(
+            source='s"q',
+            kind="k\\",
+            method="GET",
+            endpoint="/é\x7f\n",
+            params={},
+            body=None,
+            as_of_bucket=None,
+            cache_tag=None,
+        )
+        == "044b8d387b3c03ed372c2c4bdc77ba507ae2e1cfd2904b9ea0b3fd340810679e"
     )
 
 
@@ -288,3 +334,55 @@ def test_orjson_writes_the_common_documents() -> None:
     assert _identity._orjson_text({"b": [1, "x", None, True], "a": {"c": "d"}}, 0) is not None
     assert _identity._orjson_text({"a": 1.5}, 0) is None  # floats: the standard library
     assert _identity._orjson_text({"a": "é"}, 0) is None  # non-ASCII: escaped by it
+
+
+labels = st.none() | tricky_text
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    labels,
+    labels,
+    labels,
+    labels,
+    labels,
+    st.dictionaries(tricky_text, tricky_values, max_size=3),
+    tricky_values,
+)
+@example("src", "k", "/e", None, None, {}, None)
+@example('s"q', "k\\", "/\x7f\x1f", "b", "\ud800", {"a": 1.5}, {"z": [2**64]})
+def test_identity_text_is_the_canonical_json_of_its_document(
+    source: str | None,
+    kind: str | None,
+    endpoint: str | None,
+    bucket: str | None,
+    tag: str | None,
+    params: dict[str, Any],
+    body: Any,
+) -> None:
+    fields: dict[str, Any] = {
+        "source": source or "s",
+        "kind": kind or "k",
+        "method": "GET",
+        "endpoint": endpoint,
+        "params": check_json(params),
+        "body": check_json(body),
+        "as_of_bucket": bucket,
+        "cache_tag": tag,
+    }
+    for byte_range in (None, endpoint or "bytes=0-1"):
+        doc = {
+            "as_of_bucket": bucket,
+            "body": fields["body"],
+            "cache_tag": tag,
+            "endpoint": endpoint,
+            "kind": fields["kind"],
+            "method": "GET",
+            "params": fields["params"],
+            "source": fields["source"],
+            "v": 1,
+        }
+        if byte_range is not None:
+            doc["range"] = byte_range
+        expected = hashlib.sha256(canonical_json(doc).encode("ascii")).hexdigest()
+        assert request_hash(**fields, byte_range=byte_range) == expected

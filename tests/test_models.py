@@ -31,6 +31,8 @@ def test_id_random_bits_vary_within_one_millisecond() -> None:
     assert len(random_bits) == len(ids)
     low_bits = [u.int & 1 for u in ids]
     assert 700 < sum(low_bits) < 1300  # a fair coin, far from a stuck bit
+    # The variant digit carries two random bits: all four of its values turn up.
+    assert {str(u)[19] for u in ids} == set("89ab")
 
 
 _FORK_SCRIPT = """
