@@ -61,6 +61,50 @@ async def test_fetch_records_and_reads_back(tmp_path: Path, registry: dio.Regist
     assert rows(tmp_path, "SELECT session_id, kind FROM requests") == [(sid, "quote")]
 
 
+async def test_every_field_of_a_recorded_answer(tmp_path: Path) -> None:
+    # Each field from where it comes (the request, the adapter's answer, the session), distinct
+    # values throughout so that no two can be swapped unnoticed; the stored row says the same.
+    def answer(request: Request) -> dio.AdapterResult:
+        return dio.AdapterResult(
+            data=b"the body",
+            content_type="text/plain",
+            encoding="latin-1",
+            transport_status=203,
+            url="https://upstream.example/q",
+            elapsed_ms=12.5,
+            headers={"Content-Type": "text/plain", "Vary": "X-Tenant", "ETag": "e1"},
+            adapter_meta={"attempted_via": "proxy"},
+        )
+
+    reg = dio.Registry()
+    reg.register("mock", dio.MockAdapter(answer))
+    async with dio.AsyncSession(
+        "mock", root=str(tmp_path), registry=reg, as_of_bucket="2026-11", cache_tag="t1", ttl=60
+    ) as s:
+        req = s.request("quote", endpoint="/q", headers={"X-Tenant": "acme"})
+        resp = await s.fetch(req)
+        stored = await s.store.metadata.get_response(resp.id)
+        sid = s.session.id
+    assert stored is not None
+    for got in (resp, stored):
+        assert got.request_id == req.id and got.request_hash == req.hash
+        assert got.session_id == sid
+        assert got.status is dio.ResponseStatus.OK and got.error is None
+        assert got.size_bytes == len(b"the body")
+        assert got.cache_mode is dio.CacheMode.DEFAULT and got.ttl_seconds == 60
+        assert got.as_of_bucket == "2026-11" and got.cache_tag == "t1"
+        assert not got.from_cache and got.attempts == 1 and got.attempt == 1
+        assert got.sequence is None and got.revalidated_from is None
+        assert got.transport_status == 203
+        assert got.content_type == "text/plain" and got.encoding == "latin-1"
+        assert got.url == "https://upstream.example/q" and got.elapsed_ms == 12.5
+        assert got.headers == {"Content-Type": "text/plain", "Vary": "X-Tenant", "ETag": "e1"}
+        assert got.adapter_meta == {"attempted_via": "proxy"}
+        assert got.wait_ms is not None and got.wait_ms >= 0.0
+        assert got.vary is not None and set(got.vary) == {"x-tenant"}
+    assert resp.payload is None and resp.fetched_at == stored.fetched_at
+
+
 async def test_default_mode_serves_cache_across_sessions(tmp_path: Path) -> None:
     adapter, calls = counter_adapter()
     reg = dio.Registry()
