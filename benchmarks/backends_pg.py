@@ -4,9 +4,10 @@
 Measurements, not tests. Three kinds of trial, each for both backends, interleaved (sqlite,
 postgres, sqlite, ... for every repeat), each trial in a fresh child process:
 
-- ``session``: ``AsyncSession`` + ``MockAdapter`` answering 1 KiB, ``fetch_many(concurrency=64)``
-  of distinct requests into a fresh store (``miss``: every fetch recorded: request + response +
-  1 KiB inline payload), then the same requests in a new session (``hit``: served from the store).
+- ``session``: ``AsyncSession`` + ``MockAdapter`` answering 1 KiB of its own to each request,
+  ``fetch_many(concurrency=64)`` of distinct requests into a fresh store (``miss``: every fetch
+  recorded: request + response + 1 KiB inline payload), then the same requests in a new session
+  (``hit``: served from the store).
   Payloads above the inline threshold would go to ``LocalPayloads`` in both cases; 1 KiB is inline.
 - ``record``: ``record()`` of prebuilt recordings (request + response + 1 KiB inline payload), 256
   in flight: what the metadata store itself commits per second (PostgreSQL: ``--pool`` connections).
@@ -139,7 +140,8 @@ async def trial_session(backend: str, url: str, pool: int, n: int) -> dict[str, 
         async with metadata_store(backend, url, pool, tmp) as m:
             store = Store(metadata=m, payloads=LocalPayloads(Path(tmp) / "objects"))
             async with store, dio.Registry() as registry:
-                registry.register("mock", dio.MockAdapter(lambda r: body(0)))
+                # a distinct body per request (its identity, 16 times): a payload row each
+                registry.register("mock", dio.MockAdapter(lambda r: r.hash.encode() * 16))
                 for phase in ("miss", "hit"):
                     async with dio.AsyncSession("mock", store=store, registry=registry) as s:
                         ok = 0
