@@ -51,6 +51,8 @@ class settings:
     #: Checkpoint off the commit path (False: SQLite's automatic checkpoints inside commits, as
     #: before; benchmarks/engine.py compares the two in one run).
     off_commit = True
+    #: Seconds between a commit and the checkpoint after it, for stores opened from now on.
+    interval = CHECKPOINT_INTERVAL
 
 
 class Checkpointer:

@@ -175,7 +175,7 @@ class SqliteMetadata:
                     cconn = await aiosqlite.connect(self.db_path, isolation_level=None)
                     stack.push_async_callback(_shielded_close, cconn)
                     await wconn.execute("PRAGMA wal_autocheckpoint=0")
-                    checkpointer = Checkpointer(cconn)
+                    checkpointer = Checkpointer(cconn, interval=checkpoints.interval)
             found = await rconn.execute_fetchall("SELECT checksum FROM bad_payloads")
         except sqlite3.Error as exc:
             raise sqlite_error(f"open {self.db_path}", exc) from exc
