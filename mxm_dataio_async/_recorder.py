@@ -24,6 +24,7 @@ from mxm_dataio_async._models import (
     ResponseStatus,
     Session,
     SessionStatus,
+    make_response,
     new_id,
     served_from_cache,
 )
@@ -484,7 +485,7 @@ class Recorder:
         assert number is not None
         # Positional, in Response's field order (one per recorded answer; keywords cost ~2x).
         # tests/store/test_store.py round-trips every field.
-        return Response(
+        return make_response(
             new_id(),  # id
             request.id,  # request_id
             request.hash,  # request_hash

@@ -4,8 +4,20 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import MISSING, FrozenInstanceError, fields
+from typing import Any
 
-from mxm_dataio_async._models import new_id
+import pytest
+
+from mxm_dataio_async._models import (
+    Request,
+    Response,
+    make_request,
+    make_response,
+    new_id,
+    served_from_cache,
+)
 
 
 def test_ids_are_uuid7_text_unique_and_time_ordered() -> None:
@@ -37,7 +49,14 @@ def test_id_random_bits_vary_within_one_millisecond() -> None:
 
 _FORK_SCRIPT = """
 import os
-from mxm_dataio_async._models import new_id
+from mxm_dataio_async._models import (
+    Request,
+    Response,
+    make_request,
+    make_response,
+    new_id,
+    served_from_cache,
+)
 
 new_id()  # the parent's pool now holds ids it has not handed out yet
 read, write = os.pipe()
@@ -68,3 +87,40 @@ def test_session_ids_are_random_uuid4_so_short_prefixes_stay_unique() -> None:
     ids = [new_session_id() for _ in range(2_000)]
     assert all(uuid.UUID(text).version == 4 for text in ids)
     assert len({text[:8] for text in ids}) > 1_990  # 32 random bits: collisions are rare
+
+
+def _distinct_values(cls: type) -> dict[str, Any]:
+    """A distinct value for every field of ``cls``: none equal to its default or to another."""
+    return {f.name: ("value", i) for i, f in enumerate(fields(cls))}
+
+
+def test_quick_constructors_build_the_same_objects() -> None:
+    makers: list[tuple[type, Callable[..., Any]]] = [
+        (Response, make_response),
+        (Request, make_request),
+    ]
+    for cls, make in makers:
+        values = _distinct_values(cls)
+        names = [f.name for f in fields(cls)]
+        built = cls(**values)
+        positional = make(*(values[n] for n in names))
+        by_name = make(**values)
+        for quick in (positional, by_name):
+            assert type(quick) is cls
+            assert all(getattr(quick, n) == getattr(built, n) for n in names), cls
+            assert repr(quick) == repr(built)
+        # Defaults as the class has them: only the fields without one given.
+        required = {f.name: values[f.name] for f in fields(cls) if f.default is MISSING}
+        assert make(**required) == cls(**required)
+        with pytest.raises(TypeError):
+            make()
+        with pytest.raises(FrozenInstanceError):  # frozen like the class's own
+            positional.id = "other"
+    response: Response = make_response(**_distinct_values(Response))
+    served = served_from_cache(response)
+    assert served.from_cache is True and served is not response
+    assert all(
+        getattr(served, f.name) == getattr(response, f.name)
+        for f in fields(Response)
+        if f.name != "from_cache"
+    )

@@ -22,6 +22,7 @@ from mxm_dataio_async._models import (
     ResponseStatus,
     Session,
     SessionStatus,
+    make_response,
 )
 from mxm_dataio_async._store._postgres._sql import (
     json_in,
@@ -183,7 +184,7 @@ _CACHE_MODES: Final = {m.value: m for m in CacheMode}
 def response_from_row(r: Sequence[Any]) -> Response:
     """A response from the first ``RESPONSE_COLUMNS`` of a row (positional, as the SQLite
     backend's twin: the cache-hit path builds one per hit)."""
-    return Response(
+    return make_response(
         r[0],  # id
         r[1],  # request_id
         r[2].hex(),  # request_hash

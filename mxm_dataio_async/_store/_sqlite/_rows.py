@@ -19,6 +19,7 @@ from mxm_dataio_async._models import (
     ResponseStatus,
     Session,
     SessionStatus,
+    make_response,
 )
 from mxm_dataio_async._store._sqlite._sql import json_text, storable_text, ts
 
@@ -157,7 +158,7 @@ _CACHE_MODES: Final = {m.value: m for m in CacheMode}
 def response_from_row(r: Sequence[Any]) -> Response:
     # Positional, in Response's field order (the cache-hit path builds one per hit; keywords and
     # Enum(value) calls cost twice as much). tests/store/test_store.py round-trips every field.
-    return Response(
+    return make_response(
         r[0],  # id
         r[1],  # request_id
         bytes(r[2]).hex(),  # request_hash
