@@ -388,3 +388,7 @@ class AdapterResult:
     adapter_meta: Mapping[str, Any] | None = field(default=None)
     not_modified: bool = False
     error: str | None = None
+
+
+#: ``AdapterResult(...)`` for the HTTP adapter's every answer (see ``_quick_constructor``).
+make_adapter_result = _quick_constructor(AdapterResult)

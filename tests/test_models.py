@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 
 from mxm_dataio_async._models import (
+    AdapterResult,
     Request,
     Response,
+    make_adapter_result,
     make_request,
     make_response,
     new_id,
@@ -50,8 +52,10 @@ def test_id_random_bits_vary_within_one_millisecond() -> None:
 _FORK_SCRIPT = """
 import os
 from mxm_dataio_async._models import (
+    AdapterResult,
     Request,
     Response,
+    make_adapter_result,
     make_request,
     make_response,
     new_id,
@@ -98,6 +102,7 @@ def test_quick_constructors_build_the_same_objects() -> None:
     makers: list[tuple[type, Callable[..., Any]]] = [
         (Response, make_response),
         (Request, make_request),
+        (AdapterResult, make_adapter_result),
     ]
     for cls, make in makers:
         values = _distinct_values(cls)
@@ -115,7 +120,7 @@ def test_quick_constructors_build_the_same_objects() -> None:
         with pytest.raises(TypeError):
             make()
         with pytest.raises(FrozenInstanceError):  # frozen like the class's own
-            positional.id = "other"
+            setattr(positional, names[0], "other")
     response: Response = make_response(**_distinct_values(Response))
     served = served_from_cache(response)
     assert served.from_cache is True and served is not response

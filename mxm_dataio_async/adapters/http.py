@@ -20,7 +20,7 @@ from yarl import URL
 
 from mxm_dataio_async._exceptions import DataIOError, FetchError, TransientError
 from mxm_dataio_async._malloc import settle_malloc
-from mxm_dataio_async._models import AdapterResult, Request, Response
+from mxm_dataio_async._models import AdapterResult, Request, Response, make_adapter_result
 from mxm_dataio_async._redact import Redaction
 from mxm_dataio_async.adapters._deadlines import Deadlines
 from mxm_dataio_async.adapters._http_body import Body, BodyStream, past, past_deadline
@@ -426,18 +426,18 @@ class HttpAdapter:
         }
         if resp.history:
             meta["redirects"] = self._hops(resp)
-        streamed = isinstance(data, BodyStream)
-        return AdapterResult(
-            data=data,
-            content_type=resp.content_type if "Content-Type" in raw else None,
-            encoding=resp.charset,
-            transport_status=resp.status,
-            url=self._public_url(resp.url),
-            elapsed_ms=None if streamed else (time.perf_counter() - started) * 1000.0,
-            headers=self._response_headers(raw),
-            adapter_meta=meta,
-            not_modified=not_modified,
-            error=error,
+        # Positional, in AdapterResult's field order (every answer makes one).
+        return make_adapter_result(
+            data,
+            resp.content_type if "Content-Type" in raw else None,  # content_type
+            resp.charset,  # encoding
+            resp.status,  # transport_status
+            self._public_url(resp.url),  # url
+            None if isinstance(data, BodyStream) else (time.perf_counter() - started) * 1000.0,
+            self._response_headers(raw),  # headers
+            meta,  # adapter_meta
+            not_modified,
+            error,
         )
 
     def _hops(self, resp: aiohttp.ClientResponse) -> list[dict[str, Any]]:
