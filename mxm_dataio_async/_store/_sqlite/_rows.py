@@ -105,7 +105,7 @@ def request_row(q: Request, served_from: str | None, sent: str | None) -> tuple[
         storable_text(q.kind),
         q.method,
         storable_text(q.endpoint),
-        canonical_json(q.params),
+        canonical_json(q.params) if q.params else "{}",  # (most requests have none)
         None if q.body is None else canonical_json(q.body),
         json_text(dict(q.headers)) if q.headers else None,
         storable_text(q.as_of_bucket),
