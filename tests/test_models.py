@@ -51,16 +51,7 @@ def test_id_random_bits_vary_within_one_millisecond() -> None:
 
 _FORK_SCRIPT = """
 import os
-from mxm_dataio_async._models import (
-    AdapterResult,
-    Request,
-    Response,
-    make_adapter_result,
-    make_request,
-    make_response,
-    new_id,
-    served_from_cache,
-)
+from mxm_dataio_async._models import new_id
 
 new_id()  # the parent's pool now holds ids it has not handed out yet
 read, write = os.pipe()
