@@ -130,12 +130,10 @@ def build_request(
         if not (isinstance(method, str) and method.isascii() and method.isalpha()):
             raise ValueError(f"method must be an HTTP-style verb such as 'GET', got {method!r}")
         method_ = method.upper()
-    if not params:
-        if params is not None and not isinstance(params, Mapping):
-            raise TypeError(f"params must be a mapping with str keys, not {type(params).__name__}")
-        params_: dict[str, JSONValue] = {}
-    elif not isinstance(params, Mapping):
+    if params is not None and not isinstance(params, Mapping):
         raise TypeError(f"params must be a mapping with str keys, not {type(params).__name__}")
+    if not params:
+        params_: dict[str, JSONValue] = {}
     else:
         checked = check_json(params, "params")
         assert isinstance(checked, dict)
