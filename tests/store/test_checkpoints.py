@@ -136,6 +136,10 @@ async def test_under_continuous_commits_the_writer_finishes_the_checkpoint(
             if name == "ours":
                 assert _checkpointer(store).finishes > 0
             sizes[name] = (tmp_path / name / f"{DB_NAME}-wal").stat().st_size
-    # 8,000 x 3 KB went through the log: all of it stays there unless the log is restarted
-    assert sizes["never finished"] > 24_000_000, sizes
-    assert sizes["ours"] * 3 < sizes["never finished"], sizes
+    # 8,000 x 3 KB went through the log. Without the finishing checkpoint nearly all of it stays
+    # there: only a pause long enough for a checkpoint to catch up lets SQLite restart the log by
+    # itself, which a loaded machine allows now and then (11-23 MB of 24 measured then, 24+
+    # otherwise). With it, the log holds what the fetchers write between two checkpoints.
+    written = 8000 * len(BODY)
+    assert sizes["ours"] * 3 < written, sizes
+    assert sizes["ours"] < sizes["never finished"], sizes
