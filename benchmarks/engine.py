@@ -1,6 +1,7 @@
-"""Engine figures: limiter precision, coalescing, and fetch_many memory.
+"""Engine figures: limiter precision, coalescing, fetch_many memory, and the event loop's worst
+gap while large bodies are staged.
 
-    python benchmarks/engine.py                 # all three, default sizes (~3 minutes)
+    python benchmarks/engine.py                 # all four, default sizes (~3 minutes)
     python benchmarks/engine.py --only limiter --seconds 10
     python benchmarks/engine.py --only bulk --requests 1000000
 
@@ -219,6 +220,39 @@ async def bulk_memory(requests: int, cache_mode: str) -> dict[str, Any]:
     }
 
 
+async def stage_gaps(mib: int, payloads: int) -> dict[str, Any]:
+    """The event loop's worst gap while ``payloads`` in-memory bodies of ``mib`` MiB are staged,
+    with their sha256 computed in a worker thread (the store's way above ``HASH_ON_LOOP_MAX``)
+    and on the loop (that bound raised above the body: the store's way before)."""
+    from mxm_dataio_async._store import _store
+
+    bodies = [os.urandom(mib << 20) for _ in range(payloads)]
+    bound = _store.HASH_ON_LOOP_MAX
+    out: dict[str, Any] = {"mib": mib, "payloads": payloads}
+    for where, limit in (("thread", bound), ("loop", 1 << 40)):
+        setattr(_store, "HASH_ON_LOOP_MAX", limit)  # noqa: B010  (a Final, changed for this run)
+        worst = 0.0
+
+        async def ticking() -> None:
+            nonlocal worst
+            last = time.perf_counter()
+            while True:
+                await anyio.sleep(0.001)
+                now = time.perf_counter()
+                worst, last = max(worst, now - last - 0.001), now
+
+        with tempfile.TemporaryDirectory() as tmp:
+            async with dio.Store(tmp) as store, anyio.create_task_group() as tg:
+                tg.start_soon(ticking)
+                await anyio.sleep(0.01)
+                for body in bodies:
+                    await store.stage(body)
+                tg.cancel_scope.cancel()
+        out[f"worst_gap_ms_{where}"] = round(worst * 1e3, 1)
+    setattr(_store, "HASH_ON_LOOP_MAX", bound)  # noqa: B010
+    return out
+
+
 # -- driver --------------------------------------------------------------------------------------
 
 
@@ -229,23 +263,27 @@ def _child(name: str, args: argparse.Namespace) -> dict[str, Any]:
         return anyio.run(coalescing, args.callers, args.upstream_ms)
     if name == "bulk":
         return anyio.run(bulk_memory, args.requests, args.bulk_mode)
+    if name == "stage":
+        return anyio.run(stage_gaps, args.stage_mib, args.stage_payloads)
     raise SystemExit(f"unknown figure {name}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["limiter", "coalesce", "bulk"], action="append")
+    parser.add_argument("--only", choices=["limiter", "coalesce", "bulk", "stage"], action="append")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--callers", type=int, default=10_000)
     parser.add_argument("--upstream-ms", type=float, default=50.0)
     parser.add_argument("--requests", type=int, default=1_000_000)
     parser.add_argument("--bulk-mode", default="never", choices=["never", "default", "bypass"])
+    parser.add_argument("--stage-mib", type=int, default=64, help="MiB per staged body")
+    parser.add_argument("--stage-payloads", type=int, default=5)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_child(args.child, args)))
         return
-    figures = args.only or ["limiter", "coalesce", "bulk"]
+    figures = args.only or ["limiter", "coalesce", "bulk", "stage"]
     report: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
@@ -280,6 +318,10 @@ def _own_args(args: argparse.Namespace) -> list[str]:
         str(args.requests),
         "--bulk-mode",
         args.bulk_mode,
+        "--stage-mib",
+        str(args.stage_mib),
+        "--stage-payloads",
+        str(args.stage_payloads),
     ]
 
 
