@@ -134,6 +134,14 @@ def _print_worker(s: WorkerSummary) -> None:
     )
     for line in s.errors[:10]:
         err_console.print(f"[red]failed[/red] {escape(line)}", soft_wrap=True)
+    if s.not_parsed:
+        console.print(
+            f"[yellow]not parsed, validated or published by workers:[/yellow] "
+            f"{escape(', '.join(s.not_parsed))}. Once the run is complete, `mxm-dataio run` of "
+            "this job on the same store (--store, --payloads) does it from the recorded "
+            "responses, each a cache hit.",
+            soft_wrap=True,
+        )
 
 
 @app.command("status")

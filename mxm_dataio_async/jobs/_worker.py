@@ -9,6 +9,11 @@ transaction, or not at all once the claim is lost. A heartbeat extends the worke
 cancels the chunks it lost. Requests already recorded are served from the store, exactly as a
 single-machine run (``run_job``) does, so a chunk taken over from a dead worker re-fetches only
 what that worker had in flight.
+
+Workers fetch and record; they do not parse, validate or publish (``parse:``, ``validate:``,
+``dataset:``). Their summary names those entries (``not_parsed``), and once the run is complete a
+``run_job`` of the same job on the same store does it from the recorded responses, each a cache
+hit.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import secrets
 import socket
@@ -50,6 +56,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "WorkerSummary", "config_hash", "run_status", "run_worker"]
 
+log = logging.getLogger("mxm_dataio_async.jobs")
+
 #: Plan indices per chunk: the unit of claiming, leasing and retrying.
 DEFAULT_CHUNK_SIZE: Final = 64
 DEFAULT_MAX_ATTEMPTS: Final = 3
@@ -77,6 +85,10 @@ class WorkerSummary:
     elapsed: float
     dead_chunks: int = 0
     errors: tuple[str, ...] = ()
+    not_parsed: tuple[str, ...] = ()
+    """The job's entries with ``parse:`` (by dataset, else ``requests[i]``), whose records a worker
+    does not parse, validate or publish: once the run is complete, ``run_job`` (``mxm-dataio
+    run``) of the same job on the same store does it from the recorded responses."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -94,6 +106,7 @@ class WorkerSummary:
             "failed": self.failed,
             "elapsed": round(self.elapsed, 6),
             "errors": list(self.errors),
+            "not_parsed": list(self.not_parsed),
         }
 
 
@@ -125,6 +138,16 @@ def config_hash(config: JobConfig, plan: JobPlan) -> str:
     }
     text = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def not_parsed(config: JobConfig) -> tuple[str, ...]:
+    """The entries whose records a worker leaves to a ``run_job`` after the run: each dataset
+    once, and ``requests[i]`` for an entry that parses (and validates) without one."""
+    names: dict[str, None] = {}
+    for i, spec in enumerate(config.requests):
+        if spec.parse is not None:
+            names[spec.dataset.name if spec.dataset is not None else f"requests[{i}]"] = None
+    return tuple(names)
 
 
 def _worker_name() -> str:
@@ -160,7 +183,8 @@ async def run_worker(
     each source's rate limit and ``Retry-After`` pauses global across every worker on that Redis,
     and coalesces identical requests in flight on different workers; without it limits are per
     process. Setting ``stop`` ends the worker early; its chunks are given back when their leases
-    expire.
+    expire. Workers do not parse, validate or publish: ``not_parsed`` in the summary names the
+    entries left to a ``run_job`` of the job on the same store once the run is complete.
 
     ```python
     summary = await run_worker("prices.yaml", store="postgresql://dataio@db/dataio")
@@ -176,6 +200,14 @@ async def run_worker(
     if not ttl > 0:
         raise ValueError(f"lease_ttl must be > 0 seconds, got {lease_ttl!r}")
     plan = JobPlan(config, limit=limit, only=only)
+    if skipped := not_parsed(config):
+        log.warning(
+            "job %s: workers fetch and record, but do not parse, validate or publish (%s); once "
+            "the run is complete, run the job on the same store (mxm-dataio run) to do it from "
+            "the recorded responses",
+            config.job,
+            ", ".join(skipped),
+        )
     worker = _Worker(
         config,
         plan,
@@ -294,6 +326,7 @@ class _Worker:
             elapsed=time.perf_counter() - started,
             dead_chunks=status.chunks.get("dead", 0),
             errors=tuple(c.errors),
+            not_parsed=not_parsed(self.config),
         )
 
     async def _plan(self, store: Store, work: WorkQueue, info: RunInfo) -> None:

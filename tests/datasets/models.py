@@ -11,3 +11,7 @@ class Bar(BaseModel):
     symbol: str
     day: date
     close: float
+
+
+class Item(BaseModel):
+    item: str

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
+import duckdb
 import pytest
 
+from mxm_dataio_async.datasets import Dataset
 from tests.jobs.conftest import JobServer, cli, cli_process, job_server, write_job
 from tests.store.postgres._support import drop_schemas, new_schema, run_blocking
 
@@ -227,6 +229,41 @@ def test_a_chunk_that_keeps_failing_is_dead_and_reported(
     (dead,) = status["dead_chunks"]
     assert dead["chunk"] == 0 and dead["attempts"] == 2 and "404" in dead["error"]
     assert job_server.hits["/bars/3"] == 2  # one try per claim
+
+
+def test_workers_leave_records_to_a_run_of_the_job_after_them(
+    job_server: JobServer, store_url: str, tmp_path: Path
+) -> None:
+    """Workers fetch and record, and say that they do not parse, validate or publish; the run of
+    the same job on the same store they point to does it from the recorded responses."""
+    data = items_job(job_server.url, items=16)
+    data["requests"][0] |= {
+        "parse": {"format": "json"},
+        "validate": {"model": "tests.datasets.models:Item"},
+        "dataset": {"name": "items", "keys": ["item"]},
+    }
+    data["datasets"] = "published"  # beside the job file
+    job = write_job(tmp_path / "job.yaml", data)
+    summaries = finish(workers(job, store_url, 2))
+    assert all(s["complete"] and s["not_parsed"] == ["items"] for s in summaries)
+    assert sum(s["fetched"] for s in summaries) == 16
+    assert not (tmp_path / "published").exists()  # nothing published by the workers
+    told = cli(*worker_args(job, store_url))  # the run is complete: it says what is left
+    assert told.returncode == 0, told.stderr
+    assert "not parsed, validated or published by workers: items" in told.stdout
+    assert "mxm-dataio run" in told.stdout
+
+    payloads = str(job.parent / "payloads")
+    ran = cli("run", str(job), "--store", store_url, "--payloads", payloads, "--json")
+    assert ran.returncode == 0, ran.stderr
+    summary = json.loads(ran.stdout)
+    assert (summary["fetched"], summary["from_cache"]) == (0, 16)  # every response recorded
+    assert job_server.total == 16  # nothing fetched again
+    [published] = summary["datasets"]
+    assert (published["name"], published["parsed"], published["added"]) == ("items", 16, 16)
+    files = Dataset(tmp_path / "published", "items").files()
+    found = duckdb.execute(f"SELECT item FROM read_parquet({files}) ORDER BY item::INT").fetchall()
+    assert found == [(str(n),) for n in range(16)]
 
 
 async def test_a_worker_needs_a_postgresql_store(tmp_path: Path) -> None:
