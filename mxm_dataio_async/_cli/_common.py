@@ -130,6 +130,13 @@ VerboseOption = Annotated[
 DryRunOption = Annotated[
     bool, typer.Option("--dry-run", help="Report what would be removed; change nothing.")
 ]
+GraceOption = Annotated[
+    str,
+    typer.Option(
+        help="Only delete files older than this: a file is written before what names it is "
+        "committed (a payload before its row, a dataset's part before its version)."
+    ),
+]
 BUSY_TIMEOUT = 30.0  # seconds to wait for a writer in another process to release the lock
 
 

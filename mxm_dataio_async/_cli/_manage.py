@@ -23,6 +23,7 @@ from rich.table import Table
 
 from mxm_dataio_async._cli._common import (
     DryRunOption,
+    GraceOption,
     JsonOption,
     PayloadsOption,
     RootOption,
@@ -122,14 +123,6 @@ def _gc_lines(report: GcReport, grace: str) -> list[str]:
     if report.kept_recent:
         lines.append(f"kept {report.kept_recent} files younger than {grace} (may be in use)")
     return lines
-
-
-GraceOption = Annotated[
-    str,
-    typer.Option(
-        help="Only delete files older than this: a file is written before its row commits."
-    ),
-]
 
 
 @app.command("gc")

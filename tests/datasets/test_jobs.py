@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +144,40 @@ def test_cli_run_show_stats_and_datasets(tmp_path: Path) -> None:
     assert sorted((v["ok"], v["failed"]) for v in outcomes) == [(1, 1), (2, 0)]
     text = cli("show", session, "--root", root).stdout
     assert "record 0 close" in text
+
+
+def test_cli_datasets_gc_removes_only_old_files_no_version_references(tmp_path: Path) -> None:
+    """What a publish that crashed before its swap leaves (parts, indexes, manifests nobody
+    references) goes once older than --grace; younger ones may be a publish in progress, and
+    everything a version references stays."""
+    write_inbox(tmp_path, {"a.csv": GOOD})
+    path = write_job(tmp_path / "job.yaml", job(["a.csv"], datasets="published"))
+    assert cli("run", str(path)).returncode == 0
+    location = tmp_path / "published"
+    referenced = sorted(p for p in (location / "bars").rglob("*") if p.is_file())
+    old, young = [], []
+    for folder in ("parts", "index", "manifests"):
+        stale = location / "bars" / folder / f"crashed-{folder}.bin"
+        stale.write_bytes(b"left by a crash")
+        os.utime(stale, (time.time() - 7200, time.time() - 7200))  # two hours old
+        old.append(f"{folder}/{stale.name}")
+        fresh = location / "bars" / folder / f"writing-{folder}.bin"
+        fresh.write_bytes(b"a publish in progress")
+        young.append(fresh)
+
+    dry = cli("datasets", str(location), "--gc", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    [report] = json.loads(dry.stdout)["datasets"]
+    assert (report["dataset"], sorted(report["removed"])) == ("bars", sorted(old))
+    assert all((location / "bars" / key).exists() for key in old)  # a dry run changes nothing
+
+    text = cli("datasets", str(location), "--gc")
+    assert text.returncode == 0, text.stderr
+    assert "dataset bars: removed 3 files no version references" in text.stdout
+    assert "(1 parts, 1 indexes, 1 manifests), older than 1h" in text.stdout
+    assert not any((location / "bars" / key).exists() for key in old)
+    assert all(p.exists() for p in young) and all(p.exists() for p in referenced)
+    assert rows(location) == [("A", "2025-01-02", 1.5, True), ("B", "2025-01-02", 2.5, True)]
+
+    refused = cli("datasets", str(location), "--dry-run")
+    assert refused.returncode == 1 and "--dry-run goes with --gc" in refused.stderr
