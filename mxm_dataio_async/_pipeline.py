@@ -215,12 +215,8 @@ class Pipeline:
                 raise  # the store failed, not the upstream: nothing to retry or to record
             except Exception as exc:
                 now = clock.monotonic()
-                transient = isinstance(exc, TransientError)
                 if circuit is not None:
-                    if transient:
-                        report.breaker_changed(circuit.failed(now))
-                    else:
-                        circuit.released()
+                    self._attempted(circuit, exc, now)
                 body = getattr(exc, "body", None)  # what the upstream said (an API's error detail)
                 answered = await self._store.stage(body) if body and persist else None
                 error_id = await recorder.failed(
@@ -297,6 +293,15 @@ class Pipeline:
                 request=request,
                 attempts=attempts,
             ) from last
+
+    def _attempted(self, circuit: Circuit, exc: Exception, now: float) -> None:
+        """An admitted attempt raised: a transient failure counts toward opening the circuit;
+        anything else (an error of ours, a non-transient one) only ends the attempt, so a
+        half-open circuit lets the next one probe."""
+        if isinstance(exc, TransientError):
+            self._report.breaker_changed(circuit.failed(now))
+        else:
+            circuit.released()
 
     def _throttled(self, exc: TransientError, times: AttemptTimes) -> None:
         """A transient failure's effect on the whole source: an adaptive gate slows down after
@@ -377,11 +382,24 @@ class Pipeline:
     # -- send -----------------------------------------------------------------------------------
 
     async def send(self, request: Request, payload: bytes) -> Response:
-        """One attempt, never retried; the sent bytes and the answer are recorded."""
+        """One attempt, never retried; the sent bytes and the answer are recorded. An open
+        circuit refuses it before anything is staged or sent."""
         recorder, entry = self._recorder, self._entry
         recorder.began()
+        circuit = entry.circuit
+        if circuit is not None:
+            try:
+                self._admit(circuit, request, 0, None)
+            except CircuitOpen:
+                recorder.failed_request()
+                raise
         persist = persists(request.cache_mode)
-        sent = await self._store.stage(payload) if persist else None
+        try:
+            sent = await self._store.stage(payload) if persist else None
+        except BaseException:
+            if circuit is not None:
+                circuit.released()  # nothing was sent: a half-open circuit lets another probe
+            raise
         started = self._clock.monotonic()
         try:
             async with entry.gate.slot():
@@ -390,6 +408,8 @@ class Pipeline:
                 data = None if persist else await _in_memory(result.data)
         except Exception as exc:
             recorder.failed_request()
+            if circuit is not None:
+                self._attempted(circuit, exc, self._clock.monotonic())
             if isinstance(exc, StoreError):
                 raise
             elapsed = (self._clock.monotonic() - started) * 1000.0
@@ -405,6 +425,12 @@ class Pipeline:
                 transport_status=getattr(exc, "transport_status", None),
                 response_id=error_id,
             ) from exc
+        except BaseException:
+            if circuit is not None:
+                circuit.released()  # cancelled: a half-open probe lets the next one probe
+            raise
+        if circuit is not None:
+            self._report.breaker_changed(circuit.succeeded())  # any answer, a refusal included
         took = result.elapsed_ms
         if took is None:
             took = (self._clock.monotonic() - started) * 1000.0
@@ -426,54 +452,77 @@ class Pipeline:
 
     async def stream(self, request: Request) -> AsyncGenerator[Response, None]:
         """One recorded Response per message (durable before it is yielded); one slot of the
-        source's gate is held while the stream is open."""
+        source's gate is held while the stream is open. An open circuit refuses to open it; the
+        opening is the attempt the circuit is told about (its first message, or its end, is an
+        answer; a transient failure before either counts as one), not what follows."""
         recorder, entry = self._recorder, self._entry
         recorder.began()
+        circuit = entry.circuit
+        if circuit is not None:
+            try:
+                self._admit(circuit, request, 0, None)
+            except CircuitOpen:
+                recorder.failed_request()
+                raise
+        opening = circuit  # the circuit, until it has been told how the opening went
         persist = persists(request.cache_mode)
         sequence = 0
         started = self._clock.monotonic()
-        async with entry.gate.slot():
-            messages = entry.adapter.stream(request)
-            try:
-                async for raw in messages:
-                    result = _as_result(raw, "stream")
-                    if result.error is not None:  # it dropped; the adapter resumes it
-                        await recorder.dropped(request, result, sequence, persist=persist)
-                        continue
-                    staged = await self._store.stage(result.data) if persist else None
-                    data = None if persist else await _in_memory(result.data)
+        try:
+            async with entry.gate.slot():
+                messages = entry.adapter.stream(request)
+                try:
+                    async for raw in messages:
+                        result = _as_result(raw, "stream")
+                        if result.error is not None:  # it dropped; the adapter resumes it
+                            await recorder.dropped(request, result, sequence, persist=persist)
+                            continue
+                        if opening is not None:
+                            self._report.breaker_changed(opening.succeeded())
+                            opening = None
+                        staged = await self._store.stage(result.data) if persist else None
+                        data = None if persist else await _in_memory(result.data)
+                        elapsed = (self._clock.monotonic() - started) * 1000.0
+                        attempt = Attempt(result, staged, data, 1, elapsed)
+                        yield await recorder.message(request, attempt, sequence, persist=persist)
+                        sequence += 1
+                    if opening is not None:  # it ended without a message: an answer all the same
+                        self._report.breaker_changed(opening.succeeded())
+                        opening = None
+                except Exception as exc:
+                    if opening is not None:
+                        self._attempted(opening, exc, self._clock.monotonic())
+                        opening = None
+                    if isinstance(exc, StoreError):
+                        raise
+                    recorder.failed_request()
                     elapsed = (self._clock.monotonic() - started) * 1000.0
-                    attempt = Attempt(result, staged, data, 1, elapsed)
-                    yield await recorder.message(request, attempt, sequence, persist=persist)
-                    sequence += 1
-            except Exception as exc:
-                if isinstance(exc, StoreError):
-                    raise
-                recorder.failed_request()
-                elapsed = (self._clock.monotonic() - started) * 1000.0
-                with anyio.CancelScope(shield=True):
-                    error_id = await recorder.failed(
-                        request,
-                        exc,
-                        number=1,
-                        elapsed_ms=elapsed,
-                        persist=persist,
-                        sequence=sequence,
-                    )
-                if isinstance(exc, DataIOError) and not isinstance(exc, TransientError):
-                    raise
-                raise FetchError(
-                    f"stream failed after {sequence} messages: {error_text(exc)}",
-                    request=request,
-                    attempts=1,
-                    response_id=error_id,
-                    transport_status=getattr(exc, "transport_status", None),
-                ) from exc
-            finally:
-                aclose = getattr(messages, "aclose", None)
-                if aclose is not None:
                     with anyio.CancelScope(shield=True):
-                        await aclose()
+                        error_id = await recorder.failed(
+                            request,
+                            exc,
+                            number=1,
+                            elapsed_ms=elapsed,
+                            persist=persist,
+                            sequence=sequence,
+                        )
+                    if isinstance(exc, DataIOError) and not isinstance(exc, TransientError):
+                        raise
+                    raise FetchError(
+                        f"stream failed after {sequence} messages: {error_text(exc)}",
+                        request=request,
+                        attempts=1,
+                        response_id=error_id,
+                        transport_status=getattr(exc, "transport_status", None),
+                    ) from exc
+                finally:
+                    aclose = getattr(messages, "aclose", None)
+                    if aclose is not None:
+                        with anyio.CancelScope(shield=True):
+                            await aclose()
+        finally:
+            if opening is not None:  # cancelled or closed before anything came: no failure
+                opening.released()
 
 
 def _upstream_failed(error: FetchError) -> bool:

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import pytest
 
 import mxm_dataio_async as dio
@@ -150,3 +151,130 @@ async def test_answers_reset_the_count_and_refusals_are_answers(tmp_path: Path) 
 def test_circuit_open_is_a_fetch_error_and_a_dataio_error() -> None:
     assert issubclass(dio.CircuitOpen, dio.FetchError)
     assert issubclass(dio.CircuitOpen, dio.DataIOError)
+
+
+# -- send and stream ---------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def mock_source(
+    tmp_path: Path, adapter: dio.MockAdapter
+) -> AsyncIterator[tuple[dio.AsyncSession, FakeClock, list[telemetry.Event]]]:
+    clock = FakeClock()
+    events: list[telemetry.Event] = []
+    async with dio.Registry(clock=clock, hooks=[events.append]) as registry:
+        registry.register(
+            "m",
+            adapter,
+            retry=dio.RetryPolicy(max_attempts=1),
+            breaker=dio.CircuitBreaker(failures=2, reset_after=10.0),
+        )
+        async with dio.AsyncSession("m", root=str(tmp_path), registry=registry) as s:
+            yield s, clock, events
+
+
+def unavailable(*_: object) -> bytes:
+    raise dio.TransientError("503 Service Unavailable", transport_status=503)
+
+
+@pytest.mark.anyio
+async def test_sends_count_toward_the_circuit_and_an_open_circuit_refuses_them(
+    tmp_path: Path,
+) -> None:
+    failing = [True, True]  # then the upstream answers
+
+    def send(request: dio.Request, payload: bytes) -> bytes:
+        if failing and failing.pop():
+            unavailable()
+        return b"ack"
+
+    adapter = dio.MockAdapter(send_handler=send)
+    async with mock_source(tmp_path, adapter) as (s, clock, events):
+        for i in range(2):
+            with pytest.raises(dio.FetchError) as failed:
+                await s.send(s.request("up", method="POST", params={"i": i}), b"x")
+            assert not isinstance(failed.value, dio.CircuitOpen)
+        assert s.statistics().breaker == "open"
+        with pytest.raises(dio.CircuitOpen, match="circuit breaker of source 'm' is open"):
+            await s.send(s.request("up", method="POST", params={"i": 2}), b"x")
+        with pytest.raises(dio.CircuitOpen):  # one circuit per source: fetches fail fast too
+            await s.fetch(s.request("q"))
+        assert adapter.calls["send"] == 2 and adapter.calls["fetch"] == 0
+        clock.advance(10.0)
+        ack = await s.send(s.request("up", method="POST", params={"i": 3}), b"x")  # the probe
+        assert ack.status is dio.ResponseStatus.ACK and s.statistics().breaker == "closed"
+    assert changes(events) == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
+
+
+@pytest.mark.anyio
+async def test_a_refused_send_is_an_answer(tmp_path: Path) -> None:
+    refusals = dio.MockAdapter(
+        send_handler=lambda r, p: dio.AdapterResult(data=b"no", error="403 Forbidden")
+    )
+    async with mock_source(tmp_path, refusals) as (s, _, events):
+        for i in range(4):
+            with pytest.raises(dio.FetchError) as refused:
+                await s.send(s.request("up", method="POST", params={"i": i}), b"x")
+            assert not isinstance(refused.value, dio.CircuitOpen)
+        assert s.statistics().breaker == "closed" and refusals.calls["send"] == 4
+    assert changes(events) == []
+
+
+@pytest.mark.anyio
+async def test_streams_open_the_circuit_only_by_how_they_open(tmp_path: Path) -> None:
+    opened: list[str] = []
+
+    def stream(request: dio.Request) -> list[bytes]:
+        mode = str(request.params["mode"])
+        opened.append(mode)
+        if mode == "down":
+            unavailable()
+        return [b"one", b"two"]
+
+    adapter = dio.MockAdapter(stream_handler=stream)
+    async with mock_source(tmp_path, adapter) as (s, clock, events):
+        for _ in range(2):  # two streams that fail to open: the circuit opens
+            with pytest.raises(dio.FetchError):
+                async for _message in s.stream(s.request("feed", params={"mode": "down"})):
+                    pass
+        with pytest.raises(dio.CircuitOpen):
+            async for _message in s.stream(s.request("feed", params={"mode": "up"})):
+                pass
+        assert opened == ["down", "down"]  # refused without calling the adapter
+        clock.advance(10.0)
+        messages = [m async for m in s.stream(s.request("feed", params={"mode": "up"}))]
+        assert [m.sequence for m in messages] == [0, 1] and s.statistics().breaker == "closed"
+    assert changes(events) == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
+
+
+@pytest.mark.anyio
+async def test_a_probe_stream_closed_before_its_first_message_lets_another_probe(
+    tmp_path: Path,
+) -> None:
+    waiting = anyio.Event()
+
+    async def silent(request: dio.Request) -> AsyncIterator[bytes]:
+        if request.params["mode"] == "down":
+            unavailable()
+        waiting.set()
+        await anyio.sleep_forever()  # never answers: its consumer gives up first
+        yield b"late"
+
+    async def consume(s: dio.AsyncSession, mode: str) -> None:
+        async for _message in s.stream(s.request("feed", params={"mode": mode})):
+            pass
+
+    adapter = dio.MockAdapter(stream_handler=silent)
+    async with mock_source(tmp_path, adapter) as (s, clock, _):
+        for _ in range(2):
+            with pytest.raises(dio.FetchError):
+                await consume(s, "down")
+        clock.advance(10.0)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume, s, "up")  # admitted as the probe
+            await waiting.wait()
+            tg.cancel_scope.cancel()  # given up before its first message
+        assert s.statistics().breaker == "open"  # not stuck half-open with nobody probing
+        with pytest.raises(dio.FetchError):  # the next opening is admitted as the probe at once
+            await consume(s, "down")
+        assert adapter.calls["stream"] == 4
