@@ -294,6 +294,18 @@ class Pipeline:
                 attempts=attempts,
             ) from last
 
+    def _admitted_once(self, request: Request) -> Circuit | None:
+        """The source's circuit (None without a breaker) for a send or a stream, the one attempt
+        each makes: ``CircuitOpen`` (the request counted as failed) when it is open."""
+        circuit = self._entry.circuit
+        if circuit is not None:
+            try:
+                self._admit(circuit, request, 0, None)
+            except CircuitOpen:
+                self._recorder.failed_request()
+                raise
+        return circuit
+
     def _attempted(self, circuit: Circuit, exc: Exception, now: float) -> None:
         """An admitted attempt raised: a transient failure counts toward opening the circuit;
         anything else (an error of ours, a non-transient one) only ends the attempt, so a
@@ -386,13 +398,7 @@ class Pipeline:
         circuit refuses it before anything is staged or sent."""
         recorder, entry = self._recorder, self._entry
         recorder.began()
-        circuit = entry.circuit
-        if circuit is not None:
-            try:
-                self._admit(circuit, request, 0, None)
-            except CircuitOpen:
-                recorder.failed_request()
-                raise
+        circuit = self._admitted_once(request)
         persist = persists(request.cache_mode)
         try:
             sent = await self._store.stage(payload) if persist else None
@@ -457,13 +463,7 @@ class Pipeline:
         answer; a transient failure before either counts as one), not what follows."""
         recorder, entry = self._recorder, self._entry
         recorder.began()
-        circuit = entry.circuit
-        if circuit is not None:
-            try:
-                self._admit(circuit, request, 0, None)
-            except CircuitOpen:
-                recorder.failed_request()
-                raise
+        circuit = self._admitted_once(request)
         opening = circuit  # the circuit, until it has been told how the opening went
         persist = persists(request.cache_mode)
         sequence = 0

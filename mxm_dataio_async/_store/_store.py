@@ -49,7 +49,7 @@ from mxm_dataio_async._store._sqlite import DB_NAME, SqliteMetadata
 from mxm_dataio_async._store._validation import ValidationOutcome, ValidationTotals
 from mxm_dataio_async._store._work import WorkQueue
 
-__all__ = ["DEFAULT_INLINE_THRESHOLD", "Store"]
+__all__ = ["DEFAULT_INLINE_THRESHOLD", "HASH_ON_LOOP_MAX", "Store"]
 
 #: In-memory payloads above this many bytes are hashed (and copied, if not ``bytes``) in a worker
 #: thread: sha256 takes ~0.5 ms a MiB here, which on the event loop stalls every other fetch.

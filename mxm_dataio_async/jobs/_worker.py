@@ -140,7 +140,7 @@ def config_hash(config: JobConfig, plan: JobPlan) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def not_parsed(config: JobConfig) -> tuple[str, ...]:
+def _not_parsed(config: JobConfig) -> tuple[str, ...]:
     """The entries whose records a worker leaves to a ``run_job`` after the run: each dataset
     once, and ``requests[i]`` for an entry that parses (and validates) without one."""
     names: dict[str, None] = {}
@@ -200,7 +200,7 @@ async def run_worker(
     if not ttl > 0:
         raise ValueError(f"lease_ttl must be > 0 seconds, got {lease_ttl!r}")
     plan = JobPlan(config, limit=limit, only=only)
-    if skipped := not_parsed(config):
+    if skipped := _not_parsed(config):
         log.warning(
             "job %s: workers fetch and record, but do not parse, validate or publish (%s); once "
             "the run is complete, run the job on the same store (mxm-dataio run) to do it from "
@@ -326,7 +326,7 @@ class _Worker:
             elapsed=time.perf_counter() - started,
             dead_chunks=status.chunks.get("dead", 0),
             errors=tuple(c.errors),
-            not_parsed=not_parsed(self.config),
+            not_parsed=_not_parsed(self.config),
         )
 
     async def _plan(self, store: Store, work: WorkQueue, info: RunInfo) -> None:
