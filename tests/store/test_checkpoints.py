@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -108,6 +109,49 @@ async def test_switched_off_sqlite_checkpoints_inside_commits(
         assert count == ROUNDS * PER_ROUND
 
 
+async def test_a_checkpoint_a_reader_held_back_is_finished_by_the_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rule, step by step: a checkpoint that cannot copy all of a log longer than
+    RESTART_PAGES (a reader held it back here; a commit landing meanwhile does the same under
+    load) asks the writer to finish it right after its next commit, and the transaction after
+    that starts the log from the top. Without it, the log keeps every frame."""
+    from mxm_dataio_async._store._sqlite import _checkpoint
+
+    monkeypatch.setattr(_checkpoint, "RESTART_PAGES", 16)
+    monkeypatch.setattr(_checkpoint.settings, "interval", 3600.0)  # only this test checkpoints
+    registry = dio.Registry()
+    registry.register("src", dio.MockAdapter(lambda req: BODY + str(req.params["i"]).encode()))
+    async with (
+        Store(tmp_path, inline_threshold=4096) as store,
+        dio.AsyncSession("src", store=store, registry=registry) as s,
+    ):
+        checkpointer = _checkpointer(store)
+        n = iter(range(1000))
+
+        async def fetch(count: int) -> None:
+            for _ in range(count):
+                await s.fetch(s.request("item", params={"i": next(n)}))
+
+        await fetch(20)
+        reader = sqlite3.connect(tmp_path / DB_NAME)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM responses").fetchall()  # a snapshot of now
+        await fetch(20)
+        found = await checkpointer.checkpoint()
+        assert found is not None
+        _, logged, moved = found
+        assert logged > 16 and moved < logged  # held back by the reader's snapshot
+        reader.rollback()
+        reader.close()
+        await fetch(1)  # the writer checkpoints what is left right after this commit
+        await fetch(1)  # so this transaction starts the log from the top
+        after = await checkpointer.checkpoint()
+        assert after is not None
+        assert after[1] < 16, (found, after)  # the last fetch's frames only
+        assert checkpointer.finishes == 1
+
+
 async def test_under_continuous_commits_the_writer_finishes_the_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -120,7 +164,7 @@ async def test_under_continuous_commits_the_writer_finishes_the_checkpoint(
     checkpointer, the more, whatever the total. A short interval and enough fetches keep that
     well below the whole (3,000 fetches 50 ms apart let a faster pipeline reach a third of it;
     8,000 at 5 ms measured 2-6 MB of 24, but 15 once on a loaded CI machine: the largest size
-    is set by the longest wait, so the total is made larger instead)."""
+    is set by the longest wait for the checkpointer)."""
     from mxm_dataio_async._store._sqlite import _checkpoint
 
     monkeypatch.setattr(_checkpoint, "RESTART_PAGES", 256)  # 1 MiB of 4 KiB pages
@@ -141,9 +185,8 @@ async def test_under_continuous_commits_the_writer_finishes_the_checkpoint(
             sizes[name] = (tmp_path / name / f"{DB_NAME}-wal").stat().st_size
     # 16,000 x 3 KB went through the log. Without the finishing checkpoint nearly all of it stays
     # there: only a pause long enough for a checkpoint to catch up lets SQLite restart the log by
-    # itself, which a loaded machine allows now and then. With it, the log holds what the
-    # fetchers write between two checkpoints, whatever the total. Measured (idle, and beside a
-    # CPU hog): 5-13 MB with it, 26-207 MB without (41-196 MB with "ours" unfixed too).
-    written = FETCHES * len(BODY)
-    assert sizes["ours"] * 2 < written, sizes
+    # itself. With it, the log holds what the fetchers write between two checkpoints, as long as
+    # the checkpoints keep up: measured 5-13 MB here (idle, or beside a CPU hog) but 32 MB on a
+    # loaded CI machine, against 26-207 MB without. So this compares the two in the same run;
+    # the rule itself is checked step by step in the test above.
     assert sizes["ours"] < sizes["never finished"], sizes
